@@ -1,0 +1,1 @@
+"""Domain logic: run lifecycle, algorithm registry, hyperparameter schemas. No gRPC here."""

@@ -1,0 +1,118 @@
+"""Data transfer objects shared by the layers: frozen dataclasses, no behaviour beyond small helpers."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+
+class RunState(enum.Enum):
+    """Lifecycle of a managed run; values match the proto enum."""
+
+    PENDING = 1
+    RUNNING = 2
+    SUCCEEDED = 3
+    FAILED = 4
+    CANCELLED = 5
+    INTERRUPTED = 6
+
+    @property
+    def is_terminal(self) -> bool:
+        """True once the run will never train again in this server."""
+        return self not in (RunState.PENDING, RunState.RUNNING)
+
+
+@dataclass(frozen=True)
+class TrainingRequest:
+    """What a client asked for in StartTraining, before semantic validation."""
+
+    algorithm: str
+    env_id: str
+    total_timesteps: int
+    experiment_id: str = ""
+    seed: int | None = None
+    hyperparameters: Mapping[str, str] = field(default_factory=dict)
+    model_output_path: str = ""
+    checkpoint_interval: int = 0
+
+
+@dataclass(frozen=True)
+class Metrics:
+    """Progress metrics over the most recent episodes."""
+
+    mean_episode_reward: float = 0.0
+    mean_episode_length: float = 0.0
+    episodes_completed: int = 0
+    steps_per_second: float = 0.0
+    losses: Mapping[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        return {
+            "mean_episode_reward": self.mean_episode_reward,
+            "mean_episode_length": self.mean_episode_length,
+            "episodes_completed": self.episodes_completed,
+            "steps_per_second": self.steps_per_second,
+            "losses": dict(self.losses),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Metrics:
+        """The inverse of to_dict; missing keys take their defaults."""
+        return cls(
+            mean_episode_reward=float(data.get("mean_episode_reward", 0.0)),
+            mean_episode_length=float(data.get("mean_episode_length", 0.0)),
+            episodes_completed=int(data.get("episodes_completed", 0)),
+            steps_per_second=float(data.get("steps_per_second", 0.0)),
+            losses={str(k): float(v) for k, v in dict(data.get("losses", {})).items()},
+        )
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """Everything the server knows about one run; what the run registry persists."""
+
+    run_id: str
+    experiment_id: str
+    algorithm: str
+    env_id: str
+    state: RunState
+    total_timesteps: int
+    seed: int
+    hyperparameters: Mapping[str, str]
+    checkpoint_interval: int
+    model_path: str
+    timesteps_done: int = 0
+    last_checkpoint_path: str = ""
+    error: str = ""
+    metrics: Metrics = field(default_factory=Metrics)
+    created_at: float = 0.0
+    started_at: float = 0.0
+    finished_at: float = 0.0
+    stop_requested: bool = False
+    # True once the final model exists at model_path (SUCCEEDED, or CANCELLED after its final save).
+    model_saved: bool = False
+
+    def evolve(self, **changes: Any) -> RunRecord:
+        """A copy with some fields changed."""
+        return replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class RunFilter:
+    """ListRuns criteria; None means any."""
+
+    experiment_id: str | None = None
+    state: RunState | None = None
+
+
+@dataclass(frozen=True)
+class ActResult:
+    """Actions for one or more observations, flattened, with the size of one action."""
+
+    actions: list[float]
+    action_size: int
+    count: int
+    model_timesteps: int

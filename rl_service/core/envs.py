@@ -1,0 +1,125 @@
+"""Gymnasium environments: id validation, space inspection, and observation/action flattening for Act."""
+
+from __future__ import annotations
+
+import difflib
+import functools
+from dataclasses import dataclass
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+from stable_baselines3.common.env_util import make_vec_env as sb3_make_vec_env
+from stable_baselines3.common.vec_env import VecEnv
+
+from rl_service.core import test_envs
+from rl_service.core.errors import InvalidObservation, InvalidRequest, UnknownEnvironment, UnsupportedSpace
+
+test_envs.register()
+
+_OBSERVATION_SPACES = (gym.spaces.Box, gym.spaces.Discrete, gym.spaces.MultiDiscrete, gym.spaces.MultiBinary)
+
+
+@dataclass(frozen=True)
+class EnvSpaces:
+    """An environment's spaces, read once from a throwaway instance."""
+
+    observation_space: gym.Space[Any]
+    action_space: gym.Space[Any]
+
+
+def check_env_id(env_id: str) -> None:
+    """Refuse ids that are empty, not registered, or that would make Gymnasium import a module."""
+    if not env_id.strip():
+        raise InvalidRequest("env_id is required, e.g. 'CartPole-v1'", field="env_id")
+    # "module:Env-v0" makes gym.make import an arbitrary module: that would execute code a client chose.
+    if ":" in env_id:
+        raise UnknownEnvironment(
+            f"env_id: {env_id!r} names a module to import; only registered Gymnasium ids are accepted",
+            field="env_id",
+        )
+    if env_id not in gym.registry:
+        close = difflib.get_close_matches(env_id, list(gym.registry.keys()), n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise UnknownEnvironment(f"env_id: {env_id!r} is not a registered Gymnasium environment{hint}",
+                                 field="env_id")
+
+
+@functools.lru_cache(maxsize=256)
+def env_spaces(env_id: str) -> EnvSpaces:
+    """The spaces of a registered environment (cached: ids are immutable once registered)."""
+    check_env_id(env_id)
+    try:
+        env = gym.make(env_id)
+    except Exception as exc:  # a missing optional dependency (box2d, mujoco, ...) surfaces here
+        raise UnknownEnvironment(
+            f"env_id: {env_id!r} is registered but cannot be created on this server: {exc}", field="env_id"
+        ) from None
+    try:
+        spaces = EnvSpaces(env.observation_space, env.action_space)
+    finally:
+        env.close()
+    check_observation_space(spaces.observation_space)
+    return spaces
+
+
+def check_observation_space(space: gym.Space[Any]) -> None:
+    """Raise UnsupportedSpace for observation spaces the service cannot flatten (Dict, Tuple, ...)."""
+    if not isinstance(space, _OBSERVATION_SPACES):
+        raise UnsupportedSpace(
+            f"env_id: observation space {type(space).__name__} is not supported; "
+            "use Box, Discrete, MultiDiscrete or MultiBinary",
+            field="env_id",
+        )
+
+
+def flat_size(space: gym.Space[Any]) -> int:
+    """How many numbers one flattened element of the space takes."""
+    if isinstance(space, gym.spaces.Discrete):
+        return 1
+    if isinstance(space, gym.spaces.MultiDiscrete):
+        return int(np.prod(space.nvec.shape))
+    if isinstance(space, gym.spaces.MultiBinary | gym.spaces.Box):
+        return int(np.prod(space.shape))
+    raise UnsupportedSpace(f"space {type(space).__name__} is not supported")
+
+
+def observations_from_flat(values: list[float] | np.ndarray, space: gym.Space[Any], field: str) -> np.ndarray:
+    """Validate flattened observations and shape them as a batch for `predict`; raises InvalidObservation."""
+    array = np.asarray(values, dtype=np.float64)
+    size = flat_size(space)
+    if array.size == 0 or array.size % size != 0:
+        raise InvalidObservation(
+            f"{field}: got {array.size} values; the observation space {space} takes {size} per observation",
+            field=field,
+        )
+    if not np.all(np.isfinite(array)):
+        bad = int(np.flatnonzero(~np.isfinite(array))[0])
+        raise InvalidObservation(f"{field}: value at index {bad} is {array[bad]}; NaN and Inf are refused",
+                                 field=field)
+    count = array.size // size
+    shape: tuple[int, ...] = tuple(space.shape or ())
+    if isinstance(space, gym.spaces.Box):
+        return array.astype(space.dtype if space.dtype is not None else np.float32).reshape(count, *shape)
+    if not np.all(array == np.round(array)):
+        raise InvalidObservation(f"{field}: {type(space).__name__} observations must be whole numbers",
+                                 field=field)
+    ints = array.astype(np.int64)
+    if isinstance(space, gym.spaces.Discrete):
+        return ints.reshape(count)
+    if isinstance(space, gym.spaces.MultiDiscrete):
+        return ints.reshape(count, *space.nvec.shape)
+    return ints.reshape(count, *shape)
+
+
+def actions_to_flat(actions: np.ndarray, space: gym.Space[Any], count: int) -> tuple[list[float], int]:
+    """Flatten a batch of actions into floats (discrete ones hold integers) and the size of one action."""
+    size = flat_size(space)
+    flat = np.asarray(actions, dtype=np.float64).reshape(count * size)
+    return [float(v) for v in flat], size
+
+
+def make_vec_env(env_id: str, n_envs: int, seed: int) -> VecEnv:
+    """A vectorised, Monitor-wrapped environment (episode stats land in infos["episode"])."""
+    check_env_id(env_id)
+    return sb3_make_vec_env(env_id, n_envs=n_envs, seed=seed)

@@ -1,0 +1,66 @@
+"""Domain errors: a small hierarchy of nouns whose messages say what was wrong and how to fix it.
+
+Transport maps each class to a gRPC status code in one table (rl_service.transport.error_mapping).
+"""
+
+from __future__ import annotations
+
+
+class ServiceError(Exception):
+    """Base of every error a client may see; `field` names the request field at fault, when there is one."""
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class InvalidRequest(ServiceError):
+    """A request field is malformed or out of range (INVALID_ARGUMENT)."""
+
+
+class UnknownAlgorithm(InvalidRequest):
+    """The algorithm is not in the registry."""
+
+
+class UnknownEnvironment(InvalidRequest):
+    """The environment id is not registered with Gymnasium."""
+
+
+class InvalidHyperparameter(InvalidRequest):
+    """A hyperparameter key is unknown, or its value does not parse or is out of range."""
+
+
+class UnsupportedSpace(InvalidRequest):
+    """The environment's observation or action space cannot be used with the chosen algorithm."""
+
+
+class PathOutsideRoot(InvalidRequest):
+    """A client-supplied path resolves outside its configured root directory."""
+
+
+class InvalidObservation(InvalidRequest):
+    """An observation has the wrong size or holds NaN or Inf."""
+
+
+class RunNotFound(ServiceError):
+    """No run has this id (NOT_FOUND)."""
+
+
+class AlreadyExists(ServiceError):
+    """The request would overwrite something that exists (ALREADY_EXISTS)."""
+
+
+class ModelNotReady(ServiceError):
+    """The run has no checkpoint or model yet (FAILED_PRECONDITION)."""
+
+
+class CapacityExceeded(ServiceError):
+    """A configured limit is reached, such as the run queue (RESOURCE_EXHAUSTED)."""
+
+
+class ServiceShuttingDown(ServiceError):
+    """The server is draining and accepts no new work (UNAVAILABLE)."""

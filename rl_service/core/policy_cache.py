@@ -1,0 +1,49 @@
+"""Trained policies loaded for Act, reloaded when a newer checkpoint or the final model lands."""
+
+from __future__ import annotations
+
+import re
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rl_service.core.algorithms import get_algorithm
+
+_STEPS_RE = re.compile(r"checkpoint_(\d+)_steps\.zip$")
+
+
+@dataclass(frozen=True)
+class LoadedPolicy:
+    """A loaded model and which file and timesteps it came from."""
+
+    path: str
+    mtime_ns: int
+    timesteps: int
+    model: Any
+
+
+class PolicyCache:
+    """run_id -> LoadedPolicy; loads lazily, reloads on a new path or a rewritten file, bounded in size."""
+
+    def __init__(self, max_entries: int = 32) -> None:
+        self._entries: dict[str, LoadedPolicy] = {}
+        self._lock = threading.Lock()
+        self._max_entries = max_entries
+
+    def get(self, run_id: str, algorithm: str, path: str, timesteps: int) -> LoadedPolicy:
+        """The policy stored at `path`, loading it if it is not the cached one."""
+        mtime_ns = Path(path).stat().st_mtime_ns
+        with self._lock:
+            entry = self._entries.get(run_id)
+            if entry is not None and entry.path == path and entry.mtime_ns == mtime_ns:
+                return entry
+        model = get_algorithm(algorithm).cls.load(path, device="cpu")
+        match = _STEPS_RE.search(path)
+        loaded = LoadedPolicy(path, mtime_ns, int(match.group(1)) if match else timesteps, model)
+        with self._lock:
+            self._entries.pop(run_id, None)
+            self._entries[run_id] = loaded
+            while len(self._entries) > self._max_entries:
+                self._entries.pop(next(iter(self._entries)))  # the least recently loaded
+        return loaded

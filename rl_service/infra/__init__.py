@@ -1,0 +1,1 @@
+"""Infrastructure: settings, persistence, files on disk, logging."""

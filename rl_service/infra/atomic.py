@@ -1,0 +1,60 @@
+"""Atomic file writes: a temp file in the target's directory, fsync, os.replace. Readers never see half a file."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO, Any
+
+
+@contextlib.contextmanager
+def atomic_writer(path: Path) -> Iterator[IO[bytes]]:
+    """Yield a binary file that replaces `path` only if the block completes; on error nothing is left behind."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp_name)
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write bytes atomically."""
+    with atomic_writer(path) as handle:
+        handle.write(data)
+
+
+def atomic_write_json(path: Path, data: Any) -> None:
+    """Write JSON (UTF-8, indented) atomically."""
+    atomic_write_bytes(path, json.dumps(data, indent=2, sort_keys=True).encode("utf-8"))
+
+
+def atomic_write_with(path: Path, write: Callable[[IO[bytes]], None]) -> None:
+    """Let `write` fill the file (e.g. a library's save-to-stream), then publish it atomically."""
+    with atomic_writer(path) as handle:
+        write(handle)
+
+
+def _fsync_dir(directory: Path) -> None:
+    # Makes the rename itself durable; not every filesystem allows opening a directory, hence the guard.
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -1,0 +1,95 @@
+"""Models, checkpoints, metadata and history on the filesystem, confined to MODELS_DIR and CHECKPOINT_DIR."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rl_service.core.errors import AlreadyExists, InvalidRequest, PathOutsideRoot
+from rl_service.infra.atomic import atomic_write_json, atomic_write_with
+
+_CHECKPOINT_RE = re.compile(r"^checkpoint_(\d+)_steps\.zip$")
+MAX_PATH_LENGTH = 1024
+
+
+@dataclass(frozen=True)
+class FileModelStore:
+    """The storage layout of the architecture doc; every write atomic."""
+
+    models_dir: Path
+    checkpoint_dir: Path
+    keep_checkpoints: int = 5
+
+    def run_dir(self, run_id: str) -> Path:
+        """MODELS_DIR/<run_id>."""
+        return self.models_dir.resolve() / run_id
+
+    def checkpoint_run_dir(self, run_id: str) -> Path:
+        """CHECKPOINT_DIR/<run_id>."""
+        return self.checkpoint_dir.resolve() / run_id
+
+    def resolve_model_path(self, run_id: str, requested: str) -> Path:
+        """The final model's path; a requested one must stay inside MODELS_DIR (after symlinks) and be new."""
+        if not requested:
+            return self.run_dir(run_id) / "model.zip"
+        if len(requested) > MAX_PATH_LENGTH or "\x00" in requested:
+            raise InvalidRequest("model_output_path: too long or contains a NUL byte", field="model_output_path")
+        root = self.models_dir.resolve()
+        candidate = Path(requested)
+        if not candidate.is_absolute():
+            candidate = root / candidate
+        # resolve() follows every symlink that exists, so a link pointing out of the root is caught here.
+        resolved = candidate.resolve()
+        if resolved == root or not resolved.is_relative_to(root):
+            raise PathOutsideRoot(
+                f"model_output_path: {requested!r} resolves outside MODELS_DIR ({root}); "
+                "give a path relative to MODELS_DIR such as 'cartpole/ppo.zip'",
+                field="model_output_path",
+            )
+        if resolved.suffix != ".zip":
+            resolved = resolved.with_name(resolved.name + ".zip")
+        if resolved.exists():
+            raise AlreadyExists(
+                f"model_output_path: {resolved.relative_to(root)} already exists in MODELS_DIR; "
+                "choose a new path (models are never overwritten)",
+                field="model_output_path",
+            )
+        return resolved
+
+    def save_model(self, model: Any, path: Path) -> None:
+        """Write the algorithm's zip (stable-baselines3 format) atomically."""
+        atomic_write_with(path, model.save)
+
+    def save_checkpoint(self, run_id: str, model: Any, timesteps: int) -> Path:
+        """Write checkpoint_<timesteps>_steps.zip, then drop all but the newest keep_checkpoints."""
+        path = self.checkpoint_run_dir(run_id) / f"checkpoint_{timesteps}_steps.zip"
+        self.save_model(model, path)
+        self._prune(run_id)
+        return path
+
+    def checkpoints(self, run_id: str) -> list[Path]:
+        """A run's checkpoints, oldest first."""
+        directory = self.checkpoint_run_dir(run_id)
+        if not directory.is_dir():
+            return []
+        found = []
+        for entry in directory.iterdir():
+            match = _CHECKPOINT_RE.match(entry.name)
+            if match:
+                found.append((int(match.group(1)), entry))
+        return [path for _, path in sorted(found)]
+
+    def latest_checkpoint(self, run_id: str) -> Path | None:
+        """The newest checkpoint, if any."""
+        found = self.checkpoints(run_id)
+        return found[-1] if found else None
+
+    def write_json(self, path: Path, data: Any) -> None:
+        """Write JSON atomically."""
+        atomic_write_json(path, data)
+
+    def _prune(self, run_id: str) -> None:
+        for old in self.checkpoints(run_id)[: -self.keep_checkpoints]:
+            old.unlink(missing_ok=True)

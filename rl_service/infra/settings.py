@@ -1,0 +1,86 @@
+"""Configuration from environment variables and an optional .env file (pydantic-settings).
+
+Every field is one variable of the same name in upper case (GRPC_PORT, MODELS_DIR, ...). server.py flags
+override the environment by passing init values.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, ValidationError, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """The service's settings, with embedded defaults that need no external server."""
+
+    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore",
+                                      case_sensitive=False)
+
+    grpc_host: str = Field("127.0.0.1", description="address to listen on; 0.0.0.0 exposes the service")
+    grpc_port: int = Field(50051, ge=0, le=65535, description="port to listen on (0: any free port)")
+    data_dir: Path = Field(Path("rl_service_data"), description="root of the run registry (runs.sqlite3)")
+    models_dir: Path | None = Field(None, description="final models, metadata, history (default DATA_DIR/models)")
+    checkpoint_dir: Path | None = Field(None, description="checkpoints (default DATA_DIR/checkpoints)")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="log threshold")
+    log_format: Literal["json", "console"] = Field("json", description="JSON lines or human-readable")
+    max_concurrent_runs: int = Field(2, ge=1, le=256, description="runs training at once (one process each)")
+    max_queued_runs: int = Field(16, ge=0, le=10_000, description="PENDING runs beyond which StartTraining is refused")
+    max_total_timesteps: int = Field(100_000_000, ge=1, description="cap on a run's total_timesteps")
+    keep_checkpoints: int = Field(5, ge=1, le=1000, description="checkpoints kept per run (newest)")
+    default_checkpoint_interval: int = Field(10_000, ge=100, description="timesteps between checkpoints by default")
+    progress_interval_seconds: float = Field(1.0, gt=0, le=3600, description="progress report (and Watch) period")
+    worker_torch_threads: int = Field(1, ge=1, le=256, description="torch threads per training process")
+    worker_start_method: Literal["forkserver", "spawn"] = Field(
+        "forkserver", description="how worker processes start (forkserver pre-imports torch once)")
+    stop_timeout_seconds: float = Field(30.0, gt=0, description="StopTraining waits this long, then kills")
+    shutdown_grace_seconds: float = Field(30.0, ge=0, description="on SIGTERM, time for runs to checkpoint")
+    grpc_max_workers: int = Field(32, ge=4, le=1024, description="threads serving RPCs")
+    max_watch_streams: int = Field(16, ge=1, le=1000, description="concurrent WatchTraining streams")
+    max_act_batch: int = Field(4096, ge=1, description="observations per ActBatch call")
+    max_message_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="largest gRPC message accepted")
+
+    @model_validator(mode="after")
+    def _fill_dirs(self) -> Settings:
+        if self.models_dir is None:
+            self.models_dir = self.data_dir / "models"
+        if self.checkpoint_dir is None:
+            self.checkpoint_dir = self.data_dir / "checkpoints"
+        if self.worker_start_method not in multiprocessing.get_all_start_methods():
+            raise ValueError(f"WORKER_START_METHOD {self.worker_start_method} is not available on this platform")
+        return self
+
+    @property
+    def models_root(self) -> Path:
+        """MODELS_DIR, filled in."""
+        assert self.models_dir is not None
+        return self.models_dir
+
+    @property
+    def checkpoint_root(self) -> Path:
+        """CHECKPOINT_DIR, filled in."""
+        assert self.checkpoint_dir is not None
+        return self.checkpoint_dir
+
+    @property
+    def registry_path(self) -> Path:
+        """The SQLite file of the run registry."""
+        return self.data_dir / "runs.sqlite3"
+
+    @property
+    def address(self) -> str:
+        """host:port to bind."""
+        host = f"[{self.grpc_host}]" if ":" in self.grpc_host else self.grpc_host
+        return f"{host}:{self.grpc_port}"
+
+
+def describe_validation_error(error: ValidationError) -> str:
+    """One line naming each bad variable and why, for the process's exit message."""
+    parts = []
+    for item in error.errors():
+        name = "_".join(str(p) for p in item["loc"]).upper() or "configuration"
+        parts.append(f"{name}: {item['msg']}")
+    return "invalid configuration: " + "; ".join(parts)

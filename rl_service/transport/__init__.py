@@ -1,0 +1,1 @@
+"""gRPC servicers, proto <-> DTO conversion and status-code mapping."""

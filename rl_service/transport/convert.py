@@ -1,0 +1,85 @@
+"""proto <-> DTO conversion, kept beside each other and round-trip tested."""
+
+from __future__ import annotations
+
+from rl_service_proto.v1 import training_pb2 as pb
+
+from rl_service.core.dto import ActResult, Metrics, RunFilter, RunRecord, RunState, TrainingRequest
+from rl_service.core.errors import InvalidRequest
+
+
+def training_request_from_proto(msg: pb.StartTrainingRequest) -> TrainingRequest:
+    """StartTrainingRequest -> TrainingRequest (shape only; the orchestrator checks meaning)."""
+    return TrainingRequest(
+        algorithm=msg.algorithm,
+        env_id=msg.env_id,
+        total_timesteps=msg.total_timesteps,
+        experiment_id=msg.experiment_id,
+        seed=msg.seed if msg.HasField("seed") else None,
+        hyperparameters=dict(msg.hyperparameters),
+        model_output_path=msg.model_output_path,
+        checkpoint_interval=msg.checkpoint_interval,
+    )
+
+
+def training_request_to_proto(request: TrainingRequest) -> pb.StartTrainingRequest:
+    """TrainingRequest -> StartTrainingRequest (used by clients and round-trip tests)."""
+    msg = pb.StartTrainingRequest(
+        algorithm=request.algorithm, env_id=request.env_id, total_timesteps=request.total_timesteps,
+        experiment_id=request.experiment_id, hyperparameters=dict(request.hyperparameters),
+        model_output_path=request.model_output_path, checkpoint_interval=request.checkpoint_interval,
+    )
+    if request.seed is not None:
+        msg.seed = request.seed
+    return msg
+
+
+def metrics_to_proto(metrics: Metrics) -> pb.TrainingMetrics:
+    """Metrics -> TrainingMetrics."""
+    return pb.TrainingMetrics(
+        mean_episode_reward=metrics.mean_episode_reward, mean_episode_length=metrics.mean_episode_length,
+        episodes_completed=metrics.episodes_completed, steps_per_second=metrics.steps_per_second,
+        losses=dict(metrics.losses),
+    )
+
+
+def metrics_from_proto(msg: pb.TrainingMetrics) -> Metrics:
+    """TrainingMetrics -> Metrics."""
+    return Metrics(msg.mean_episode_reward, msg.mean_episode_length, msg.episodes_completed,
+                   msg.steps_per_second, dict(msg.losses))
+
+
+def status_to_proto(record: RunRecord) -> pb.TrainingStatus:
+    """RunRecord -> TrainingStatus."""
+    return pb.TrainingStatus(
+        run_id=record.run_id, experiment_id=record.experiment_id, algorithm=record.algorithm,
+        env_id=record.env_id, state=record.state.value, timesteps_done=record.timesteps_done,
+        total_timesteps=record.total_timesteps, is_done=record.state.is_terminal,
+        last_checkpoint_path=record.last_checkpoint_path,
+        model_path=record.model_path if record.model_saved else "", error=record.error,
+        metrics=metrics_to_proto(record.metrics), seed=record.seed, hyperparameters=dict(record.hyperparameters),
+        created_at=record.created_at, started_at=record.started_at, finished_at=record.finished_at,
+        stop_requested=record.stop_requested,
+    )
+
+
+def run_filter_from_proto(msg: pb.ListRunsRequest) -> RunFilter:
+    """ListRunsRequest -> RunFilter; an unknown state value is INVALID_ARGUMENT."""
+    state = None
+    if msg.HasField("state"):
+        try:
+            state = RunState(msg.state)
+        except ValueError:
+            raise InvalidRequest(f"state: unknown run state {msg.state}", field="state") from None
+    return RunFilter(experiment_id=msg.experiment_id if msg.HasField("experiment_id") else None, state=state)
+
+
+def act_response_to_proto(result: ActResult) -> pb.ActResponse:
+    """One action -> ActResponse."""
+    return pb.ActResponse(action=result.actions, model_timesteps=result.model_timesteps)
+
+
+def act_batch_response_to_proto(result: ActResult) -> pb.ActBatchResponse:
+    """Many actions -> ActBatchResponse."""
+    return pb.ActBatchResponse(actions=result.actions, action_size=result.action_size, count=result.count,
+                               model_timesteps=result.model_timesteps)

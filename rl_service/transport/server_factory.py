@@ -1,0 +1,132 @@
+"""Builds the whole service from Settings: store, registry, executor, orchestrator, gRPC server, health."""
+
+from __future__ import annotations
+
+import threading
+from concurrent import futures
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from rl_service_proto.v1 import training_pb2, training_pb2_grpc
+
+from rl_service.core.orchestrator import Orchestrator, OrchestratorConfig
+from rl_service.core.worker import run_worker
+from rl_service.infra.logging_setup import get_logger
+from rl_service.infra.model_store import FileModelStore
+from rl_service.infra.process_executor import LocalProcessExecutor
+from rl_service.infra.settings import Settings
+from rl_service.infra.sqlite_run_registry import SqliteRunRegistry
+from rl_service.transport.training_servicer import TrainingServicer
+
+TRAINING_SERVICE = training_pb2.DESCRIPTOR.services_by_name["TrainingService"].full_name
+HEALTH_SERVICES = ("", TRAINING_SERVICE)
+# Modules the fork server imports once so every worker starts without re-importing torch.
+WORKER_PRELOAD = ("rl_service.core.worker",)
+
+
+@dataclass
+class RunningServer:
+    """A started server: its bound port, and how to stop it."""
+
+    server: grpc.Server
+    port: int
+    orchestrator: Orchestrator
+    health: health.HealthServicer
+    settings: Settings
+    _stopped: bool = False
+
+    def stop(self, grace: float | None = None) -> None:
+        """NOT_SERVING, let runs checkpoint and stop, then stop the gRPC server (idempotent)."""
+        if self._stopped:
+            return
+        self._stopped = True
+        log = get_logger("server")
+        log.info("shutting down", grace_seconds=self.settings.shutdown_grace_seconds)
+        for service in HEALTH_SERVICES:
+            self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        # Stop runs first while RPCs still work, so watchers see their runs end.
+        self.orchestrator.shutdown(self.settings.shutdown_grace_seconds if grace is None else grace)
+        self.server.stop(grace=5).wait()
+        log.info("server stopped")
+
+    def wait(self) -> None:
+        """Block until the server terminates."""
+        self.server.wait_for_termination()
+
+
+def orchestrator_config(settings: Settings) -> OrchestratorConfig:
+    """The orchestrator's share of the settings."""
+    return OrchestratorConfig(
+        max_concurrent_runs=settings.max_concurrent_runs,
+        max_queued_runs=settings.max_queued_runs,
+        max_total_timesteps=settings.max_total_timesteps,
+        default_checkpoint_interval=settings.default_checkpoint_interval,
+        progress_interval_seconds=settings.progress_interval_seconds,
+        worker_torch_threads=settings.worker_torch_threads,
+        stop_timeout_seconds=settings.stop_timeout_seconds,
+        max_act_batch=settings.max_act_batch,
+        log_level=settings.log_level,
+        log_format=settings.log_format,
+    )
+
+
+def build_server(settings: Settings) -> RunningServer:
+    """Create every component, bind, start; health turns SERVING only once all of it is ready."""
+    import torch
+
+    # Act runs small MLPs in RPC threads; one intra-op thread each is fastest and leaves cores to workers.
+    torch.set_num_threads(1)
+    log = get_logger("server")
+    store = FileModelStore(settings.models_root, settings.checkpoint_root, settings.keep_checkpoints)
+    registry = SqliteRunRegistry(settings.registry_path)
+    executor = LocalProcessExecutor(run_worker, settings.worker_start_method, WORKER_PRELOAD)
+    orchestrator = Orchestrator(orchestrator_config(settings), registry, store, executor, log)
+
+    options = [
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+        ("grpc.so_reuseport", 0),
+    ]
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=settings.grpc_max_workers,
+                                                    thread_name_prefix="rpc"), options=options)
+    health_servicer = health.HealthServicer(experimental_non_blocking=True)
+    for service in HEALTH_SERVICES:
+        health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    training_pb2_grpc.add_TrainingServiceServicer_to_server(
+        TrainingServicer(orchestrator, settings.max_watch_streams), server)
+    reflection.enable_server_reflection(
+        (TRAINING_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+         reflection.SERVICE_NAME), server)
+    try:
+        port = server.add_insecure_port(settings.address)
+    except RuntimeError as exc:
+        orchestrator.shutdown(0)
+        raise OSError(f"cannot listen on {settings.address}: {exc}") from None
+    server.start()
+    for service in HEALTH_SERVICES:
+        health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+    log.info("server started", address=f"{settings.grpc_host}:{port}", models_dir=str(settings.models_root),
+             checkpoint_dir=str(settings.checkpoint_root), max_concurrent_runs=settings.max_concurrent_runs)
+    return RunningServer(server, port, orchestrator, health_servicer, settings)
+
+
+def install_signal_handlers(running: RunningServer) -> threading.Event:
+    """SIGTERM/SIGINT stop the server gracefully; the returned event is set once stopped."""
+    import signal
+
+    done = threading.Event()
+
+    def _stop_then_signal() -> None:
+        running.stop()
+        done.set()
+
+    def _handle(signum: int, frame: object) -> None:
+        get_logger("server").info("signal received", signal=signal.Signals(signum).name)
+        threading.Thread(target=_stop_then_signal, name="shutdown", daemon=True).start()
+
+    signal.signal(signal.SIGTERM, _handle)
+    signal.signal(signal.SIGINT, _handle)
+    return done

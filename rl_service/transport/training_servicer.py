@@ -1,0 +1,69 @@
+"""TrainingService: proto -> DTO, call the orchestrator, DTO -> proto. No business logic here."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+
+import grpc
+import numpy as np
+from rl_service_proto.v1 import training_pb2 as pb
+from rl_service_proto.v1 import training_pb2_grpc as pb_grpc
+
+from rl_service.core.errors import CapacityExceeded
+from rl_service.core.orchestrator import Orchestrator
+from rl_service.transport import convert
+from rl_service.transport.error_mapping import guarded
+
+
+class TrainingServicer(pb_grpc.TrainingServiceServicer):  # type: ignore[misc]
+    """The managed-runs API."""
+
+    def __init__(self, orchestrator: Orchestrator, max_watch_streams: int) -> None:
+        self._orchestrator = orchestrator
+        self._watch_slots = threading.BoundedSemaphore(max_watch_streams)
+        self._max_watch_streams = max_watch_streams
+
+    @guarded
+    def StartTraining(self, request: pb.StartTrainingRequest, context: grpc.ServicerContext
+                      ) -> pb.StartTrainingResponse:
+        record = self._orchestrator.start_run(convert.training_request_from_proto(request))
+        return pb.StartTrainingResponse(run_id=record.run_id)
+
+    @guarded
+    def GetTrainingStatus(self, request: pb.RunRequest, context: grpc.ServicerContext) -> pb.TrainingStatus:
+        return convert.status_to_proto(self._orchestrator.get(request.run_id))
+
+    @guarded
+    def WatchTraining(self, request: pb.RunRequest, context: grpc.ServicerContext) -> Iterator[pb.TrainingStatus]:
+        # Each stream holds a server thread; the cap keeps unary RPCs (Act, Status) answerable.
+        if not self._watch_slots.acquire(blocking=False):
+            raise CapacityExceeded(
+                f"too many WatchTraining streams open (MAX_WATCH_STREAMS={self._max_watch_streams}); "
+                "poll GetTrainingStatus or retry later")
+        try:
+            for record in self._orchestrator.watch(request.run_id, context.is_active):
+                yield convert.status_to_proto(record)
+        finally:
+            self._watch_slots.release()
+
+    @guarded
+    def StopTraining(self, request: pb.RunRequest, context: grpc.ServicerContext) -> pb.TrainingStatus:
+        return convert.status_to_proto(self._orchestrator.stop_run(request.run_id))
+
+    @guarded
+    def ListRuns(self, request: pb.ListRunsRequest, context: grpc.ServicerContext) -> pb.ListRunsResponse:
+        records = self._orchestrator.list_runs(convert.run_filter_from_proto(request))
+        return pb.ListRunsResponse(runs=[convert.status_to_proto(r) for r in records])
+
+    @guarded
+    def Act(self, request: pb.ActRequest, context: grpc.ServicerContext) -> pb.ActResponse:
+        observation = np.asarray(request.observation, dtype=np.float64)
+        result = self._orchestrator.act(request.run_id, observation, request.deterministic, single=True)
+        return convert.act_response_to_proto(result)
+
+    @guarded
+    def ActBatch(self, request: pb.ActBatchRequest, context: grpc.ServicerContext) -> pb.ActBatchResponse:
+        observations = np.asarray(request.observations, dtype=np.float64)
+        result = self._orchestrator.act(request.run_id, observations, request.deterministic, single=False)
+        return convert.act_batch_response_to_proto(result)
