@@ -110,7 +110,7 @@ class _Trainer:
             model = spec.cls("MlpPolicy", env, seed=job.seed, device="cpu", verbose=0,
                              **spec.constructor_kwargs(job.values))
             model.set_logger(_capturing_logger(self.losses))
-            self.write_metadata(model, "RUNNING")
+            self.write_metadata(model, "running")
             self.events.put(Started(job.run_id, _pid()))
             self.log.info("run started", algorithm=spec.name, env_id=job.env_id, seed=job.seed,
                           total_timesteps=job.total_timesteps)
@@ -121,7 +121,7 @@ class _Trainer:
             stopped_early = self.timesteps < job.total_timesteps
             self.checkpoint(model)
             job.store.save_model(model, job.model_path)
-            self.write_metadata(model, "CANCELLED" if stopped_early else "SUCCEEDED")
+            self.write_metadata(model, "stopped early" if stopped_early else "completed")
             self.write_history()
         finally:
             env.close()
@@ -160,8 +160,12 @@ class _Trainer:
         self.events.put(CheckpointSaved(self.job.run_id, self.timesteps, str(path)))
         self.log.info("checkpoint saved", timesteps=self.timesteps, path=str(path))
 
-    def write_metadata(self, model: Any, state: str) -> None:
-        """metadata.json: what was trained, how, with which library versions."""
+    def write_metadata(self, model: Any, training: str) -> None:
+        """metadata.json: what was trained, how, with which library versions.
+
+        `training` is the worker's view (running, completed, stopped early); why a run stopped (a user's
+        StopTraining or a server shutdown) is the run registry's business, reported by GetTrainingStatus.
+        """
         job = self.job
         job.store.write_json(job.store.run_dir(job.run_id) / "metadata.json", {
             "run_id": job.run_id,
@@ -173,7 +177,7 @@ class _Trainer:
             "total_timesteps": job.total_timesteps,
             "timesteps_done": self.timesteps,
             "checkpoint_interval": job.checkpoint_interval,
-            "state": state,
+            "training": training,
             "model_path": str(job.model_path),
             "observation_space": repr(model.observation_space),
             "action_space": repr(model.action_space),
