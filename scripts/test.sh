@@ -5,4 +5,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh dev
 .venv/bin/python -m ruff check .
+.venv/bin/python -m mypy rl_service
 exec .venv/bin/python -m pytest --cov=rl_service --cov-report=term "$@"

@@ -218,3 +218,34 @@ def test_runs_left_running_by_a_crashed_server_are_marked_interrupted(server_fac
     status = second.status(run_id)
     assert status.state == pb.INTERRUPTED
     assert "interrupted" in status.error and "RUNNING" in status.error
+
+
+def test_watch_streams_are_capped(server_factory) -> None:  # type: ignore[no-untyped-def]
+    handle: ServerHandle = server_factory(max_watch_streams=1)
+    run_id = handle.start(total_timesteps=5_000_000, hyperparameters=FAST_PPO)
+    first = handle.stub.WatchTraining(pb.RunRequest(run_id=run_id), timeout=60)
+    assert next(first).run_id == run_id
+    with pytest.raises(grpc.RpcError) as info:
+        next(handle.stub.WatchTraining(pb.RunRequest(run_id=run_id), timeout=10))
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "MAX_WATCH_STREAMS" in info.value.details()
+    first.cancel()
+    deadline = time.monotonic() + 10
+    while True:  # the server frees the slot once it notices the cancelled stream
+        try:
+            assert next(handle.stub.WatchTraining(pb.RunRequest(run_id=run_id), timeout=10)).run_id == run_id
+            break
+        except grpc.RpcError as exc:
+            assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and time.monotonic() < deadline
+            time.sleep(0.2)
+    handle.stub.StopTraining(pb.RunRequest(run_id=run_id), timeout=60)
+
+
+def test_act_follows_newer_checkpoints_during_a_run(server: ServerHandle) -> None:
+    run_id = server.start(total_timesteps=5_000_000, hyperparameters=FAST_PPO, checkpoint_interval=500)
+    first = server.wait_until(run_id, lambda s: bool(s.last_checkpoint_path))
+    seen = {server.stub.Act(pb.ActRequest(run_id=run_id, observation=[0.0] * 4)).model_timesteps}
+    assert min(seen) >= 500
+    server.wait_until(run_id, lambda s: s.last_checkpoint_path != first.last_checkpoint_path)
+    seen.add(server.stub.Act(pb.ActRequest(run_id=run_id, observation=[0.0] * 4)).model_timesteps)
+    assert len(seen) == 2 and max(seen) > min(seen), "Act reloads when a newer checkpoint lands"
+    server.stub.StopTraining(pb.RunRequest(run_id=run_id), timeout=60)

@@ -1,0 +1,306 @@
+"""rl_service.core.worker.run_worker, called in-process with tiny training budgets."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import structlog
+from stable_baselines3 import PPO
+
+from rl_service.core.algorithms import ALGORITHMS
+from rl_service.core.dto import Metrics
+from rl_service.core.events import CheckpointSaved, Failed, Finished, Progress, Started
+from rl_service.core.hyperparams import format_value
+from rl_service.core.test_envs import CRASH_ENV_ID
+from rl_service.core.worker import WorkerJob, library_versions, run_worker
+from rl_service.infra.model_store import FileModelStore
+
+PPO_RAW = {"n_steps": "64", "batch_size": "32", "n_epochs": "2", "net_arch": "16,16"}
+# Tiny settings for every registry entry (keys a schema lacks are dropped).
+TINY_RAW = {"n_steps": "32", "batch_size": "16", "n_epochs": "1", "net_arch": "16", "buffer_size": "500",
+            "learning_starts": "16", "train_freq": "4", "target_update_interval": "50"}
+
+
+class Sink(list[Any]):
+    """A list with the put() of a multiprocessing queue."""
+
+    def put(self, item: Any) -> None:
+        self.append(item)
+
+    def of(self, kind: type) -> list[Any]:
+        return [e for e in self if isinstance(e, kind)]
+
+    def milestones(self) -> list[Any]:
+        return [e for e in self if not isinstance(e, Progress)]
+
+
+@dataclass
+class Stop:
+    """is_set() turns True after `after` calls (never for None)."""
+
+    after: int | None = None
+    calls: int = 0
+
+    def is_set(self) -> bool:
+        self.calls += 1
+        return self.after is not None and self.calls > self.after
+
+
+@dataclass
+class Outcome:
+    job: WorkerJob
+    events: Sink
+    store: FileModelStore
+
+    def metadata(self) -> dict[str, Any]:
+        return json.loads((self.store.run_dir(self.job.run_id) / "metadata.json").read_text())
+
+    def history(self) -> dict[str, Any]:
+        return json.loads((self.store.run_dir(self.job.run_id) / "history.json").read_text())
+
+
+@pytest.fixture(scope="module", autouse=True)
+def restore_process_state() -> Iterator[None]:
+    """run_worker ignores SIGINT and reconfigures logging for the whole process: put both back afterwards."""
+    sigint = signal.getsignal(signal.SIGINT)
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    signal.signal(signal.SIGINT, sigint)
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    structlog.reset_defaults()
+
+
+def make_job(tmp: Path, *, algorithm: str = "ppo", env_id: str = "CartPole-v1", total_timesteps: int = 256,
+             raw: dict[str, str] | None = None, checkpoint_interval: int = 100, run_id: str = "run-test",
+             seed: int = 123) -> WorkerJob:
+    spec = ALGORITHMS[algorithm]
+    raw = PPO_RAW if raw is None else raw
+    values = spec.schema.parse({k: v for k, v in raw.items() if k in spec.schema.names})
+    spec.validate(values)
+    store = FileModelStore(tmp / "models", tmp / "checkpoints", keep_checkpoints=5)
+    return WorkerJob(
+        run_id=run_id, experiment_id="exp-unit", algorithm=algorithm, env_id=env_id,
+        total_timesteps=total_timesteps, seed=seed, values=values,
+        effective_hyperparameters={k: format_value(v) for k, v in sorted(values.items())},
+        checkpoint_interval=checkpoint_interval, model_path=store.resolve_model_path(run_id, ""), store=store,
+        progress_interval=0.0, log_level="WARNING", created_at=1234.5,
+    )
+
+
+def run(job: WorkerJob, stop: Stop | None = None) -> Outcome:
+    events = Sink()
+    run_worker(job, events, stop or Stop())
+    return Outcome(job, events, job.store)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def completed(tmp_path_factory: pytest.TempPathFactory) -> Outcome:
+    return run(make_job(tmp_path_factory.mktemp("completed")))
+
+
+# ------------------------------------------------------------------ a run to completion
+
+
+def test_event_sequence(completed: Outcome) -> None:
+    events = completed.events
+    assert isinstance(events[0], Started)
+    assert events[0].run_id == "run-test"
+    assert events[0].pid == os.getpid()
+    assert isinstance(events[-1], Finished)
+    kinds = [type(e).__name__ for e in events.milestones()]
+    assert kinds == ["Started", "CheckpointSaved", "CheckpointSaved", "CheckpointSaved", "Finished"]
+    assert [e.timesteps for e in events.of(CheckpointSaved)] == [100, 200, 256]
+    assert not events.of(Failed)
+
+
+def test_progress_events(completed: Outcome) -> None:
+    progress = completed.events.of(Progress)
+    assert progress, "progress_interval 0 should report on every step"
+    steps = [p.timesteps for p in progress]
+    assert steps == sorted(steps)
+    assert steps[0] >= 1
+    assert steps[-1] <= 256
+    assert all(p.run_id == "run-test" and isinstance(p.metrics, Metrics) for p in progress)
+    first_started = completed.events.index(completed.events.of(Started)[0])
+    first_progress = completed.events.index(progress[0])
+    assert first_started < first_progress
+
+
+def test_finished_event(completed: Outcome) -> None:
+    finished = completed.events[-1]
+    assert isinstance(finished, Finished)
+    assert finished.stopped_early is False
+    assert finished.timesteps == 256
+    assert finished.model_path == str(completed.job.model_path)
+    last = completed.store.latest_checkpoint("run-test")
+    assert last is not None
+    assert finished.checkpoint_path == str(last)
+    assert last.name == "checkpoint_256_steps.zip"
+    metrics = finished.metrics
+    assert metrics.episodes_completed > 0
+    assert metrics.mean_episode_reward > 0
+    assert metrics.mean_episode_length == pytest.approx(metrics.mean_episode_reward)  # CartPole: +1 per step
+    assert metrics.steps_per_second > 0
+    assert "loss" in metrics.losses
+    assert "entropy_loss" in metrics.losses
+
+
+def test_checkpoints_on_disk(completed: Outcome) -> None:
+    names = [p.name for p in completed.store.checkpoints("run-test")]
+    assert names == ["checkpoint_100_steps.zip", "checkpoint_200_steps.zip", "checkpoint_256_steps.zip"]
+    for event in completed.events.of(CheckpointSaved):
+        assert Path(event.path).is_file()
+
+
+def test_model_loads_with_ppo(completed: Outcome) -> None:
+    path = completed.job.model_path
+    assert path == completed.store.run_dir("run-test") / "model.zip"
+    model = PPO.load(path, device="cpu")
+    assert model.num_timesteps == 256
+    assert model.n_steps == 64
+    assert model.batch_size == 32
+    assert model.policy.net_arch == [16, 16]
+    action, _ = model.predict([0.0, 0.0, 0.0, 0.0], deterministic=True)
+    assert int(action) in (0, 1)
+
+
+def test_checkpoint_loads_with_ppo(completed: Outcome) -> None:
+    first = completed.store.checkpoints("run-test")[0]
+    model = PPO.load(first, device="cpu")
+    assert model.num_timesteps >= 100
+
+
+def test_metadata(completed: Outcome) -> None:
+    meta = completed.metadata()
+    assert meta["run_id"] == "run-test"
+    assert meta["experiment_id"] == "exp-unit"
+    assert meta["algorithm"] == "PPO"
+    assert meta["env_id"] == "CartPole-v1"
+    assert meta["seed"] == 123
+    assert meta["hyperparameters"] == dict(completed.job.effective_hyperparameters)
+    assert meta["hyperparameters"]["n_steps"] == "64"
+    assert meta["hyperparameters"]["net_arch"] == "16,16"
+    assert meta["total_timesteps"] == 256
+    assert meta["timesteps_done"] == 256
+    assert meta["checkpoint_interval"] == 100
+    assert meta["training"] == "completed"
+    assert meta["model_path"] == str(completed.job.model_path)
+    assert meta["created_at"] == 1234.5
+    assert "Discrete(2)" in meta["action_space"]
+    assert "Box" in meta["observation_space"]
+    assert meta["versions"] == library_versions()
+    assert set(meta["versions"]) >= {"python", "rl_service", "stable_baselines3", "gymnasium", "torch", "numpy"}
+
+
+def test_history(completed: Outcome) -> None:
+    history = completed.history()
+    assert history["run_id"] == "run-test"
+    episodes = history["episodes"]
+    assert len(episodes) == completed.events[-1].metrics.episodes_completed
+    assert len(episodes) > 0
+    for episode in episodes:
+        assert set(episode) == {"reward", "length", "time", "timesteps"}
+        assert episode["length"] >= 1
+        assert episode["reward"] == episode["length"]
+    assert sum(e["length"] for e in episodes) <= 256
+    timesteps = [e["timesteps"] for e in episodes]
+    assert timesteps == sorted(timesteps)
+
+
+def test_worker_ignores_sigint(completed: Outcome) -> None:
+    assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+
+
+# ------------------------------------------------------------------ stop requests
+
+
+def test_stop_requested_immediately(tmp_path: Path) -> None:
+    outcome = run(make_job(tmp_path), Stop(after=0))
+    finished = outcome.events[-1]
+    assert isinstance(finished, Finished)
+    assert finished.stopped_early is True
+    assert 0 < finished.timesteps < 256
+    assert not outcome.events.of(Failed)
+    model = PPO.load(outcome.job.model_path, device="cpu")
+    assert model.num_timesteps == finished.timesteps
+    assert finished.checkpoint_path
+    assert Path(finished.checkpoint_path).is_file()
+    assert outcome.metadata()["training"] == "stopped early"
+    assert outcome.metadata()["timesteps_done"] == finished.timesteps
+
+
+def test_stop_requested_midway(tmp_path: Path) -> None:
+    outcome = run(make_job(tmp_path), Stop(after=150))
+    finished = outcome.events[-1]
+    assert isinstance(finished, Finished)
+    assert finished.stopped_early is True
+    assert 100 <= finished.timesteps < 256
+    assert [e.timesteps for e in outcome.events.of(CheckpointSaved)] == [100, finished.timesteps]
+    assert outcome.job.model_path.is_file()
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: when total_timesteps is a multiple of checkpoint_interval, the "
+                   "callback's checkpoint and the final checkpoint in _Trainer.run both save the same step: the "
+                   "file is written twice and CheckpointSaved is sent twice")
+def test_no_duplicate_checkpoint_on_a_boundary(tmp_path: Path) -> None:
+    outcome = run(make_job(tmp_path, total_timesteps=128, checkpoint_interval=64))
+    assert isinstance(outcome.events[-1], Finished)
+    assert [e.timesteps for e in outcome.events.of(CheckpointSaved)] == [64, 128]
+
+
+# ------------------------------------------------------------------ failures
+
+
+@pytest.mark.filterwarnings("ignore:.*render_mode:UserWarning")
+def test_crashing_env_gives_failed_event(tmp_path: Path) -> None:
+    outcome = run(make_job(tmp_path, env_id=CRASH_ENV_ID, total_timesteps=512))
+    last = outcome.events[-1]
+    assert isinstance(last, Failed)
+    assert last.run_id == "run-test"
+    assert last.error == "RuntimeError: CrashAfterEnv: deliberate crash after 300 steps"
+    assert last.timesteps == 300
+    assert not outcome.events.of(Finished)
+    assert isinstance(outcome.events[0], Started)
+    assert [e.timesteps for e in outcome.events.of(CheckpointSaved)] == [100, 200, 300]
+    assert not outcome.job.model_path.exists()
+    assert outcome.store.latest_checkpoint("run-test") is not None
+    assert outcome.history()["episodes"], "history is written on failure"
+    assert outcome.metadata()["training"] == "running"
+
+
+def test_unknown_env_gives_failed_event_without_started(tmp_path: Path) -> None:
+    outcome = run(make_job(tmp_path, env_id="NoSuchEnv-v0"))
+    assert len(outcome.events) == 1
+    failed = outcome.events[0]
+    assert isinstance(failed, Failed)
+    assert failed.timesteps == 0
+    assert failed.error.startswith("UnknownEnvironment: ")
+    assert "NoSuchEnv-v0" in failed.error
+
+
+# ------------------------------------------------------------------ every algorithm
+
+
+@pytest.mark.parametrize("key", sorted(ALGORITHMS))
+def test_each_algorithm_trains_and_saves(key: str, tmp_path: Path) -> None:
+    job = make_job(tmp_path, algorithm=key, raw=TINY_RAW, total_timesteps=64, checkpoint_interval=100,
+                   run_id=f"run-{key}")
+    outcome = run(job)
+    finished = outcome.events[-1]
+    assert isinstance(finished, Finished), outcome.events.milestones()
+    assert finished.stopped_early is False
+    assert finished.timesteps == 64
+    assert [e.timesteps for e in outcome.events.of(CheckpointSaved)] == [64]
+    model = ALGORITHMS[key].cls.load(job.model_path, device="cpu")
+    assert model.num_timesteps == 64
+    assert outcome.metadata()["algorithm"] == ALGORITHMS[key].name
