@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from rl_service_proto.v1 import training_pb2 as pb
-
 from rl_service.core.dto import ActResult, Metrics, RunFilter, RunRecord, RunState, TrainingRequest
 from rl_service.core.errors import InvalidRequest
+from rl_service_proto.v1 import training_pb2 as pb
 
 
 def training_request_from_proto(msg: pb.StartTrainingRequest) -> TrainingRequest:

@@ -9,7 +9,6 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from rl_service_proto.v1 import training_pb2, training_pb2_grpc
 
 from rl_service.core.orchestrator import Orchestrator, OrchestratorConfig
 from rl_service.core.worker import run_worker
@@ -19,6 +18,7 @@ from rl_service.infra.process_executor import LocalProcessExecutor
 from rl_service.infra.settings import Settings
 from rl_service.infra.sqlite_run_registry import SqliteRunRegistry
 from rl_service.transport.training_servicer import TrainingServicer
+from rl_service_proto.v1 import training_pb2, training_pb2_grpc
 
 TRAINING_SERVICE = training_pb2.DESCRIPTOR.services_by_name["TrainingService"].full_name
 HEALTH_SERVICES = ("", TRAINING_SERVICE)

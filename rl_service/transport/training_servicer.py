@@ -7,13 +7,13 @@ from collections.abc import Iterator
 
 import grpc
 import numpy as np
-from rl_service_proto.v1 import training_pb2 as pb
-from rl_service_proto.v1 import training_pb2_grpc as pb_grpc
 
 from rl_service.core.errors import CapacityExceeded
 from rl_service.core.orchestrator import Orchestrator
 from rl_service.transport import convert
 from rl_service.transport.error_mapping import guarded
+from rl_service_proto.v1 import training_pb2 as pb
+from rl_service_proto.v1 import training_pb2_grpc as pb_grpc
 
 
 class TrainingServicer(pb_grpc.TrainingServiceServicer):  # type: ignore[misc]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-from rl_service_proto.v1 import training_pb2 as pb
 
 from rl_service.core.dto import ActResult, Metrics, RunFilter, RunRecord, RunState, TrainingRequest
 from rl_service.core.errors import InvalidRequest
@@ -17,6 +16,7 @@ from rl_service.transport.convert import (
     training_request_from_proto,
     training_request_to_proto,
 )
+from rl_service_proto.v1 import training_pb2 as pb
 
 METRICS = Metrics(mean_episode_reward=12.5, mean_episode_length=30.25, episodes_completed=9,
                   steps_per_second=800.5, losses={"loss": 0.5, "entropy_loss": -0.25})
