@@ -25,7 +25,11 @@ def check(address: str, service: str = "", timeout: float = 3.0) -> tuple[bool, 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse flags, check once, print one line, exit 0 or 1."""
-    default_address = f"{os.environ.get('GRPC_HOST', '127.0.0.1')}:{os.environ.get('GRPC_PORT', '50051')}"
+    host = os.environ.get("GRPC_HOST", "127.0.0.1")
+    if host in ("0.0.0.0", "::", ""):
+        host = "127.0.0.1"  # a wildcard bind is probed on loopback
+    host = f"[{host}]" if ":" in host else host
+    default_address = f"{host}:{os.environ.get('GRPC_PORT', '50051')}"
     parser = argparse.ArgumentParser(prog="healthcheck.py", description=main.__doc__)
     parser.add_argument("--address", default=default_address, help="host:port (default from GRPC_HOST/GRPC_PORT)")
     parser.add_argument("--service", default="", help="service name; empty for the whole server")

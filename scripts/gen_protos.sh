@@ -4,7 +4,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-generated}"
 mkdir -p "$out"
-python -m grpc_tools.protoc -Iproto \
+# PYTHON: the interpreter that has grpcio-tools (tests pass their own); default: the one on PATH.
+"${PYTHON:-python}" -m grpc_tools.protoc -Iproto \
   --python_out="$out" --grpc_python_out="$out" --mypy_out="$out" --mypy_grpc_out="$out" \
   $(find proto -name '*.proto' | sort)
 # protoc writes no __init__.py; the stubs are a regular package so `pip install .` ships them.

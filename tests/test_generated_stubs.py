@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import filecmp
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_generated_stubs_are_fresh(tmp_path: Path) -> None:
     subprocess.run(["bash", str(ROOT / "scripts" / "gen_protos.sh"), str(tmp_path)], check=True, cwd=ROOT,
-                   capture_output=True)
+                   capture_output=True, env={**os.environ, "PYTHON": sys.executable})
     fresh = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file())
     committed = sorted(p.relative_to(ROOT / "generated") for p in (ROOT / "generated").rglob("*")
                        if p.is_file() and "__pycache__" not in p.parts)

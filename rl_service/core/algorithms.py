@@ -72,6 +72,8 @@ A2C_SCHEMA = merge(
 DQN_SCHEMA = merge(
     COMMON,
     (
+        # stable-baselines3's QNetwork uses ReLU; its actor-critic policies use Tanh.
+        Param("activation_fn", "choice", "relu", choices=("tanh", "relu"), help="hidden layer activation"),
         Param("learning_rate", "float", 1e-4, 0.0, 1.0, low_exclusive=True, schedule=True, help="Adam step size"),
         # 50k rather than stable-baselines3's 1M: a replay buffer is allocated up front, and 1M transitions of a
         # large observation would take gigabytes the user did not ask for.
@@ -81,7 +83,8 @@ DQN_SCHEMA = merge(
         Param("tau", "float", 1.0, 0.0, 1.0, low_exclusive=True, help="target network soft-update coefficient"),
         Param("gamma", "float", 0.99, 0.0, 1.0, help="discount factor"),
         Param("train_freq", "int", 4, 1, 1_000_000, help="env steps between updates"),
-        Param("gradient_steps", "int", 1, -1, 10_000, help="gradient steps per update (-1: as many as env steps)"),
+        Param("gradient_steps", "int", 1, -1, 10_000,
+              help="gradient steps per update (-1: as many as env steps; 0 is refused)"),
         Param("target_update_interval", "int", 10_000, 1, 100_000_000, help="env steps between target updates"),
         Param("exploration_fraction", "float", 0.1, 0.0, 1.0, help="fraction of training over which epsilon decays"),
         Param("exploration_initial_eps", "float", 1.0, 0.0, 1.0, help="initial epsilon"),
@@ -144,6 +147,10 @@ def to_sb3_value(value: HyperValue) -> Any:
     return value
 
 
+# A rollout buffer is allocated up front: cap n_steps * n_envs so one request cannot claim gigabytes.
+MAX_ROLLOUT = 1_000_000
+
+
 def _check_on_policy(values: Mapping[str, HyperValue]) -> None:
     n_envs = int(values["n_envs"])  # type: ignore[arg-type]
     n_steps = int(values["n_steps"])  # type: ignore[arg-type]
@@ -152,6 +159,17 @@ def _check_on_policy(values: Mapping[str, HyperValue]) -> None:
             "hyperparameters['n_steps']: n_steps * n_envs must be at least 2 (advantages need two samples)",
             field="hyperparameters.n_steps",
         )
+    if n_envs * n_steps > MAX_ROLLOUT:
+        raise InvalidHyperparameter(
+            f"hyperparameters['n_steps']: n_steps * n_envs = {n_envs * n_steps} exceeds {MAX_ROLLOUT} "
+            "transitions per rollout", field="hyperparameters.n_steps")
+
+
+def _check_dqn(values: Mapping[str, HyperValue]) -> None:
+    if values["gradient_steps"] == 0:
+        raise InvalidHyperparameter(
+            "hyperparameters['gradient_steps']: 0 would never train; use -1 or a positive count",
+            field="hyperparameters.gradient_steps")
 
 
 def _check_ppo(values: Mapping[str, HyperValue]) -> None:
@@ -176,7 +194,7 @@ _ALL_ACTIONS: tuple[type[gym.Space[Any]], ...] = (
 ALGORITHMS: dict[str, AlgorithmSpec] = {
     "ppo": AlgorithmSpec("PPO", PPO, PPO_SCHEMA, _ALL_ACTIONS, _check_ppo),
     "a2c": AlgorithmSpec("A2C", A2C, A2C_SCHEMA, _ALL_ACTIONS, _check_on_policy),
-    "dqn": AlgorithmSpec("DQN", DQN, DQN_SCHEMA, (gym.spaces.Discrete,)),
+    "dqn": AlgorithmSpec("DQN", DQN, DQN_SCHEMA, (gym.spaces.Discrete,), _check_dqn),
 }
 
 

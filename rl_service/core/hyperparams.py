@@ -27,7 +27,7 @@ class LinearSchedule:
     start: float
 
     def __str__(self) -> str:
-        return f"lin_{self.start:g}"
+        return f"lin_{self.start!r}"
 
 
 HyperValue = float | int | bool | str | tuple[int, ...] | LinearSchedule | None
@@ -131,7 +131,7 @@ def format_value(value: HyperValue) -> str:
     if isinstance(value, tuple):
         return ",".join(str(v) for v in value)
     if isinstance(value, float):
-        return f"{value:g}"
+        return repr(value)  # the shortest text that parses back to exactly this float
     return str(value)
 
 

@@ -9,12 +9,14 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from rl_service.infra.logging_setup import configure_logging
+
 
 class LocalProcessExecutor:
     """One process per job; events from all workers arrive on one queue."""
 
     def __init__(self, target: Callable[..., None], start_method: str = "forkserver",
-                 preload: Sequence[str] = ()) -> None:
+                 preload: Sequence[str] = (), log_level: str = "INFO", log_format: str = "json") -> None:
         self._ctx: Any = multiprocessing.get_context(start_method)
         if start_method == "forkserver" and preload:
             # The fork server imports torch and stable-baselines3 once; each worker then starts in milliseconds.
@@ -24,6 +26,7 @@ class LocalProcessExecutor:
 
             forkserver.ensure_running()
         self._target = target
+        self._logging = (log_level, log_format)
         self._events: Any = self._ctx.Queue()
         self._lock = threading.Lock()
         self._processes: dict[str, Any] = {}
@@ -32,7 +35,7 @@ class LocalProcessExecutor:
     def launch(self, run_id: str, job: Any) -> None:
         """Start a process running target(job, events, stop_event)."""
         stop = self._ctx.Event()
-        process = self._ctx.Process(target=self._target, args=(job, self._events, stop),
+        process = self._ctx.Process(target=_bootstrap, args=(self._target, self._logging, job, self._events, stop),
                                     name=f"rl-run-{run_id}", daemon=True)
         process.start()
         with self._lock:
@@ -88,3 +91,9 @@ class LocalProcessExecutor:
                 process.join(timeout=5)
         self._events.close()
         self._events.join_thread()
+
+
+def _bootstrap(target: Callable[..., None], logging: tuple[str, str], job: Any, events: Any, stop: Any) -> None:
+    """Child-process entry: configure logging like the server's, then run the job."""
+    configure_logging(*logging)
+    target(job, events, stop)

@@ -131,7 +131,9 @@ def test_constructor_kwargs_build_a_model_on_cartpole(key: str, cartpole: gym.En
 def test_constructor_kwargs_with_schema_defaults_build_a_model(key: str, cartpole: gym.Env[Any, Any]) -> None:
     spec = ALGORITHMS[key]
     kwargs = spec.constructor_kwargs(spec.schema.defaults())
-    assert kwargs["policy_kwargs"] == {"net_arch": [64, 64], "activation_fn": torch.nn.Tanh}
+    # stable-baselines3's own defaults: Tanh for actor-critic policies, ReLU for DQN's QNetwork.
+    activation = torch.nn.ReLU if key == "dqn" else torch.nn.Tanh
+    assert kwargs["policy_kwargs"] == {"net_arch": [64, 64], "activation_fn": activation}
     model = spec.cls("MlpPolicy", cartpole, device="cpu", verbose=0, **kwargs)
     assert model.learning_rate == spec.schema.defaults()["learning_rate"]
 

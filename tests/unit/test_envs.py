@@ -210,8 +210,6 @@ def test_non_finite_refused(bad: float) -> None:
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
-@pytest.mark.xfail(strict=True, reason="BUG: the finiteness check runs on float64 before the cast to the Box dtype; "
-                   "1e39 is finite in float64 but becomes inf in float32 and reaches the policy")
 def test_values_overflowing_the_box_dtype_refused() -> None:
     with pytest.raises(InvalidObservation):
         observations_from_flat([1e39, 0.0, 0.0, 0.0], BOX4, "observation")
@@ -235,9 +233,6 @@ def test_discrete_like_observations_must_be_whole_numbers(space: gym.Space[Any])
     assert type(space).__name__ in info.value.message
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: Discrete observations are not range-checked; 7 for Discrete(5) (or -1) "
-                   "passes and stable-baselines3's one_hot then raises RuntimeError (INTERNAL instead of "
-                   "INVALID_ARGUMENT)")
 @pytest.mark.parametrize("value", [7, -1])
 def test_discrete_observation_out_of_range_refused(value: int) -> None:
     with pytest.raises(InvalidObservation):

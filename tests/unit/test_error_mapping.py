@@ -25,6 +25,10 @@ INTENDED = {
     errors.ModelNotReady: grpc.StatusCode.FAILED_PRECONDITION,
     errors.CapacityExceeded: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.ServiceShuttingDown: grpc.StatusCode.UNAVAILABLE,
+    errors.PolicyNotFound: grpc.StatusCode.NOT_FOUND,
+    errors.VersionConflict: grpc.StatusCode.ABORTED,
+    # The issue asks for INTERNAL naming the cause: the client's data was valid, the update itself blew up.
+    errors.NonFiniteUpdate: grpc.StatusCode.INTERNAL,
 }
 
 
@@ -45,7 +49,8 @@ def test_every_domain_error_class_has_an_intended_code() -> None:
     assert set(_domain_error_classes()) == set(INTENDED)
 
 
-@pytest.mark.parametrize("cls", _domain_error_classes(), ids=lambda c: c.__name__)
+@pytest.mark.parametrize("cls", [c for c in _domain_error_classes() if INTENDED.get(c) != grpc.StatusCode.INTERNAL],
+                         ids=lambda c: c.__name__)
 def test_no_domain_error_falls_through_to_internal(cls: type[errors.ServiceError]) -> None:
     assert status_for(cls("x")) != grpc.StatusCode.INTERNAL
 

@@ -240,8 +240,6 @@ def test_format_value_round_trips(param: Param, raw: str) -> None:
     assert format_value(param.parse(text)) == text
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: format_value/LinearSchedule.__str__ use '{:g}' (6 significant digits), "
-                   "so the effective hyperparameters reported to clients and written to metadata.json are rounded")
 @pytest.mark.parametrize(("param", "raw"), [(GAMMA, "0.9999999"), (LR, "0.000123456789"), (LR, "lin_0.000123456789")])
 def test_format_value_round_trips_full_precision(param: Param, raw: str) -> None:
     value = param.parse(raw)

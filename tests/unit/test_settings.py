@@ -137,8 +137,6 @@ def test_whole_model_error_is_described_as_configuration(monkeypatch: pytest.Mon
     assert "\n" not in text
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: an empty MODELS_DIR= (or CHECKPOINT_DIR=) becomes Path('') == '.', "
-                   "so models land in the working directory instead of the DATA_DIR/models default")
 def test_empty_models_dir_means_default(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("DATA_DIR", str(tmp_path / "d"))
     monkeypatch.setenv("MODELS_DIR", "")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -59,7 +60,7 @@ def test_insert_get_round_trip_with_every_field(registry: SqliteRunRegistry) -> 
 
 def test_insert_duplicate_run_id_fails(registry: SqliteRunRegistry) -> None:
     registry.insert(make_record("run-1"))
-    with pytest.raises(Exception, match="UNIQUE"):
+    with pytest.raises(sqlite3.IntegrityError, match="UNIQUE"):
         registry.insert(make_record("run-1"))
 
 
