@@ -58,6 +58,14 @@ class ModelNotReady(ServiceError):
     """The run has no checkpoint or model yet (FAILED_PRECONDITION)."""
 
 
+class UnknownExportFormat(InvalidRequest):
+    """The export format is not in the registry."""
+
+
+class ExportUnavailable(ServiceError):
+    """The server cannot export this policy in that format: a package or support is missing (FAILED_PRECONDITION)."""
+
+
 class CapacityExceeded(ServiceError):
     """A configured limit is reached, such as the run queue (RESOURCE_EXHAUSTED)."""
 

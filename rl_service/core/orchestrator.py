@@ -27,9 +27,11 @@ from rl_service.core.errors import (
     ServiceShuttingDown,
 )
 from rl_service.core.events import CheckpointSaved, Failed, Finished, Progress, Started
+from rl_service.core.exporters import ExportedModel, ExportSource, export_model, get_export_format, timesteps_of
 from rl_service.core.hyperparams import format_value
 from rl_service.core.policy_cache import PolicyCache
 from rl_service.core.ports import Executor, ModelStore, RunRegistry
+from rl_service.core.run_history import HistoryPage, read_history
 from rl_service.core.worker import WorkerJob
 
 MIN_CHECKPOINT_INTERVAL = 100
@@ -239,6 +241,25 @@ class Orchestrator:
         actions, _ = policy.model.predict(batch, deterministic=deterministic)
         flat, size = actions_to_flat(actions, policy.model.action_space, len(batch))
         return ActResult(flat, size, len(batch), policy.timesteps)
+
+    def history(self, run_id: str, offset: int = 0, limit: int = 0) -> HistoryPage:
+        """One page of the run's episode history as of its latest checkpoint (empty before the first one)."""
+        self.get(run_id)
+        return read_history(self._store.run_dir(run_id) / "history.json", run_id, offset, limit)
+
+    def export(self, run_id: str, format_name: str) -> ExportedModel:
+        """The policy Act would use (final model, else newest checkpoint) exported in a registered format."""
+        fmt = get_export_format(format_name)
+        record = self.get(run_id)
+        path = record.model_path if record.model_saved else record.last_checkpoint_path
+        if not path or not Path(path).exists():
+            raise ModelNotReady(
+                f"run_id: run {run_id} has no checkpoint or model to export yet (state {record.state.name}); "
+                "wait for its first checkpoint", field="run_id")
+        source = ExportSource(run_id=run_id, algorithm=record.algorithm,
+                              algorithm_cls=get_algorithm(record.algorithm).cls, env_id=record.env_id,
+                              path=Path(path), timesteps=timesteps_of(Path(path), record.timesteps_done))
+        return export_model(fmt, source)
 
     # ----------------------------------------------------------------- shutdown
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from rl_service.core.dto import ActResult, Metrics, RunFilter, RunRecord, RunState, TrainingRequest
 from rl_service.core.errors import InvalidRequest
+from rl_service.core.exporters import ExportedModel
+from rl_service.core.run_history import Episode, HistoryPage
 from rl_service_proto.v1 import training_pb2 as pb
 
 
@@ -82,3 +84,30 @@ def act_batch_response_to_proto(result: ActResult) -> pb.ActBatchResponse:
     """Many actions -> ActBatchResponse."""
     return pb.ActBatchResponse(actions=result.actions, action_size=result.action_size, count=result.count,
                                model_timesteps=result.model_timesteps)
+
+
+def history_page_to_proto(page: HistoryPage) -> pb.RunHistory:
+    """HistoryPage -> RunHistory."""
+    return pb.RunHistory(
+        run_id=page.run_id, total_episodes=page.total_episodes, offset=page.offset,
+        episodes=[pb.EpisodeRecord(reward=e.reward, length=e.length, time=e.time, timesteps=e.timesteps)
+                  for e in page.episodes],
+    )
+
+
+def history_page_from_proto(msg: pb.RunHistory) -> HistoryPage:
+    """RunHistory -> HistoryPage (used by clients and round-trip tests)."""
+    return HistoryPage(run_id=msg.run_id, total_episodes=msg.total_episodes, offset=msg.offset,
+                       episodes=[Episode(e.reward, e.length, e.time, e.timesteps) for e in msg.episodes])
+
+
+def exported_model_to_proto(model: ExportedModel) -> pb.ExportModelResponse:
+    """ExportedModel -> ExportModelResponse."""
+    return pb.ExportModelResponse(data=model.data, filename=model.filename, format=model.format,
+                                  model_timesteps=model.model_timesteps, signature=model.signature)
+
+
+def exported_model_from_proto(msg: pb.ExportModelResponse) -> ExportedModel:
+    """ExportModelResponse -> ExportedModel (used by clients and round-trip tests)."""
+    return ExportedModel(data=msg.data, filename=msg.filename, format=msg.format,
+                         model_timesteps=msg.model_timesteps, signature=msg.signature)

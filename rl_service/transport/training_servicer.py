@@ -67,3 +67,12 @@ class TrainingServicer(pb_grpc.TrainingServiceServicer):  # type: ignore[misc]
         observations = np.asarray(request.observations, dtype=np.float64)
         result = self._orchestrator.act(request.run_id, observations, request.deterministic, single=False)
         return convert.act_batch_response_to_proto(result)
+
+    @guarded
+    def GetRunHistory(self, request: pb.RunHistoryRequest, context: grpc.ServicerContext) -> pb.RunHistory:
+        page = self._orchestrator.history(request.run_id, request.offset, request.limit)
+        return convert.history_page_to_proto(page)
+
+    @guarded
+    def ExportModel(self, request: pb.ExportModelRequest, context: grpc.ServicerContext) -> pb.ExportModelResponse:
+        return convert.exported_model_to_proto(self._orchestrator.export(request.run_id, request.format))

@@ -491,3 +491,161 @@ class ActBatchResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ActBatchResponse: _TypeAlias = ActBatchResponse  # noqa: Y015
+
+@_typing.final
+class EpisodeRecord(_message.Message):
+    """One finished episode, as the run's worker recorded it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REWARD_FIELD_NUMBER: _builtins.int
+    LENGTH_FIELD_NUMBER: _builtins.int
+    TIME_FIELD_NUMBER: _builtins.int
+    TIMESTEPS_FIELD_NUMBER: _builtins.int
+    reward: _builtins.float
+    """the episode's undiscounted return"""
+    length: _builtins.int
+    """steps in the episode"""
+    time: _builtins.float
+    """seconds since training started when it ended"""
+    timesteps: _builtins.int
+    """the run's timesteps when it ended"""
+    def __init__(
+        self,
+        *,
+        reward: _builtins.float = ...,
+        length: _builtins.int = ...,
+        time: _builtins.float = ...,
+        timesteps: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["length", b"length", "reward", b"reward", "time", b"time", "timesteps", b"timesteps"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EpisodeRecord: _TypeAlias = EpisodeRecord  # noqa: Y015
+
+@_typing.final
+class RunHistoryRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUN_ID_FIELD_NUMBER: _builtins.int
+    OFFSET_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    run_id: _builtins.str
+    offset: _builtins.int
+    """index of the first episode to return (0: the first)"""
+    limit: _builtins.int
+    """at most this many episodes; 0 or more than the server's page size (100000): a full page"""
+    def __init__(
+        self,
+        *,
+        run_id: _builtins.str = ...,
+        offset: _builtins.int = ...,
+        limit: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["limit", b"limit", "offset", b"offset", "run_id", b"run_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RunHistoryRequest: _TypeAlias = RunHistoryRequest  # noqa: Y015
+
+@_typing.final
+class RunHistory(_message.Message):
+    """A run's episodes, oldest first, as of its latest checkpoint (the worker writes them at each checkpoint and
+    at the end). Page with offset until offset + len(episodes) == total_episodes.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUN_ID_FIELD_NUMBER: _builtins.int
+    EPISODES_FIELD_NUMBER: _builtins.int
+    TOTAL_EPISODES_FIELD_NUMBER: _builtins.int
+    OFFSET_FIELD_NUMBER: _builtins.int
+    run_id: _builtins.str
+    total_episodes: _builtins.int
+    """episodes recorded so far"""
+    offset: _builtins.int
+    """the index of episodes[0]"""
+    @_builtins.property
+    def episodes(self) -> _containers.RepeatedCompositeFieldContainer[Global___EpisodeRecord]: ...
+    def __init__(
+        self,
+        *,
+        run_id: _builtins.str = ...,
+        episodes: _abc.Iterable[Global___EpisodeRecord] | None = ...,
+        total_episodes: _builtins.int = ...,
+        offset: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["episodes", b"episodes", "offset", b"offset", "run_id", b"run_id", "total_episodes", b"total_episodes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RunHistory: _TypeAlias = RunHistory  # noqa: Y015
+
+@_typing.final
+class ExportModelRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUN_ID_FIELD_NUMBER: _builtins.int
+    FORMAT_FIELD_NUMBER: _builtins.int
+    run_id: _builtins.str
+    format: _builtins.str
+    """"torchscript", "onnx" or "sb3" (case-insensitive)"""
+    def __init__(
+        self,
+        *,
+        run_id: _builtins.str = ...,
+        format: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["format", b"format", "run_id", b"run_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExportModelRequest: _TypeAlias = ExportModelRequest  # noqa: Y015
+
+@_typing.final
+class ExportModelResponse(_message.Message):
+    """The exported policy, from the same model or checkpoint Act uses. torchscript and onnx hold a program that maps
+    float32 observations [batch, ...] to the deterministic actions Act answers; sb3 is stable-baselines3's zip.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATA_FIELD_NUMBER: _builtins.int
+    FILENAME_FIELD_NUMBER: _builtins.int
+    FORMAT_FIELD_NUMBER: _builtins.int
+    MODEL_TIMESTEPS_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
+    data: _builtins.bytes
+    filename: _builtins.str
+    """a suggested file name, e.g. "run-3f2a9c0d1e4b.pt" """
+    format: _builtins.str
+    """the canonical format name"""
+    model_timesteps: _builtins.int
+    """the timesteps of the model or checkpoint exported"""
+    signature: _builtins.str
+    """the program's inputs and outputs, in words"""
+    def __init__(
+        self,
+        *,
+        data: _builtins.bytes = ...,
+        filename: _builtins.str = ...,
+        format: _builtins.str = ...,
+        model_timesteps: _builtins.int = ...,
+        signature: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "filename", b"filename", "format", b"format", "model_timesteps", b"model_timesteps", "signature", b"signature"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExportModelResponse: _TypeAlias = ExportModelResponse  # noqa: Y015

@@ -69,6 +69,16 @@ class TrainingServiceStub:
                 request_serializer=rl__service__proto_dot_v1_dot_training__pb2.ActBatchRequest.SerializeToString,
                 response_deserializer=rl__service__proto_dot_v1_dot_training__pb2.ActBatchResponse.FromString,
                 _registered_method=True)
+        self.GetRunHistory = channel.unary_unary(
+                '/rl_service.v1.TrainingService/GetRunHistory',
+                request_serializer=rl__service__proto_dot_v1_dot_training__pb2.RunHistoryRequest.SerializeToString,
+                response_deserializer=rl__service__proto_dot_v1_dot_training__pb2.RunHistory.FromString,
+                _registered_method=True)
+        self.ExportModel = channel.unary_unary(
+                '/rl_service.v1.TrainingService/ExportModel',
+                request_serializer=rl__service__proto_dot_v1_dot_training__pb2.ExportModelRequest.SerializeToString,
+                response_deserializer=rl__service__proto_dot_v1_dot_training__pb2.ExportModelResponse.FromString,
+                _registered_method=True)
 
 
 class TrainingServiceServicer:
@@ -118,6 +128,21 @@ class TrainingServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetRunHistory(self, request, context):
+        """One page of a run's episode history (reward, length, time, timesteps), for learning curves.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExportModel(self, request, context):
+        """The run's policy as a file: FAILED_PRECONDITION before its first checkpoint or when the server cannot
+        build that format, INVALID_ARGUMENT for an unknown format.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TrainingServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -155,6 +180,16 @@ def add_TrainingServiceServicer_to_server(servicer, server):
                     servicer.ActBatch,
                     request_deserializer=rl__service__proto_dot_v1_dot_training__pb2.ActBatchRequest.FromString,
                     response_serializer=rl__service__proto_dot_v1_dot_training__pb2.ActBatchResponse.SerializeToString,
+            ),
+            'GetRunHistory': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRunHistory,
+                    request_deserializer=rl__service__proto_dot_v1_dot_training__pb2.RunHistoryRequest.FromString,
+                    response_serializer=rl__service__proto_dot_v1_dot_training__pb2.RunHistory.SerializeToString,
+            ),
+            'ExportModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExportModel,
+                    request_deserializer=rl__service__proto_dot_v1_dot_training__pb2.ExportModelRequest.FromString,
+                    response_serializer=rl__service__proto_dot_v1_dot_training__pb2.ExportModelResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -346,6 +381,60 @@ class TrainingService:
             '/rl_service.v1.TrainingService/ActBatch',
             rl__service__proto_dot_v1_dot_training__pb2.ActBatchRequest.SerializeToString,
             rl__service__proto_dot_v1_dot_training__pb2.ActBatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRunHistory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rl_service.v1.TrainingService/GetRunHistory',
+            rl__service__proto_dot_v1_dot_training__pb2.RunHistoryRequest.SerializeToString,
+            rl__service__proto_dot_v1_dot_training__pb2.RunHistory.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rl_service.v1.TrainingService/ExportModel',
+            rl__service__proto_dot_v1_dot_training__pb2.ExportModelRequest.SerializeToString,
+            rl__service__proto_dot_v1_dot_training__pb2.ExportModelResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -44,6 +44,12 @@ class TrainingServiceStub:
     ListRuns: _grpc.UnaryUnaryMultiCallable[_training_pb2.ListRunsRequest, _training_pb2.ListRunsResponse]
     Act: _grpc.UnaryUnaryMultiCallable[_training_pb2.ActRequest, _training_pb2.ActResponse]
     ActBatch: _grpc.UnaryUnaryMultiCallable[_training_pb2.ActBatchRequest, _training_pb2.ActBatchResponse]
+    GetRunHistory: _grpc.UnaryUnaryMultiCallable[_training_pb2.RunHistoryRequest, _training_pb2.RunHistory]
+    """One page of a run's episode history (reward, length, time, timesteps), for learning curves."""
+    ExportModel: _grpc.UnaryUnaryMultiCallable[_training_pb2.ExportModelRequest, _training_pb2.ExportModelResponse]
+    """The run's policy as a file: FAILED_PRECONDITION before its first checkpoint or when the server cannot
+    build that format, INVALID_ARGUMENT for an unknown format.
+    """
 
 @_typing.type_check_only
 class TrainingServiceAsyncStub(TrainingServiceStub):
@@ -57,6 +63,12 @@ class TrainingServiceAsyncStub(TrainingServiceStub):
     ListRuns: _aio.UnaryUnaryMultiCallable[_training_pb2.ListRunsRequest, _training_pb2.ListRunsResponse]  # type: ignore[assignment]
     Act: _aio.UnaryUnaryMultiCallable[_training_pb2.ActRequest, _training_pb2.ActResponse]  # type: ignore[assignment]
     ActBatch: _aio.UnaryUnaryMultiCallable[_training_pb2.ActBatchRequest, _training_pb2.ActBatchResponse]  # type: ignore[assignment]
+    GetRunHistory: _aio.UnaryUnaryMultiCallable[_training_pb2.RunHistoryRequest, _training_pb2.RunHistory]  # type: ignore[assignment]
+    """One page of a run's episode history (reward, length, time, timesteps), for learning curves."""
+    ExportModel: _aio.UnaryUnaryMultiCallable[_training_pb2.ExportModelRequest, _training_pb2.ExportModelResponse]  # type: ignore[assignment]
+    """The run's policy as a file: FAILED_PRECONDITION before its first checkpoint or when the server cannot
+    build that format, INVALID_ARGUMENT for an unknown format.
+    """
 
 class TrainingServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -109,5 +121,23 @@ class TrainingServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _training_pb2.ActBatchRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_training_pb2.ActBatchResponse, _abc.Awaitable[_training_pb2.ActBatchResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def GetRunHistory(
+        self,
+        request: _training_pb2.RunHistoryRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_training_pb2.RunHistory, _abc.Awaitable[_training_pb2.RunHistory]]:
+        """One page of a run's episode history (reward, length, time, timesteps), for learning curves."""
+
+    @_abc_1.abstractmethod
+    def ExportModel(
+        self,
+        request: _training_pb2.ExportModelRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_training_pb2.ExportModelResponse, _abc.Awaitable[_training_pb2.ExportModelResponse]]:
+        """The run's policy as a file: FAILED_PRECONDITION before its first checkpoint or when the server cannot
+        build that format, INVALID_ARGUMENT for an unknown format.
+        """
 
 def add_TrainingServiceServicer_to_server(servicer: TrainingServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,134 @@
+"""Exported programs act exactly as stable-baselines3's predict(deterministic=True), for every kind of space."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+from stable_baselines3 import A2C, DQN, PPO
+
+from rl_service.core import exporters
+from rl_service.core.errors import ExportUnavailable, UnknownExportFormat
+from rl_service.core.exporters import ExportFormat, ExportSource, export_model, get_export_format, timesteps_of
+
+
+class _SpacesEnv(gym.Env[Any, Any]):
+    """A do-nothing environment with the given spaces: enough to build (untrained) policies."""
+
+    def __init__(self, observation_space: gym.Space[Any], action_space: gym.Space[Any]) -> None:
+        self.observation_space = observation_space
+        self.action_space = action_space
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[Any, dict[str, Any]]:
+        super().reset(seed=seed)
+        return self.observation_space.sample(), {}
+
+    def step(self, action: Any) -> tuple[Any, float, bool, bool, dict[str, Any]]:
+        return self.observation_space.sample(), 0.0, False, False, {}
+
+
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:DeprecationWarning")
+
+BOX4 = gym.spaces.Box(-1.0, 1.0, (4,), np.float32)
+# (id, algorithm class, env or env id, constructor kwargs)
+CASES: list[tuple[str, type[Any], Any, dict[str, Any]]] = [
+    ("ppo-discrete", PPO, "CartPole-v1", {}),
+    ("dqn-discrete", DQN, "CartPole-v1", {"learning_starts": 0}),
+    ("a2c-discrete-observations", A2C, "FrozenLake-v1", {}),
+    ("ppo-box", PPO, "Pendulum-v1", {}),
+    ("ppo-box-sde", PPO, "Pendulum-v1", {"use_sde": True}),
+    ("ppo-multidiscrete", PPO, _SpacesEnv(BOX4, gym.spaces.MultiDiscrete([3, 2, 4])), {}),
+    ("a2c-multibinary", A2C, _SpacesEnv(gym.spaces.MultiBinary(3), gym.spaces.MultiBinary(4)), {}),
+    ("ppo-box-2d-actions", PPO, _SpacesEnv(gym.spaces.MultiDiscrete([2, 5]),
+                                           gym.spaces.Box(-2.0, 3.0, (2, 2), np.float32)), {}),
+]
+
+
+def _saved_model(tmp_path: Path, cls: type[Any], env: Any, kwargs: dict[str, Any]) -> tuple[Any, ExportSource]:
+    model = cls("MlpPolicy", env, seed=3, device="cpu", **kwargs)
+    # Push the weights away from their initial values, so the actions are not all the same.
+    with torch.no_grad():
+        for parameter in model.policy.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.5)
+    path = tmp_path / "checkpoint_640_steps.zip"
+    model.save(path)
+    source = ExportSource(run_id="run-0123456789ab", algorithm=cls.__name__, algorithm_cls=cls,
+                          env_id=str(env), path=path, timesteps=timesteps_of(path, 0))
+    return model, source
+
+
+def _observations(space: gym.Space[Any], count: int) -> np.ndarray:
+    space.seed(11)
+    return np.stack([space.sample() for _ in range(count)])
+
+
+@pytest.mark.parametrize(("cls", "env", "kwargs"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_torchscript_export_acts_as_predict(tmp_path: Path, cls: type[Any], env: Any, kwargs: dict[str, Any]) -> None:
+    model, source = _saved_model(tmp_path, cls, env, kwargs)
+    exported = export_model(get_export_format("TorchScript"), source)
+    assert exported.filename == "run-0123456789ab.pt" and exported.format == "torchscript"
+    assert exported.model_timesteps == 640 and exported.signature.startswith("forward(obs: float32[batch")
+    extra = {exporters.METADATA_NAME: ""}
+    program = torch.jit.load(io.BytesIO(exported.data), _extra_files=extra)
+    assert json.loads(extra[exporters.METADATA_NAME])["run_id"] == "run-0123456789ab"
+    for count in (1, 7):
+        obs = _observations(model.observation_space, count)
+        expected, _ = model.predict(obs, deterministic=True)
+        actions = program(torch.as_tensor(obs, dtype=torch.float32)).numpy()  # no autograd history: .numpy() works
+        assert actions.shape == expected.shape
+        np.testing.assert_array_equal(actions, expected)
+    if isinstance(model.action_space, gym.spaces.Discrete):
+        assert len(set(program(torch.as_tensor(_observations(model.observation_space, 64),
+                                               dtype=torch.float32)).tolist())) > 1, "not a constant policy"
+
+
+@pytest.mark.parametrize("case", ["ppo-discrete", "ppo-box"])
+def test_onnx_export_acts_as_predict(tmp_path: Path, case: str) -> None:
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    _, cls, env, kwargs = next(c for c in CASES if c[0] == case)
+    model, source = _saved_model(tmp_path, cls, env, kwargs)
+    exported = export_model(get_export_format("onnx"), source)
+    assert exported.filename.endswith(".onnx")
+    session = ort.InferenceSession(exported.data, providers=["CPUExecutionProvider"])
+    obs = _observations(model.observation_space, 9).astype(np.float32)
+    expected, _ = model.predict(obs, deterministic=True)
+    actions = session.run(None, {"obs": obs})[0]
+    if isinstance(model.action_space, gym.spaces.Discrete):
+        np.testing.assert_array_equal(actions, expected)
+    else:  # a different runtime's float arithmetic: equal to within rounding
+        np.testing.assert_allclose(actions, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_sb3_export_is_the_file_itself(tmp_path: Path) -> None:
+    _, source = _saved_model(tmp_path, PPO, "CartPole-v1", {})
+    exported = export_model(get_export_format(" sb3 "), source)
+    assert exported.data == source.path.read_bytes() and exported.filename == "run-0123456789ab.zip"
+
+
+def test_unknown_format_lists_the_valid_ones() -> None:
+    with pytest.raises(UnknownExportFormat) as info:
+        get_export_format("tflite")
+    assert info.value.field == "format"
+    assert all(name in str(info.value) for name in ("tflite", "torchscript", "onnx", "sb3"))
+
+
+def test_missing_packages_and_unsupported_policies_are_unavailable(tmp_path: Path) -> None:
+    _, source = _saved_model(tmp_path, PPO, "CartPole-v1", {})
+    needs = ExportFormat("future", ".x", lambda s: (b"", ""), requires=("no_such_module_for_rl_service",),
+                         extra="future")
+    with pytest.raises(ExportUnavailable, match=r"no_such_module_for_rl_service.*rl-service\[future\]"):
+        export_model(needs, source)
+    with pytest.raises(ExportUnavailable, match="cannot be exported"):
+        exporters.DeterministicPolicy(torch.nn.Linear(2, 2), gym.spaces.Discrete(2))
+
+
+def test_timesteps_of() -> None:
+    assert timesteps_of(Path("/x/checkpoint_1024_steps.zip"), 7) == 1024
+    assert timesteps_of(Path("/x/model.zip"), 7) == 7
