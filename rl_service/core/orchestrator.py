@@ -51,6 +51,7 @@ class OrchestratorConfig:
     worker_torch_threads: int = 1
     stop_timeout_seconds: float = 30.0
     max_act_batch: int = 4096
+    tensorboard_dir: Path | None = None  # each run logs to <tensorboard_dir>/<run_id> when set
     log_level: str = "INFO"
     log_format: str = "json"
 
@@ -120,6 +121,7 @@ class Orchestrator:
             total_timesteps=request.total_timesteps, seed=seed, values=values,
             effective_hyperparameters=effective, checkpoint_interval=interval, model_path=model_path,
             store=self._store, progress_interval=self._config.progress_interval_seconds,
+            tensorboard_dir=self._config.tensorboard_dir,
             torch_threads=self._config.worker_torch_threads, log_level=self._config.log_level,
             log_format=self._config.log_format, created_at=record.created_at,
         )

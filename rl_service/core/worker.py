@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 import torch
 from stable_baselines3.common.callbacks import BaseCallback
-from stable_baselines3.common.logger import KVWriter, Logger
+from stable_baselines3.common.logger import KVWriter, Logger, TensorBoardOutputFormat
 
 from rl_service.core.algorithms import ALGORITHMS
 from rl_service.core.dto import Metrics
@@ -62,6 +62,7 @@ class WorkerJob:
     store: ModelStore
     progress_interval: float = 1.0
     torch_threads: int = 1
+    tensorboard_dir: Path | None = None  # also log to <tensorboard_dir>/<run_id> (stable-baselines3's writer)
     log_level: str = "INFO"
     log_format: str = "json"
     created_at: float = field(default_factory=time.time)
@@ -105,11 +106,12 @@ class _Trainer:
         torch.set_num_threads(self.job.torch_threads)
         job = self.job
         spec = ALGORITHMS[job.algorithm]
+        logger = _capturing_logger(self.losses, job.tensorboard_dir / job.run_id if job.tensorboard_dir else None)
         env = make_vec_env(job.env_id, _int_value(job.values, "n_envs", 1), job.seed)
         try:
             model = spec.cls("MlpPolicy", env, seed=job.seed, device="cpu", verbose=0,
                              **spec.constructor_kwargs(job.values))
-            model.set_logger(_capturing_logger(self.losses))
+            model.set_logger(logger)
             self.write_metadata(model, "running")
             self.events.put(Started(job.run_id, _pid()))
             self.log.info("run started", algorithm=spec.name, env_id=job.env_id, seed=job.seed,
@@ -125,6 +127,7 @@ class _Trainer:
             self.write_history()
         finally:
             env.close()
+            logger.close()
         self.log.info("run finished", timesteps=self.timesteps, stopped_early=stopped_early,
                       model_path=str(job.model_path))
         self.events.put(Finished(job.run_id, self.timesteps, self.metrics(), str(job.model_path),
@@ -220,8 +223,8 @@ def library_versions() -> dict[str, str]:
     }
 
 
-def _capturing_logger(latest: dict[str, float]) -> Any:
-    """An SB3 logger whose only output keeps the latest "train/*" values (losses, entropy, ...) in `latest`."""
+def _capturing_logger(latest: dict[str, float], tensorboard: Path | None = None) -> Any:
+    """An SB3 logger keeping the latest "train/*" values in `latest`; it also writes TensorBoard files to a folder."""
     class _Capture(KVWriter):
         def write(self, key_values: dict[str, Any], key_excluded: dict[str, Any], step: int = 0) -> None:
             for key, value in key_values.items():
@@ -231,7 +234,10 @@ def _capturing_logger(latest: dict[str, float]) -> Any:
         def close(self) -> None:
             pass
 
-    return Logger(folder=None, output_formats=[_Capture()])
+    formats: list[KVWriter] = [_Capture()]
+    if tensorboard is not None:
+        formats.append(TensorBoardOutputFormat(str(tensorboard)))
+    return Logger(folder=None, output_formats=formats)
 
 
 class _ServiceCallback(BaseCallback):

@@ -6,11 +6,12 @@ override the environment by passing init values.
 
 from __future__ import annotations
 
+import importlib.util
 import multiprocessing
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -25,6 +26,8 @@ class Settings(BaseSettings):
     data_dir: Path = Field(Path("rl_service_data"), description="root of the run registry (runs.sqlite3)")
     models_dir: Path | None = Field(None, description="final models, metadata, history (default DATA_DIR/models)")
     checkpoint_dir: Path | None = Field(None, description="checkpoints (default DATA_DIR/checkpoints)")
+    tensorboard_dir: Path | None = Field(
+        None, description="write each run's TensorBoard logs to TENSORBOARD_DIR/<run_id> (needs tensorboard)")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="log threshold")
     log_format: Literal["json", "console"] = Field("json", description="JSON lines or human-readable")
     max_concurrent_runs: int = Field(2, ge=1, le=256, description="runs training at once (one process each)")
@@ -42,6 +45,14 @@ class Settings(BaseSettings):
     max_watch_streams: int = Field(16, ge=1, le=1000, description="concurrent WatchTraining streams")
     max_act_batch: int = Field(4096, ge=1, description="observations per ActBatch call")
     max_message_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="largest gRPC message accepted")
+
+    @field_validator("tensorboard_dir")
+    @classmethod
+    def _check_tensorboard(cls, value: Path | None) -> Path | None:
+        if value is not None and not tensorboard_installed():
+            raise ValueError("is set, but the tensorboard package is not installed: "
+                             "pip install 'rl-service[tensorboard]', or unset TENSORBOARD_DIR")
+        return value
 
     @model_validator(mode="after")
     def _fill_dirs(self) -> Settings:
@@ -75,6 +86,11 @@ class Settings(BaseSettings):
         """host:port to bind."""
         host = f"[{self.grpc_host}]" if ":" in self.grpc_host else self.grpc_host
         return f"{host}:{self.grpc_port}"
+
+
+def tensorboard_installed() -> bool:
+    """True when the tensorboard package (stable-baselines3's TensorBoard writer needs it) can be imported."""
+    return importlib.util.find_spec("tensorboard") is not None
 
 
 def describe_validation_error(error: ValidationError) -> str:

@@ -67,6 +67,7 @@ def orchestrator_config(settings: Settings) -> OrchestratorConfig:
         worker_torch_threads=settings.worker_torch_threads,
         stop_timeout_seconds=settings.stop_timeout_seconds,
         max_act_batch=settings.max_act_batch,
+        tensorboard_dir=settings.tensorboard_dir.resolve() if settings.tensorboard_dir else None,
         log_level=settings.log_level,
         log_format=settings.log_format,
     )
