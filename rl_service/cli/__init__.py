@@ -1,0 +1,1 @@
+"""The `rl-service` command line: serve, train with a live progress bar, inspect, plot, export (over gRPC)."""

@@ -1,0 +1,125 @@
+"""The command line's pure parts: argument parsing, text and JSON formatting, the progress bar, moving averages."""
+
+from __future__ import annotations
+
+import io
+import re
+
+import grpc
+import numpy as np
+import pytest
+from rich.console import Console
+
+from rl_service.cli import client as cli_client
+from rl_service.cli.formatting import format_duration, runs_table, state_name, status_to_dict
+from rl_service.cli.main import build_parser
+from rl_service.cli.plotting import moving_average
+from rl_service.cli.progress import RunProgress, eta_seconds, plain_line
+from rl_service_proto.v1 import training_pb2 as pb
+
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def _status(state: int = pb.RUNNING, done: int = 2_500, total: int = 10_000, sps: float = 500.0,
+            episodes: int = 12) -> pb.TrainingStatus:
+    return pb.TrainingStatus(
+        run_id="run-0123456789ab", experiment_id="exp", algorithm="PPO", env_id="CartPole-v1", state=state,
+        timesteps_done=done, total_timesteps=total, is_done=state not in (pb.PENDING, pb.RUNNING), seed=3,
+        hyperparameters={"n_steps": "128"}, created_at=1.7e9,
+        metrics=pb.TrainingMetrics(mean_episode_reward=21.5, mean_episode_length=21.5, episodes_completed=episodes,
+                                   steps_per_second=sps, losses={"loss": 0.5}))
+
+
+def test_parser_reads_repeatable_key_values_observations_and_states(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RL_SERVICE_ADDRESS", "10.1.2.3:6000")
+    parser = build_parser()
+    args = parser.parse_args(["train", "--algo", "PPO", "--env", "CartPole-v1", "--timesteps", "100_000",
+                              "--hp", "n_steps=256", "learning_rate=lin_0.001", "--hp", "gamma = 0.98"])
+    assert args.timesteps == 100_000 and args.address == "10.1.2.3:6000"
+    assert dict(args.hp) == {"n_steps": "256", "learning_rate": "lin_0.001", "gamma": "0.98"}
+    args = parser.parse_args(["act", "run-x", "--obs", "0.1,0.2, 0.3,4", "--obs=-1,-2,3e-1,0"])
+    assert args.obs == [[0.1, 0.2, 0.3, 4.0], [-1.0, -2.0, 0.3, 0.0]]
+    assert parser.parse_args(["list", "--state", "succeeded"]).state == "SUCCEEDED"
+    assert parser.parse_args(["export", "r", "--format", "ONNX"]).format == "onnx"
+    monkeypatch.delenv("RL_SERVICE_ADDRESS")
+    assert build_parser().parse_args(["list"]).address == "127.0.0.1:50051"
+
+
+def test_status_to_dict_uses_natural_types() -> None:
+    data = status_to_dict(_status())
+    assert data["state"] == "RUNNING" and data["timesteps_done"] == 2_500 and isinstance(data["seed"], int)
+    assert data["metrics"]["losses"] == {"loss": 0.5} and data["hyperparameters"] == {"n_steps": "128"}
+    assert state_name(99) == "UNKNOWN(99)"
+
+
+def test_durations_and_eta() -> None:
+    assert format_duration(0) == "0:00:00" and format_duration(3725.4) == "1:02:05"
+    assert eta_seconds(_status()) == pytest.approx(15.0)
+    assert eta_seconds(_status(state=pb.PENDING)) is None and eta_seconds(_status(sps=0)) is None
+    assert eta_seconds(_status(state=pb.SUCCEEDED)) == 0.0
+    assert plain_line(_status()) == "RUNNING   2,500/10,000 steps  500 steps/s  ETA 0:00:15  reward 21.50"
+    assert plain_line(_status(episodes=0, sps=0)).endswith("- steps/s  ETA -:--:--  reward -")
+
+
+def test_progress_bar_renders_into_a_terminal() -> None:
+    out = io.StringIO()
+    console = Console(file=out, force_terminal=True, width=100, color_system="standard")
+    with RunProgress(console) as progress:
+        for done in (0, 2_500, 10_000):
+            progress.update(_status(done=done))
+        progress.update(_status(state=pb.SUCCEEDED, done=10_240))
+    text = ANSI.sub("", out.getvalue())
+    assert "━" in text and "RUNNING" in text and "SUCCEEDED" in text
+    assert "2,500/10,000 steps" in text and "10,240/10,000 steps" in text
+    assert "500 steps/s" in text and "ETA 0:00:15" in text and "reward 21.50" in text
+
+
+def test_progress_off_a_terminal_prints_plain_lines() -> None:
+    out = io.StringIO()
+    with RunProgress(Console(file=out, width=200)) as progress:
+        progress.update(_status(done=100))
+        progress.update(_status(done=200))  # within the interval: not printed
+        progress.update(_status(state=pb.SUCCEEDED, done=10_000))
+    assert out.getvalue().splitlines() == [plain_line(_status(done=100)),
+                                           plain_line(_status(state=pb.SUCCEEDED, done=10_000))]
+
+
+def test_runs_table() -> None:
+    out = io.StringIO()
+    Console(file=out, width=120).print(runs_table([_status(), _status(state=pb.FAILED, episodes=0)]))
+    lines = out.getvalue().splitlines()
+    assert lines[0].split() == ["RUN", "EXPERIMENT", "ALGO", "ENV", "STATE", "TIMESTEPS", "REWARD", "CREATED"]
+    assert "RUNNING" in lines[1] and "2,500/10,000" in lines[1] and "21.50" in lines[1]
+    assert "FAILED" in lines[2] and lines[2].split()[-3] == "-"
+
+
+def test_moving_average_is_a_trailing_window() -> None:
+    values = [1.0, 2.0, 3.0, 4.0, 5.0]
+    np.testing.assert_allclose(moving_average(values, 2), [1.0, 1.5, 2.5, 3.5, 4.5])
+    np.testing.assert_allclose(moving_average(values, 100), [1.0, 1.5, 2.0, 2.5, 3.0])
+    assert moving_average([], 10).size == 0
+
+
+class _FakeRpcError(grpc.RpcError):
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        self._code, self._details = code, details
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+
+@pytest.mark.parametrize(("code", "details", "reason"), [
+    (grpc.StatusCode.UNAVAILABLE, "failed to connect to all addresses; last error: UNKNOWN: ipv4:127.0.0.1:1: "
+                                  "Failed to connect to remote host: Connection refused", "connection refused"),
+    (grpc.StatusCode.UNAVAILABLE, "errors resolving nohost:1: [field:hostname lookup error:address lookup failed "
+                                  "for nohost:1: Domain name not found]", "domain name not found"),
+    (grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded", "no answer within 5s"),
+])
+def test_unreachable_names_the_address_and_the_reason(code: grpc.StatusCode, details: str, reason: str) -> None:
+    error = cli_client.unreachable("host:1", _FakeRpcError(code, details), 5.0)
+    assert error.exit_code == 2 and error.message == f"cannot reach the server at host:1: {reason}"
+    server = cli_client.server_error(_FakeRpcError(grpc.StatusCode.NOT_FOUND, "run_id: no run 'x'"))
+    assert server.exit_code == 1 and server.message == "ERROR NOT_FOUND: run_id: no run 'x'"
