@@ -1,11 +1,16 @@
-"""Gymnasium environments: id validation, space inspection, and observation/action flattening for Act."""
+"""Environments: Gymnasium ids or external simulations (grpc://host:port), space inspection, and
+observation/action flattening for Act.
+
+External simulations are reached through the ExternalEnvironments interface, implemented in infra
+(rl_service.infra.external_env) and handed in by the composition root: core never imports grpc.
+"""
 
 from __future__ import annotations
 
 import difflib
 import functools
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import gymnasium as gym
 import numpy as np
@@ -13,11 +18,18 @@ from stable_baselines3.common.env_util import make_vec_env as sb3_make_vec_env
 from stable_baselines3.common.vec_env import VecEnv
 
 from rl_service.core import test_envs
-from rl_service.core.errors import InvalidObservation, InvalidRequest, UnknownEnvironment, UnsupportedSpace
+from rl_service.core.errors import (
+    InvalidObservation,
+    InvalidRequest,
+    PermissionDenied,
+    UnknownEnvironment,
+    UnsupportedSpace,
+)
 
 test_envs.register()
 
 _OBSERVATION_SPACES = (gym.spaces.Box, gym.spaces.Discrete, gym.spaces.MultiDiscrete, gym.spaces.MultiBinary)
+EXTERNAL_ENV_SCHEME = "grpc://"
 
 
 @dataclass(frozen=True)
@@ -26,6 +38,30 @@ class EnvSpaces:
 
     observation_space: gym.Space[Any]
     action_space: gym.Space[Any]
+    # External simulations only: how many envs the simulation steps together (it decides, not n_envs).
+    num_envs: int | None = None
+
+
+class ExternalEnvironments(Protocol):
+    """Reaches simulations over the environment protocol; implemented in infra, picklable (workers get a copy)."""
+
+    def spaces(self, address: str) -> EnvSpaces:
+        """Check the address against the allow-list (before any contact), then ask the simulation for its spec."""
+
+    def make_vec_env(self, address: str, n_envs: int, seed: int) -> VecEnv:
+        """A VecEnv over the simulation's n_envs envs, with episode statistics in infos["episode"]."""
+
+
+def is_external_env(env_id: str) -> bool:
+    """True when env_id is a simulation's address (grpc://host:port) rather than a Gymnasium id."""
+    return env_id.strip().lower().startswith(EXTERNAL_ENV_SCHEME)
+
+
+def _require_external(external: ExternalEnvironments | None, env_id: str) -> ExternalEnvironments:
+    if external is None:
+        raise PermissionDenied(f"env_id: {env_id} is an external environment, and this server has none "
+                               "configured", field="env_id")
+    return external
 
 
 def check_env_id(env_id: str) -> None:
@@ -45,8 +81,17 @@ def check_env_id(env_id: str) -> None:
                                  field="env_id")
 
 
+def env_spaces(env_id: str, external: ExternalEnvironments | None = None) -> EnvSpaces:
+    """The spaces of a registered environment (cached), or of a simulation (asked every time: it may change)."""
+    if is_external_env(env_id):
+        spaces = _require_external(external, env_id).spaces(env_id)
+        check_observation_space(spaces.observation_space)
+        return spaces
+    return _registered_env_spaces(env_id)
+
+
 @functools.lru_cache(maxsize=256)
-def env_spaces(env_id: str) -> EnvSpaces:
+def _registered_env_spaces(env_id: str) -> EnvSpaces:
     """The spaces of a registered environment (cached: ids are immutable once registered)."""
     check_env_id(env_id)
     try:
@@ -119,7 +164,9 @@ def actions_to_flat(actions: np.ndarray, space: gym.Space[Any], count: int) -> t
     return [float(v) for v in flat], size
 
 
-def make_vec_env(env_id: str, n_envs: int, seed: int) -> VecEnv:
+def make_vec_env(env_id: str, n_envs: int, seed: int, external: ExternalEnvironments | None = None) -> VecEnv:
     """A vectorised, Monitor-wrapped environment (episode stats land in infos["episode"])."""
+    if is_external_env(env_id):
+        return _require_external(external, env_id).make_vec_env(env_id, n_envs, seed)
     check_env_id(env_id)
     return sb3_make_vec_env(env_id, n_envs=n_envs, seed=seed)

@@ -72,3 +72,15 @@ class CapacityExceeded(ServiceError):
 
 class ServiceShuttingDown(ServiceError):
     """The server is draining and accepts no new work (UNAVAILABLE)."""
+
+
+class PermissionDenied(ServiceError):
+    """The request names something this server is configured not to use, such as a host (PERMISSION_DENIED)."""
+
+
+class EnvironmentUnavailable(ServiceError):
+    """An external environment cannot be reached, or stopped answering in time (FAILED_PRECONDITION)."""
+
+
+class EnvironmentProtocolError(EnvironmentUnavailable):
+    """An external environment answered outside the protocol: a bad spec, wrong counts or shapes, NaN or Inf."""

@@ -17,10 +17,17 @@ import numpy as np
 
 from rl_service.core.algorithms import get_algorithm
 from rl_service.core.dto import ActResult, RunFilter, RunRecord, RunState, TrainingRequest
-from rl_service.core.envs import actions_to_flat, env_spaces, observations_from_flat
+from rl_service.core.envs import (
+    ExternalEnvironments,
+    actions_to_flat,
+    env_spaces,
+    is_external_env,
+    observations_from_flat,
+)
 from rl_service.core.errors import (
     AlreadyExists,
     CapacityExceeded,
+    InvalidHyperparameter,
     InvalidRequest,
     ModelNotReady,
     RunNotFound,
@@ -28,7 +35,7 @@ from rl_service.core.errors import (
 )
 from rl_service.core.events import CheckpointSaved, Failed, Finished, Progress, Started
 from rl_service.core.exporters import ExportedModel, ExportSource, export_model, get_export_format, timesteps_of
-from rl_service.core.hyperparams import format_value
+from rl_service.core.hyperparams import HyperValue, format_value
 from rl_service.core.policy_cache import PolicyCache
 from rl_service.core.ports import Executor, ModelStore, RunRegistry
 from rl_service.core.run_history import HistoryPage, read_history
@@ -51,6 +58,7 @@ class OrchestratorConfig:
     worker_torch_threads: int = 1
     stop_timeout_seconds: float = 30.0
     max_act_batch: int = 4096
+    external_envs: ExternalEnvironments | None = None  # grpc:// simulations (None: refused)
     tensorboard_dir: Path | None = None  # each run logs to <tensorboard_dir>/<run_id> when set
     log_level: str = "INFO"
     log_format: str = "json"
@@ -102,8 +110,13 @@ class Orchestrator:
         if request.seed is not None and not 0 <= request.seed <= MAX_SEED:
             raise InvalidRequest(f"seed: must be in [0, {MAX_SEED}], got {request.seed}", field="seed")
         values = spec.schema.parse(request.hyperparameters)
-        spec.validate(values)
-        spaces = env_spaces(request.env_id)
+        external = is_external_env(request.env_id)
+        if not external:  # a simulation's n_envs is known only from its spec
+            spec.validate(values)
+        spaces = env_spaces(request.env_id, self._config.external_envs)
+        if external and spaces.num_envs is not None:
+            values = _simulation_n_envs(request, values, spaces.num_envs)
+            spec.validate(values)
         spec.check_spaces(spaces.action_space, values)
 
         run_id = f"run-{uuid.uuid4().hex[:12]}"
@@ -121,6 +134,7 @@ class Orchestrator:
             total_timesteps=request.total_timesteps, seed=seed, values=values,
             effective_hyperparameters=effective, checkpoint_interval=interval, model_path=model_path,
             store=self._store, progress_interval=self._config.progress_interval_seconds,
+            external_envs=self._config.external_envs,
             tensorboard_dir=self._config.tensorboard_dir,
             torch_threads=self._config.worker_torch_threads, log_level=self._config.log_level,
             log_format=self._config.log_format, created_at=record.created_at,
@@ -383,6 +397,16 @@ class Orchestrator:
             state, error = self._kill_reasons.pop(run_id, (
                 RunState.FAILED, f"the worker process exited with code {exitcode} without reporting a result"))
             self._finish(record.evolve(state=state, error=error, finished_at=time.time()))
+
+
+def _simulation_n_envs(request: TrainingRequest, values: dict[str, HyperValue], hosted: int
+                       ) -> dict[str, HyperValue]:
+    """An external simulation decides how many envs step together; a client's different n_envs is refused."""
+    if any(key.strip().lower() == "n_envs" for key in request.hyperparameters) and values.get("n_envs") != hosted:
+        raise InvalidHyperparameter(
+            f"hyperparameters['n_envs']: the simulation at {request.env_id} hosts {hosted} envs; omit n_envs or "
+            f"set it to {hosted}", field="hyperparameters.n_envs")
+    return {**values, "n_envs": hosted}
 
 
 def _check_experiment_id(experiment_id: str) -> str:

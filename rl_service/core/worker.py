@@ -23,7 +23,7 @@ from stable_baselines3.common.logger import KVWriter, Logger, TensorBoardOutputF
 
 from rl_service.core.algorithms import ALGORITHMS
 from rl_service.core.dto import Metrics
-from rl_service.core.envs import make_vec_env
+from rl_service.core.envs import ExternalEnvironments, make_vec_env
 from rl_service.core.events import CheckpointSaved, Failed, Finished, Progress, Started, WorkerEvent
 from rl_service.core.hyperparams import HyperValue
 from rl_service.core.ports import ModelStore
@@ -62,6 +62,7 @@ class WorkerJob:
     store: ModelStore
     progress_interval: float = 1.0
     torch_threads: int = 1
+    external_envs: ExternalEnvironments | None = None  # reaches grpc:// simulations (settings included)
     tensorboard_dir: Path | None = None  # also log to <tensorboard_dir>/<run_id> (stable-baselines3's writer)
     log_level: str = "INFO"
     log_format: str = "json"
@@ -107,7 +108,7 @@ class _Trainer:
         job = self.job
         spec = ALGORITHMS[job.algorithm]
         logger = _capturing_logger(self.losses, job.tensorboard_dir / job.run_id if job.tensorboard_dir else None)
-        env = make_vec_env(job.env_id, _int_value(job.values, "n_envs", 1), job.seed)
+        env = make_vec_env(job.env_id, _int_value(job.values, "n_envs", 1), job.seed, job.external_envs)
         try:
             model = spec.cls("MlpPolicy", env, seed=job.seed, device="cpu", verbose=0,
                              **spec.constructor_kwargs(job.values))

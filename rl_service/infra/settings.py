@@ -14,6 +14,8 @@ from typing import Literal
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from rl_service.infra.external_env.address import DEFAULT_ALLOWED_HOSTS, HostAllowList
+
 
 class Settings(BaseSettings):
     """The service's settings, with embedded defaults that need no external server."""
@@ -45,6 +47,20 @@ class Settings(BaseSettings):
     max_watch_streams: int = Field(16, ge=1, le=1000, description="concurrent WatchTraining streams")
     max_act_batch: int = Field(4096, ge=1, description="observations per ActBatch call")
     max_message_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="largest gRPC message accepted")
+    external_env_allowed_hosts: str = Field(
+        DEFAULT_ALLOWED_HOSTS, description="hosts a grpc:// env may be on: hostnames, IPs, CIDR networks, * (any), "
+                                           "none")
+    env_step_timeout_seconds: float = Field(10.0, gt=0, le=3600, description="deadline of each env Reset and Step")
+    env_connect_timeout_seconds: float = Field(5.0, gt=0, le=600, description="deadline of env GetSpec (connect)")
+    env_connect_retries: int = Field(5, ge=0, le=100, description="reconnects to a lost env before the run fails")
+    env_retry_backoff_seconds: float = Field(1.0, ge=0, le=600, description="first reconnect wait, doubled each try")
+    env_transport: Literal["stream", "unary"] = Field("stream", description="env calls on the Session stream or unary")
+
+    @field_validator("external_env_allowed_hosts")
+    @classmethod
+    def _check_allowed_hosts(cls, value: str) -> str:
+        HostAllowList.parse(value)  # ValueError names the bad entry
+        return value
 
     @field_validator("tensorboard_dir")
     @classmethod

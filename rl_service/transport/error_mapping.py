@@ -20,6 +20,8 @@ STATUS_BY_ERROR: tuple[tuple[type[errors.ServiceError], grpc.StatusCode], ...] =
     (errors.ExportUnavailable, grpc.StatusCode.FAILED_PRECONDITION),
     (errors.CapacityExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (errors.ServiceShuttingDown, grpc.StatusCode.UNAVAILABLE),
+    (errors.PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
+    (errors.EnvironmentUnavailable, grpc.StatusCode.FAILED_PRECONDITION),
 )
 
 _log = get_logger("transport")

@@ -12,6 +12,7 @@ from grpc_reflection.v1alpha import reflection
 
 from rl_service.core.orchestrator import Orchestrator, OrchestratorConfig
 from rl_service.core.worker import run_worker
+from rl_service.infra.external_env.connector import GrpcExternalEnvironments
 from rl_service.infra.logging_setup import get_logger
 from rl_service.infra.model_store import FileModelStore
 from rl_service.infra.process_executor import LocalProcessExecutor
@@ -67,6 +68,7 @@ def orchestrator_config(settings: Settings) -> OrchestratorConfig:
         worker_torch_threads=settings.worker_torch_threads,
         stop_timeout_seconds=settings.stop_timeout_seconds,
         max_act_batch=settings.max_act_batch,
+        external_envs=GrpcExternalEnvironments.from_settings(settings),
         tensorboard_dir=settings.tensorboard_dir.resolve() if settings.tensorboard_dir else None,
         log_level=settings.log_level,
         log_format=settings.log_format,

@@ -27,6 +27,9 @@ INTENDED = {
     errors.ExportUnavailable: grpc.StatusCode.FAILED_PRECONDITION,
     errors.CapacityExceeded: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.ServiceShuttingDown: grpc.StatusCode.UNAVAILABLE,
+    errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
+    errors.EnvironmentUnavailable: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.EnvironmentProtocolError: grpc.StatusCode.FAILED_PRECONDITION,
     errors.PolicyNotFound: grpc.StatusCode.NOT_FOUND,
     errors.VersionConflict: grpc.StatusCode.ABORTED,
     # The issue asks for INTERNAL naming the cause: the client's data was valid, the update itself blew up.

@@ -1,0 +1,117 @@
+"""The ExternalEnvAdapter contract: a batch of envs living elsewhere, reset and stepped all at once.
+
+ExternalVecEnv presents any adapter to stable-baselines3; GrpcExternalEnvAdapter is the real one,
+FakeExternalEnvAdapter an in-process stand-in for tests.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+
+from rl_service.infra.external_env.codec import EnvSpec
+from rl_service.infra.external_env.env_batch import EnvBatch
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """One step of every env; `final_observations` maps an env that ended to its episode's last observation."""
+
+    observations: np.ndarray
+    rewards: np.ndarray
+    terminated: np.ndarray
+    truncated: np.ndarray
+    final_observations: dict[int, np.ndarray] = field(default_factory=dict)
+    # True when the connection was lost and restored: every episode was cut (truncated) and restarted.
+    reconnected: bool = False
+
+
+class ExternalEnvAdapter(ABC):
+    """A simulation's envs, seen from the training side.
+
+    Implementations MUST:
+    - expose the simulation's spec (spaces, num_envs) before the first call, and never change it;
+    - return from reset a (num_envs, *observation shape) array in the observation space's dtype;
+    - return from step one StepResult with num_envs observations (an ended env's is the first of its next
+      episode), float32 rewards, bool terminated and truncated, and a final observation for exactly the envs
+      that ended;
+    - check everything the simulation sends (counts, shapes, NaN, Inf) and raise EnvironmentProtocolError naming
+      the field, rather than pass bad numbers to training;
+    - bound every call in time and raise EnvironmentUnavailable naming the address and the cause when the
+      simulation cannot be reached or does not answer, never block forever;
+    - be usable from one thread at a time; close is idempotent.
+    """
+
+    @property
+    @abstractmethod
+    def spec(self) -> EnvSpec:
+        """The simulation's spaces and number of envs."""
+
+    @property
+    @abstractmethod
+    def address(self) -> str:
+        """Where the simulation lives, for messages."""
+
+    @abstractmethod
+    def reset(self, seed: int | None = None) -> np.ndarray:
+        """Start new episodes in every env (env i seeded with seed + i); the first observations."""
+
+    @abstractmethod
+    def step(self, actions: np.ndarray) -> StepResult:
+        """Step every env with its action (auto-resetting the ones that end)."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release the connection; the simulation keeps running."""
+
+
+class FakeExternalEnvAdapter(ExternalEnvAdapter):
+    """In-process Gymnasium envs behind the adapter contract, for tests; counts calls, can fail on demand."""
+
+    def __init__(self, env_fns: Sequence[Callable[[], gym.Env[Any, Any]]], name: str = "fake",
+                 fail_step: Callable[[int], Exception | None] | None = None) -> None:
+        self._batch = EnvBatch(env_fns, name=name)
+        self._fail_step = fail_step
+        self.resets: list[int | None] = []
+        self.steps = 0
+        self.closed = False
+
+    @classmethod
+    def from_gym_id(cls, env_id: str, num_envs: int) -> FakeExternalEnvAdapter:
+        """num_envs instances of a registered Gymnasium id."""
+        return cls([lambda: gym.make(env_id) for _ in range(num_envs)], name=env_id)
+
+    @property
+    def spec(self) -> EnvSpec:
+        """The envs' spaces and count."""
+        return self._batch.spec
+
+    @property
+    def address(self) -> str:
+        """A made-up address naming the fake."""
+        return f"fake://{self._batch.spec.name}"
+
+    def reset(self, seed: int | None = None) -> np.ndarray:
+        """Reset every env."""
+        self.resets.append(seed)
+        return self._batch.reset(seed)
+
+    def step(self, actions: np.ndarray) -> StepResult:
+        """Step every env; raises what fail_step returns for this step's number (from 1)."""
+        self.steps += 1
+        if self._fail_step is not None and (error := self._fail_step(self.steps)) is not None:
+            raise error
+        result = self._batch.step(np.asarray(actions))
+        finals = {int(i): result.final_observations[j] for j, i in enumerate(result.ended)}
+        return StepResult(result.observations, result.rewards, result.terminated, result.truncated, finals)
+
+    def close(self) -> None:
+        """Close the envs."""
+        if not self.closed:
+            self.closed = True
+            self._batch.close()

@@ -1,0 +1,62 @@
+"""GrpcExternalEnvironments: what core calls for grpc:// env ids (core.envs.ExternalEnvironments).
+
+Built from Settings by the composition root and carried to the worker inside the WorkerJob, so it holds plain
+values only and is picklable.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from stable_baselines3.common.vec_env import VecEnv, VecMonitor
+
+from rl_service.core.envs import EnvSpaces
+from rl_service.core.errors import EnvironmentUnavailable
+from rl_service.infra.external_env.address import DEFAULT_ALLOWED_HOSTS, ExternalAddress, HostAllowList, parse_address
+from rl_service.infra.external_env.grpc_adapter import ConnectionOptions, GrpcExternalEnvAdapter, fetch_spec
+from rl_service.infra.external_env.vec_env import ExternalVecEnv
+from rl_service.infra.settings import Settings
+
+
+@dataclass(frozen=True)
+class GrpcExternalEnvironments:
+    """Simulations reached over gRPC, limited to the allowed hosts."""
+
+    allowed_hosts: HostAllowList = field(default_factory=lambda: HostAllowList.parse(DEFAULT_ALLOWED_HOSTS))
+    options: ConnectionOptions = field(default_factory=ConnectionOptions)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> GrpcExternalEnvironments:
+        """The EXTERNAL_ENV_ALLOWED_HOSTS and ENV_* settings."""
+        return cls(HostAllowList.parse(settings.external_env_allowed_hosts), ConnectionOptions(
+            step_timeout=settings.env_step_timeout_seconds, connect_timeout=settings.env_connect_timeout_seconds,
+            retries=settings.env_connect_retries, backoff=settings.env_retry_backoff_seconds,
+            max_message_bytes=settings.max_message_bytes, use_stream=settings.env_transport == "stream"))
+
+    def check(self, address: str) -> ExternalAddress:
+        """Parse the address and check it against the allow-list; nothing is contacted."""
+        parsed = parse_address(address)
+        self.allowed_hosts.check(parsed)
+        return parsed
+
+    def spaces(self, address: str) -> EnvSpaces:
+        """The simulation's spaces and number of envs (GetSpec within ENV_CONNECT_TIMEOUT_SECONDS)."""
+        spec = fetch_spec(self.check(address), self.options)
+        return EnvSpaces(spec.observation_space, spec.action_space, spec.num_envs)
+
+    def adapter(self, address: str, retry_connect: bool = True) -> GrpcExternalEnvAdapter:
+        """A connected adapter (retrying the first connection when asked)."""
+        return GrpcExternalEnvAdapter(self.check(address), self.options, retry_connect=retry_connect)
+
+    def make_vec_env(self, address: str, n_envs: int, seed: int) -> VecEnv:
+        """The simulation as a VecMonitor-wrapped VecEnv; refuses a simulation whose env count changed."""
+        adapter = self.adapter(address)
+        if adapter.spec.num_envs != n_envs:
+            adapter.close()
+            raise EnvironmentUnavailable(
+                f"env {address} now hosts {adapter.spec.num_envs} envs; the run was accepted for {n_envs}",
+                field="env_id")
+        env = VecMonitor(ExternalVecEnv(adapter))
+        env.seed(seed)
+        return env
+

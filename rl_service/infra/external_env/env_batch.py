@@ -1,0 +1,109 @@
+"""Gymnasium environments stepped together with the protocol's semantics (auto-reset, final observations).
+
+The reference server serves one EnvBatch; FakeExternalEnvAdapter wraps one in-process. Free of torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+
+from rl_service.infra.external_env.codec import AnySpace, EnvSpec, element_dtype, element_shape
+
+
+class ResetNeeded(RuntimeError):
+    """Step was called before the first Reset, or after a step that failed (FAILED_PRECONDITION)."""
+
+
+@dataclass(frozen=True)
+class BatchStep:
+    """One step of every env, in the protocol's layout."""
+
+    observations: np.ndarray  # (num_envs, *shape): an ended env's next first observation
+    rewards: np.ndarray  # (num_envs,) float32
+    terminated: np.ndarray  # (num_envs,) bool
+    truncated: np.ndarray  # (num_envs,) bool
+    final_observations: np.ndarray  # (ended envs, *shape), in env order
+
+    @property
+    def ended(self) -> np.ndarray:
+        """Indices of the envs whose episode ended in this step."""
+        return np.flatnonzero(self.terminated | self.truncated)
+
+
+class EnvBatch:
+    """num_envs Gymnasium envs; reset seeds env i with seed + i; step auto-resets envs that end."""
+
+    def __init__(self, env_fns: Sequence[Callable[[], gym.Env[Any, Any]]], name: str = "", version: str = "") -> None:
+        if not env_fns:
+            raise ValueError("an EnvBatch needs at least one env")
+        self.envs = [fn() for fn in env_fns]
+        first = self.envs[0]
+        self.spec = EnvSpec(first.observation_space, first.action_space, len(self.envs), name, version)
+        self._obs_dtype = element_dtype(first.observation_space)
+        self._obs_shape = element_shape(first.observation_space)
+        self.needs_reset = True
+
+    @classmethod
+    def from_gym_id(cls, env_id: str, num_envs: int, version: str = "") -> EnvBatch:
+        """num_envs instances of a registered Gymnasium id."""
+        return cls([lambda: gym.make(env_id) for _ in range(num_envs)], name=env_id, version=version)
+
+    @property
+    def num_envs(self) -> int:
+        """How many envs step together."""
+        return len(self.envs)
+
+    @property
+    def observation_space(self) -> AnySpace:
+        """Every env's observation space."""
+        return self.spec.observation_space
+
+    @property
+    def action_space(self) -> AnySpace:
+        """Every env's action space."""
+        return self.spec.action_space
+
+    def reset(self, seed: int | None = None) -> np.ndarray:
+        """Start a new episode in every env; the first observations."""
+        observations = np.empty((self.num_envs, *self._obs_shape), dtype=self._obs_dtype)
+        self.needs_reset = True  # until every env has reset
+        for i, env in enumerate(self.envs):
+            observations[i], _ = env.reset(seed=None if seed is None else seed + i)
+        self.needs_reset = False
+        return observations
+
+    def step(self, actions: np.ndarray) -> BatchStep:
+        """Step every env with its action; an env that ends is reset at once (its final observation kept)."""
+        if self.needs_reset:
+            raise ResetNeeded("Reset is required before Step (at start, and after a step that failed)")
+        n = self.num_envs
+        observations = np.empty((n, *self._obs_shape), dtype=self._obs_dtype)
+        rewards = np.empty(n, dtype=np.float32)
+        terminated = np.zeros(n, dtype=bool)
+        truncated = np.zeros(n, dtype=bool)
+        finals = []
+        self.needs_reset = True  # an exception below leaves the envs half-stepped
+        for i, env in enumerate(self.envs):
+            obs, reward, term, trunc, _ = env.step(actions[i])
+            rewards[i] = reward
+            terminated[i] = term
+            truncated[i] = trunc
+            if term or trunc:
+                finals.append(obs)
+                obs, _ = env.reset()
+            observations[i] = obs
+        self.needs_reset = False
+        final_observations = np.empty((len(finals), *self._obs_shape), dtype=self._obs_dtype)
+        for j, obs in enumerate(finals):
+            final_observations[j] = obs
+        return BatchStep(observations, rewards, terminated, truncated, final_observations)
+
+    def close(self) -> None:
+        """Close every env."""
+        for env in self.envs:
+            env.close()
