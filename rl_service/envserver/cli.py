@@ -1,0 +1,72 @@
+"""Command line of the reference environment server (`python -m rl_service.envserver`, `rl-service env-server`).
+
+The first line on stdout is "serving <env> (<n> envs) on grpc://<host>:<port>", so a parent process that asked
+for port 0 can read the port. SIGTERM or SIGINT stops it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+
+from rl_service.envserver.reference_server import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    ReferenceEnvironmentServicer,
+    server_version,
+    start_env_server,
+)
+from rl_service.infra.external_env.codec import MAX_NUM_ENVS
+from rl_service.infra.external_env.env_batch import EnvBatch
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The env-server flags."""
+    parser = argparse.ArgumentParser(
+        prog="rl-service env-server",
+        description="Serve a Gymnasium environment over the rl_service.v1.EnvironmentService protocol.")
+    parser.add_argument("--env", required=True, help="a registered Gymnasium id, e.g. CartPole-v1")
+    parser.add_argument("--num-envs", type=int, default=1, help=f"envs stepped together (1..{MAX_NUM_ENVS})")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=50061, help="port to listen on; 0 picks a free one")
+    parser.add_argument("--raw-observations", action="store_true",
+                        help="send observations as little-endian bytes (fastest for large observations)")
+    parser.add_argument("--max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES,
+                        help="largest gRPC message sent or accepted")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Serve until SIGTERM/SIGINT; the exit code (2 for bad arguments or an env that cannot be created)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not 1 <= args.num_envs <= MAX_NUM_ENVS:
+        parser.error(f"--num-envs must be in 1..{MAX_NUM_ENVS}")
+    if not 0 <= args.port <= 65535:
+        parser.error("--port must be in 0..65535")
+    try:
+        batch = EnvBatch.from_gym_id(args.env, args.num_envs, version=server_version())
+    except Exception as exc:  # unknown id, missing optional dependency, ...
+        print(f"env-server: cannot create {args.env!r}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+    try:
+        handle = start_env_server(ReferenceEnvironmentServicer(batch, args.raw_observations), args.host, args.port,
+                                  max_message_bytes=args.max_message_bytes)
+    except (OSError, ValueError) as exc:
+        print(f"env-server: {exc}", file=sys.stderr)
+        batch.close()
+        return 2
+    print(f"serving {args.env} ({args.num_envs} envs) on {handle.address}", flush=True)
+    stopped = threading.Event()
+
+    def _stop(signum: int, frame: object) -> None:
+        stopped.set()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    stopped.wait()
+    handle.stop(grace=1)
+    batch.close()
+    return 0

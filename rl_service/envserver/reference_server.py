@@ -1,0 +1,203 @@
+"""ReferenceEnvironmentServicer: the environment protocol served over a batch of Gymnasium envs.
+
+Read it as the template for a simulation in another language: GetSpec answers a fixed spec; Reset and Step
+decode, check, act under one lock, encode; the Session stream runs the same two handlers per message; every
+failure maps to the status code docs/environment-protocol.md names.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from concurrent import futures
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from rl_service.infra.external_env.codec import BatchCodec, MalformedData, spec_to_proto
+from rl_service.infra.external_env.env_batch import EnvBatch, ResetNeeded
+from rl_service_proto.v1 import environment_pb2 as pb
+from rl_service_proto.v1 import environment_pb2_grpc as pb_grpc
+
+ENVIRONMENT_SERVICE = pb.DESCRIPTOR.services_by_name["EnvironmentService"].full_name
+DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+
+
+class RpcAbort(Exception):
+    """End the call with this status code and message."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class ReferenceEnvironmentServicer(pb_grpc.EnvironmentServiceServicer):  # type: ignore[misc]
+    """Serves one EnvBatch to one client at a time; the unary calls and the Session stream share its state."""
+
+    def __init__(self, batch: EnvBatch, raw_observations: bool = False) -> None:
+        self.batch = batch
+        self._raw = raw_observations
+        self._spec = spec_to_proto(batch.spec)
+        self._observations = BatchCodec(batch.observation_space)
+        self._actions = BatchCodec(batch.action_space)
+        self._lock = threading.Lock()
+        self.calls = {"GetSpec": 0, "Reset": 0, "Step": 0, "Session": 0}
+        self.steps_served = 0  # vector steps answered, over unary Step and the stream alike
+
+    # ------------------------------------------------------------------------------------ RPCs
+
+    def GetSpec(self, request: pb.GetSpecRequest, context: grpc.ServicerContext) -> pb.EnvironmentSpec:
+        self.calls["GetSpec"] += 1
+        return self._spec
+
+    def Reset(self, request: pb.ResetRequest, context: grpc.ServicerContext) -> pb.ResetResponse:
+        self.calls["Reset"] += 1
+        try:
+            return self.reset(request)
+        except RpcAbort as abort:
+            context.abort(abort.code, abort.message)
+            raise
+
+    def Step(self, request: pb.StepRequest, context: grpc.ServicerContext) -> pb.StepResponse:
+        self.calls["Step"] += 1
+        try:
+            return self.step(request)
+        except RpcAbort as abort:
+            context.abort(abort.code, abort.message)
+            raise
+
+    def Session(self, requests: Iterator[pb.SessionRequest], context: grpc.ServicerContext
+                ) -> Iterator[pb.SessionResponse]:
+        self.calls["Session"] += 1
+        for request in requests:
+            kind = request.WhichOneof("request")
+            try:
+                if kind == "reset":
+                    yield pb.SessionResponse(reset=self.reset(request.reset))
+                elif kind == "step":
+                    yield pb.SessionResponse(step=self.step(request.step))
+                else:
+                    raise RpcAbort(grpc.StatusCode.INVALID_ARGUMENT, "SessionRequest: set reset or step")
+            except RpcAbort as abort:
+                context.abort(abort.code, abort.message)
+
+    # ------------------------------------------------------------------------------------ handlers
+
+    def reset(self, request: pb.ResetRequest) -> pb.ResetResponse:
+        """Start new episodes in every env (env i seeded with seed + i)."""
+        seed = request.seed if request.HasField("seed") else None
+        if seed is not None and seed < 0:
+            raise RpcAbort(grpc.StatusCode.INVALID_ARGUMENT, f"seed: must be >= 0, got {seed}")
+        with self._lock:
+            try:
+                observations = self.batch.reset(seed)
+            except Exception as exc:
+                raise RpcAbort(grpc.StatusCode.INTERNAL, f"reset failed: {type(exc).__name__}: {exc}") from None
+        return pb.ResetResponse(observations=self._encode(observations))
+
+    def step(self, request: pb.StepRequest) -> pb.StepResponse:
+        """Step every env; ended envs auto-reset and report their final observation."""
+        batch = self.batch
+        try:
+            actions = self._actions.decode(request.actions, batch.num_envs, "actions")
+        except MalformedData as exc:
+            raise RpcAbort(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None  # state unchanged
+        _check_box_actions(actions, batch)
+        with self._lock:
+            try:
+                result = batch.step(actions)
+            except ResetNeeded as exc:
+                raise RpcAbort(grpc.StatusCode.FAILED_PRECONDITION, str(exc)) from None
+            except Exception as exc:
+                raise RpcAbort(grpc.StatusCode.INTERNAL,
+                               f"step failed: {type(exc).__name__}: {exc}; Reset is required") from None
+            self.steps_served += 1
+        return pb.StepResponse(
+            observations=self._encode(result.observations),
+            rewards=result.rewards.tolist(),
+            terminated=result.terminated.tolist(),
+            truncated=result.truncated.tolist(),
+            final_observations=self._encode(result.final_observations) if len(result.final_observations) else None,
+        )
+
+    def _encode(self, observations: np.ndarray) -> pb.Tensor:
+        return self._observations.encode(observations, raw=self._raw)
+
+
+def _check_box_actions(actions: np.ndarray, batch: EnvBatch) -> None:
+    """Box actions must lie within the bounds (the client clips them)."""
+    space = batch.action_space
+    low, high = getattr(space, "low", None), getattr(space, "high", None)
+    if low is None or high is None or actions.dtype.kind != "f":
+        return
+    if np.any(actions < low) or np.any(actions > high):
+        raise RpcAbort(grpc.StatusCode.INVALID_ARGUMENT, f"actions: outside the action space {space}")
+
+
+@dataclass
+class EnvServerHandle:
+    """A started environment server."""
+
+    server: grpc.Server
+    port: int
+    host: str
+    servicer: Any
+
+    @property
+    def address(self) -> str:
+        """grpc://host:port, as StartTraining takes it."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"grpc://{host}:{self.port}"
+
+    def stop(self, grace: float | None = 0) -> None:
+        """Stop serving (in-flight calls are cancelled after `grace` seconds)."""
+        self.server.stop(grace).wait()
+
+    def wait(self) -> None:
+        """Block until the server stops."""
+        self.server.wait_for_termination()
+
+
+def start_env_server(servicer: pb_grpc.EnvironmentServiceServicer, host: str = "127.0.0.1", port: int = 0,
+                     max_workers: int = 8, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> EnvServerHandle:
+    """Serve `servicer` (plus health and reflection) on host:port (0: any free port) and return at once."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="env-rpc"),
+                         options=[("grpc.max_receive_message_length", max_message_bytes),
+                                  ("grpc.max_send_message_length", max_message_bytes),
+                                  ("grpc.so_reuseport", 0)])
+    pb_grpc.add_EnvironmentServiceServicer_to_server(servicer, server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (ENVIRONMENT_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        server)
+    bound = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        actual = server.add_insecure_port(bound)
+    except RuntimeError as exc:
+        raise OSError(f"cannot listen on {bound}: {exc}") from None
+    server.start()
+    for name in ("", ENVIRONMENT_SERVICE):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return EnvServerHandle(server, actual, host, servicer)
+
+
+def serve_gym(env_id: str, num_envs: int, host: str = "127.0.0.1", port: int = 0,
+              raw_observations: bool = False) -> EnvServerHandle:
+    """Serve num_envs instances of a Gymnasium id (a reference server in one call, for tests and benchmarks)."""
+    batch = EnvBatch.from_gym_id(env_id, num_envs, version=server_version())
+    return start_env_server(ReferenceEnvironmentServicer(batch, raw_observations), host, port)
+
+
+def server_version() -> str:
+    """This server's version string: rl_service and gymnasium versions."""
+    import gymnasium
+
+    import rl_service
+
+    return f"rl_service {rl_service.__version__}, gymnasium {gymnasium.__version__}"
