@@ -106,6 +106,16 @@ def assert_healthy(server: ServerHandle, cartpole: EnvServerHandle) -> None:
     assert final.state == pb.SUCCEEDED, final.error
 
 
+class _Stopper:
+    """contextlib.closing() for an env server."""
+
+    def __init__(self, handle: EnvServerHandle) -> None:
+        self.handle = handle
+
+    def close(self) -> None:
+        self.handle.stop()
+
+
 # ------------------------------------------------------------------------------------ training
 
 
@@ -143,14 +153,6 @@ def test_box_actions_train_through_the_reference_server(training: ServerHandle, 
     assert final.hyperparameters["n_envs"] == "2"
     action = training.stub.Act(pb.ActRequest(run_id=run_id, observation=[1.0, 0.0, 0.0])).action
     assert len(action) == 1 and -2.0 <= action[0] <= 2.0
-
-
-class _Stopper:
-    def __init__(self, handle: EnvServerHandle) -> None:
-        self.handle = handle
-
-    def close(self) -> None:
-        self.handle.stop()
 
 
 def test_a_simulation_without_session_trains_over_unary_calls(training: ServerHandle,

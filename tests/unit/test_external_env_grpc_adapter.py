@@ -284,3 +284,12 @@ def test_message_size_is_capped(servers: Callable[..., EnvServerHandle]) -> None
     adapter = adapter_for(handle, ConnectionOptions(max_message_bytes=512, retries=0))
     with pytest.raises(EnvironmentUnavailable, match="RESOURCE_EXHAUSTED"):
         adapter.reset()
+
+
+def test_box_actions_are_clipped_to_the_bounds(servers: Callable[..., EnvServerHandle]) -> None:
+    handle = servers(env_id="Pendulum-v1", num_envs=2)  # the reference server refuses actions outside [-2, 2]
+    adapter = adapter_for(handle)
+    adapter.reset(seed=0)
+    result = adapter.step(np.array([[5.0], [-7.5]], dtype=np.float32))
+    assert result.observations.shape == (2, 3) and handle.servicer.steps_served == 1
+    adapter.close()

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
+import gymnasium as gym
 import numpy as np
 
 from rl_service.core.errors import EnvironmentProtocolError, EnvironmentUnavailable
@@ -162,13 +163,16 @@ class GrpcExternalEnvAdapter(ExternalEnvAdapter):
         self._closed = False
         self._known_spec: EnvSpec | None = None
         try:
-            spec = self._connect()
-        except _Lost as lost:
-            if not retry_connect:
-                self._close_channel()
-                raise EnvironmentUnavailable(f"env {address} is not reachable: {lost.cause}",
-                                             field="env_id") from None
-            spec = self._reconnect_with_retries(lost, reset=False)[0]
+            try:
+                spec = self._connect()
+            except _Lost as lost:
+                if not retry_connect:
+                    raise EnvironmentUnavailable(f"env {address} is not reachable: {lost.cause}",
+                                                 field="env_id") from None
+                spec = self._reconnect_with_retries(lost, reset=False)[0]
+        except BaseException:
+            self._close_channel()
+            raise
         self._known_spec = spec
         self._observations = BatchCodec(spec.observation_space)
         self._actions = BatchCodec(spec.action_space)
@@ -196,11 +200,11 @@ class GrpcExternalEnvAdapter(ExternalEnvAdapter):
         return self._use_stream
 
     def reset(self, seed: int | None = None) -> np.ndarray:
-        """Reset every env; a lost connection is retried (reconnect, then Reset without the seed)."""
+        """Reset every env; a lost connection is retried (reconnect, then the same Reset)."""
         try:
             observations = self._reset_once(seed)
         except _Lost as lost:
-            observations = self._reconnect_with_retries(lost, reset=True)[1]
+            observations = self._reconnect_with_retries(lost, reset=True, seed=seed)[1]
         self._last_observations = observations
         return observations
 
@@ -239,7 +243,8 @@ class GrpcExternalEnvAdapter(ExternalEnvAdapter):
         self._stub = pb_grpc.EnvironmentServiceStub(self._channel)
         return _get_spec(self._stub, self._target, self._options)
 
-    def _reconnect_with_retries(self, lost: _Lost, reset: bool) -> tuple[EnvSpec, np.ndarray]:
+    def _reconnect_with_retries(self, lost: _Lost, reset: bool, seed: int | None = None
+                                ) -> tuple[EnvSpec, np.ndarray]:
         """Reconnect with backoff (and Reset); EnvironmentUnavailable once ENV_CONNECT_RETRIES attempts failed."""
         options = self._options
         last = lost
@@ -254,18 +259,19 @@ class GrpcExternalEnvAdapter(ExternalEnvAdapter):
                     raise EnvironmentProtocolError(
                         f"env {self.address} came back with a different spec ({spec.describe()}) than the run "
                         f"started with ({known.describe()})", field="env_id")
-                observations = self._reset_once(None) if reset else np.empty(0)
+                observations = self._reset_once(seed) if reset else np.empty(0)
             except _Lost as again:
                 last = again
                 self._log.warning("reconnect attempt failed", attempt=attempt, cause=again.cause)
                 continue
             self.reconnects += 1
-            self._log.warning("reconnected to the simulation; every episode was restarted", attempt=attempt)
+            self._log.warning("reconnected to the simulation", attempt=attempt, episodes_restarted=reset)
             return spec, observations
+        self._close_channel()
+        retried = (f"{options.retries} reconnect attempts failed (ENV_CONNECT_RETRIES={options.retries}), the last: "
+                   f"{last.cause}") if options.retries else "not retried (ENV_CONNECT_RETRIES=0)"
         raise EnvironmentUnavailable(
-            f"env {self.address}: connection lost during {lost.call} ({lost.cause}); "
-            f"{options.retries} reconnect attempts failed (ENV_CONNECT_RETRIES={options.retries}), the last: "
-            f"{last.cause}", field="env_id")
+            f"env {self.address}: connection lost during {lost.call} ({lost.cause}); {retried}", field="env_id")
 
     def _reset_once(self, seed: int | None) -> np.ndarray:
         request = pb.ResetRequest() if seed is None else pb.ResetRequest(seed=seed)
@@ -278,15 +284,15 @@ class GrpcExternalEnvAdapter(ExternalEnvAdapter):
 
     def _call(self, name: str, request: pb.ResetRequest | pb.StepRequest) -> pb.ResetResponse | pb.StepResponse:
         """One Reset or Step on the stream (or unary); raises _Lost, or EnvironmentUnavailable for the rest."""
-        if self._closed:
-            raise EnvironmentUnavailable(f"env {self.address}: the adapter is closed", field="env_id")
+        if self._closed or self._stub is None:
+            state = "closed" if self._closed else "not connected (the connection was lost)"
+            raise EnvironmentUnavailable(f"env {self.address}: the adapter is {state}", field="env_id")
         if self._use_stream:
             try:
                 return self._call_stream(name, request)
             except _StreamUnimplemented:
                 self._use_stream = False
                 self._log.info("the simulation does not implement Session; using unary Reset and Step")
-        assert self._stub is not None
         method = self._stub.Reset if name == "Reset" else self._stub.Step
         try:
             response: pb.ResetResponse | pb.StepResponse = method(request, timeout=self._options.step_timeout)
@@ -357,6 +363,9 @@ class GrpcExternalEnvAdapter(ExternalEnvAdapter):
         spec = self._spec
         if array.size != spec.num_envs * self._actions.size:
             raise ValueError(f"{array.size} action values for {spec.num_envs} envs of {spec.action_space}")
+        space = spec.action_space
+        if isinstance(space, gym.spaces.Box):  # the protocol promises Box actions within low/high
+            array = np.clip(array.reshape((spec.num_envs, *self._actions.shape)), space.low, space.high)
         return array
 
     def _end_session(self) -> None:
