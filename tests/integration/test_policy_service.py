@@ -421,3 +421,29 @@ def test_policies_survive_a_restart_at_their_last_state(server_factory, tmp_path
     result = stub.SendTrainingBatch(batch(policy_id, episode(2, seed=8)))
     assert result.version == 2 and result.metrics.steps_used == 5
     assert [c.name for c in stub.ListCheckpoints(pb.PolicyRequest(policy_id=policy_id)).checkpoints] == ["kept"]
+
+
+CLIENT = Path(__file__).resolve().parents[2] / "scripts" / "cartpole_experience_client.py"
+
+
+def _run_client(server: ServerHandle, policy_id: str, *args: str) -> dict[str, Any]:
+    import json
+
+    result = subprocess.run([sys.executable, str(CLIENT), "--address", server.address, "--policy-id", policy_id,
+                             *args], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    return dict(json.loads(result.stdout))
+
+
+def test_client_collected_experience_improves_the_policy(server: ServerHandle) -> None:
+    summary = _run_client(server, new_id("cartpole"), "--batches", "12", "--steps-per-batch", "1000")
+    returns = [h["mean_return"] for h in summary["history"]]
+    assert summary["final_version"] == 12
+    assert np.mean(returns[-3:]) > 2 * np.mean(returns[:3]), returns
+
+
+@pytest.mark.slow
+def test_fifty_batches_of_client_experience_balance_the_pole(server: ServerHandle) -> None:
+    summary = _run_client(server, new_id("cartpole"), "--batches", "50")
+    assert summary["final_version"] == 50
+    assert summary["greedy_mean_return"] >= 475, summary["greedy_returns"]
