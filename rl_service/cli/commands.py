@@ -293,10 +293,12 @@ def cmd_plot(args: argparse.Namespace, output: Output) -> int:
     path = Path(args.output or f"{args.run_id}.png")
     title = (f"{status.run_id}: {status.algorithm} on {status.env_id} ({state_name(status.state)}, "
              f"{status.timesteps_done:,} timesteps)")
-    plot_learning_curve(episodes, title, path, args.window)
+    window = args.window or min(100, max(10, len(episodes) // 10))
+    plot_learning_curve(episodes, title, path, window)
     width, height = int(WIDTH_INCHES * DPI), int(HEIGHT_INCHES * DPI)
     if args.json:
-        output.json({"path": str(path), "episodes": len(episodes), "width": width, "height": height})
+        output.json({"path": str(path), "episodes": len(episodes), "window": window, "width": width,
+                     "height": height})
     else:
         output.line(f"wrote {path}: learning curve of {len(episodes):,} episodes ({width}x{height} PNG)")
     return EXIT_OK

@@ -169,8 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
                                       "from the run's history (as of its latest checkpoint), as a 1000x600 PNG.")
     plot.add_argument("run_id", metavar="RUN")
     plot.add_argument("-o", "--output", default=None, metavar="FILE", help="PNG to write (default <RUN>.png)")
-    plot.add_argument("--window", type=_positive_int, default=100, metavar="EPISODES",
-                      help="episodes in the moving average (default 100, as the status's mean reward)")
+    plot.add_argument("--window", type=_positive_int, default=None, metavar="EPISODES",
+                      help="episodes in the moving average (default: a tenth of the episodes, 10 to 100)")
     plot.set_defaults(handler=commands.cmd_plot)
 
     export = sub.add_parser("export", parents=client, help="export the trained policy to a file",

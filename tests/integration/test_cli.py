@@ -76,6 +76,17 @@ def observations(count: int = 16) -> np.ndarray:
     return np.random.default_rng(1).uniform(-0.2, 0.2, size=(count, 4)).astype(np.float32)
 
 
+@pytest.fixture
+def in_tmp(tmp_path: Path) -> Iterator[Path]:
+    """Run the test in its temp directory, where commands write their default file names."""
+    cwd = Path.cwd()
+    os.chdir(tmp_path)
+    try:
+        yield tmp_path
+    finally:
+        os.chdir(cwd)
+
+
 @pytest.fixture(scope="module")
 def trained(server: ServerHandle) -> tuple[str, Result]:
     """One PPO run on CartPole trained with `rl-service train`, its progress bar rendered into a terminal."""
@@ -211,9 +222,9 @@ def test_health(server: ServerHandle) -> None:
 # ----------------------------------------------------------------------------------------------- plot
 
 
-def test_plot_writes_a_learning_curve_png(server: ServerHandle, trained: tuple[str, Result], tmp_path: Path) -> None:
+def test_plot_writes_a_learning_curve_png(server: ServerHandle, trained: tuple[str, Result], in_tmp: Path) -> None:
     run_id, _ = trained
-    target = tmp_path / "curve.png"
+    target = in_tmp / "curve.png"
     result = at(server, "plot", run_id, "-o", str(target))
     assert result.code == 0, result.err
     assert result.out.startswith(f"wrote {target}: learning curve of ")
@@ -227,10 +238,11 @@ def test_plot_writes_a_learning_curve_png(server: ServerHandle, trained: tuple[s
     assert float(pixels[..., :3].std()) > 0.05, "something is drawn, not a blank canvas"
 
     episodes = server.stub.GetRunHistory(pb.RunHistoryRequest(run_id=run_id)).total_episodes
-    default = at(server, "plot", run_id, "--json", "--window", "10")
+    default = at(server, "plot", run_id, "--json")  # default path and window
     summary = json.loads(default.out)
-    assert summary == {"path": f"{run_id}.png", "episodes": episodes, "width": 1000, "height": 600}
-    Path(summary["path"]).unlink()
+    window = min(100, max(10, episodes // 10))
+    assert summary == {"path": f"{run_id}.png", "episodes": episodes, "window": window, "width": 1000, "height": 600}
+    assert (in_tmp / summary["path"]).is_file()
 
 
 def test_plot_of_a_run_without_episodes_says_so(server: ServerHandle) -> None:
@@ -303,16 +315,6 @@ def act_batch(server: ServerHandle, run_id: str, obs: np.ndarray) -> list[float]
     reply = server.stub.ActBatch(pb.ActBatchRequest(run_id=run_id, observations=obs.ravel().tolist(),
                                                     deterministic=True))
     return list(reply.actions)
-
-
-@pytest.fixture
-def in_tmp(tmp_path: Path) -> Iterator[Path]:
-    cwd = Path.cwd()
-    os.chdir(tmp_path)
-    try:
-        yield tmp_path
-    finally:
-        os.chdir(cwd)
 
 
 def test_export_torchscript_loads_with_torch_alone_and_acts_as_act(server: ServerHandle, trained: tuple[str, Result],
