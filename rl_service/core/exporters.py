@@ -24,7 +24,7 @@ import gymnasium as gym
 import numpy as np
 import torch
 from stable_baselines3.common import distributions
-from stable_baselines3.common.policies import ActorCriticPolicy
+from stable_baselines3.common.policies import ActorCriticPolicy, BasePolicy
 from stable_baselines3.dqn.policies import DQNPolicy
 
 from rl_service.core.errors import ExportUnavailable, UnknownExportFormat
@@ -126,6 +126,8 @@ class DeterministicPolicy(torch.nn.Module):
         actions: torch.Tensor
         if self.head == "q_argmax":
             actions = policy.q_net(obs).argmax(dim=1)
+        elif self.head == "predict":
+            actions = policy._predict(obs, deterministic=True)
         else:
             features = policy.extract_features(obs, policy.pi_features_extractor)
             out = policy.action_net(policy.mlp_extractor.forward_actor(features))
@@ -159,6 +161,8 @@ def _head_kind(policy: Any) -> str:
     if isinstance(policy, DQNPolicy):
         return "q_argmax"
     if not isinstance(policy, ActorCriticPolicy):
+        if isinstance(policy, BasePolicy):
+            return "predict"  # the policy's own _predict (REINFORCE's); the result is checked against predict()
         raise ExportUnavailable(
             f"format: {type(policy).__name__} policies cannot be exported as a program yet; export format sb3",
             field="format")
@@ -177,7 +181,7 @@ def _head_kind(policy: Any) -> str:
                             "export format sb3", field="format")
 
 
-def _load_module(source: ExportSource) -> tuple[DeterministicPolicy, torch.Tensor, dict[str, Any]]:
+def _load_module(source: ExportSource) -> tuple[DeterministicPolicy, torch.Tensor, dict[str, Any], Any]:
     """A fresh copy of the model (never the one Act is using), wrapped, with example input and metadata."""
     model = source.algorithm_cls.load(source.path, device="cpu")
     policy = model.policy
@@ -186,13 +190,26 @@ def _load_module(source: ExportSource) -> tuple[DeterministicPolicy, torch.Tenso
     module = DeterministicPolicy(policy, model.action_space).eval()
     space = model.observation_space
     example = torch.as_tensor(np.stack([space.sample() for _ in range(2)]), dtype=torch.float32)
+    check_equivalent(module, model, "the exported module")
     signature = _signature(space, model.action_space)
     metadata = {
         "run_id": source.run_id, "algorithm": source.algorithm, "env_id": source.env_id,
         "model_timesteps": source.timesteps, "observation_space": describe_space(space),
         "action_space": describe_space(model.action_space), "signature": signature,
     }
-    return module, example, metadata
+    return module, example, metadata, model
+
+
+def check_equivalent(program: Callable[[torch.Tensor], torch.Tensor], model: Any, what: str) -> None:
+    """ExportUnavailable unless `program` gives the actions model.predict(deterministic=True) gives (as Act)."""
+    space = model.observation_space
+    observations = np.stack([space.sample() for _ in range(8)])
+    expected, _ = model.predict(observations, deterministic=True)
+    with torch.no_grad():
+        actions = program(torch.as_tensor(observations, dtype=torch.float32)).numpy()
+    if actions.shape != expected.shape or not np.allclose(actions, expected, rtol=1e-5, atol=1e-6):
+        raise ExportUnavailable(f"format: {what} does not reproduce the policy's actions; export format sb3",
+                                field="format")
 
 
 def _signature(observation_space: gym.Space[Any], action_space: gym.Space[Any]) -> str:
@@ -235,8 +252,9 @@ def _build_sb3(source: ExportSource) -> tuple[bytes, str]:
 
 def _build_torchscript(source: ExportSource) -> tuple[bytes, str]:
     with _EXPORT_LOCK, _quiet(), torch.no_grad():
-        module, example, metadata = _load_module(source)
+        module, example, metadata, model = _load_module(source)
         traced = torch.jit.trace(module, example)  # type: ignore[no-untyped-call]
+        check_equivalent(traced, model, "the traced TorchScript module")
         buffer = io.BytesIO()
         torch.jit.save(traced, buffer, _extra_files={METADATA_NAME: json.dumps(metadata)})
     return buffer.getvalue(), str(metadata["signature"])
@@ -246,7 +264,7 @@ def _build_onnx(source: ExportSource) -> tuple[bytes, str]:
     import onnx
 
     with _EXPORT_LOCK, _quiet(), torch.no_grad():
-        module, example, metadata = _load_module(source)
+        module, example, metadata, _ = _load_module(source)
         try:
             program = torch.onnx.export(module, (example,), dynamo=True, input_names=["obs"],
                                         output_names=["action"], verbose=False,

@@ -16,6 +16,7 @@ from stable_baselines3 import A2C, DQN, PPO
 from rl_service.core import exporters
 from rl_service.core.errors import ExportUnavailable, UnknownExportFormat
 from rl_service.core.exporters import ExportFormat, ExportSource, export_model, get_export_format, timesteps_of
+from rl_service.core.reinforce_algorithm import Reinforce
 
 
 class _SpacesEnv(gym.Env[Any, Any]):
@@ -45,6 +46,8 @@ CASES: list[tuple[str, type[Any], Any, dict[str, Any]]] = [
     ("ppo-box-sde", PPO, "Pendulum-v1", {"use_sde": True}),
     ("ppo-multidiscrete", PPO, _SpacesEnv(BOX4, gym.spaces.MultiDiscrete([3, 2, 4])), {}),
     ("a2c-multibinary", A2C, _SpacesEnv(gym.spaces.MultiBinary(3), gym.spaces.MultiBinary(4)), {}),
+    ("reinforce-discrete", Reinforce, "CartPole-v1", {}),
+    ("reinforce-box", Reinforce, "Pendulum-v1", {}),
     ("ppo-box-2d-actions", PPO, _SpacesEnv(gym.spaces.MultiDiscrete([2, 5]),
                                            gym.spaces.Box(-2.0, 3.0, (2, 2), np.float32)), {}),
 ]
@@ -127,6 +130,12 @@ def test_missing_packages_and_unsupported_policies_are_unavailable(tmp_path: Pat
         export_model(needs, source)
     with pytest.raises(ExportUnavailable, match="cannot be exported"):
         exporters.DeterministicPolicy(torch.nn.Linear(2, 2), gym.spaces.Discrete(2))
+
+
+def test_a_program_that_does_not_act_as_the_policy_is_refused(tmp_path: Path) -> None:
+    model, _ = _saved_model(tmp_path, PPO, "CartPole-v1", {})
+    with pytest.raises(ExportUnavailable, match="does not reproduce the policy's actions"):
+        exporters.check_equivalent(lambda obs: torch.zeros(len(obs), dtype=torch.int64) + 7, model, "a constant")
 
 
 def test_timesteps_of() -> None:
