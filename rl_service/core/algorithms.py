@@ -18,6 +18,7 @@ from stable_baselines3.common.utils import LinearSchedule as SB3LinearSchedule
 
 from rl_service.core.errors import InvalidHyperparameter, UnknownAlgorithm, UnsupportedSpace
 from rl_service.core.hyperparams import HyperValue, LinearSchedule, Param, Schema, merge
+from rl_service.core.reinforce_algorithm import Reinforce
 
 ACTIVATIONS: dict[str, type[torch.nn.Module]] = {"tanh": torch.nn.Tanh, "relu": torch.nn.ReLU}
 
@@ -90,6 +91,18 @@ DQN_SCHEMA = merge(
         Param("exploration_initial_eps", "float", 1.0, 0.0, 1.0, help="initial epsilon"),
         Param("exploration_final_eps", "float", 0.05, 0.0, 1.0, help="final epsilon"),
         Param("max_grad_norm", "float", 10.0, 0.0, 1e6, low_exclusive=True, help="gradient clipping norm"),
+    ),
+)
+
+REINFORCE_SCHEMA = merge(
+    COMMON,
+    (
+        Param("learning_rate", "float", 1e-3, 0.0, 1.0, low_exclusive=True, schedule=True, help="Adam step size"),
+        Param("gamma", "float", 0.99, 0.0, 1.0, help="discount factor of the Monte-Carlo returns"),
+        Param("beta", "float", 0.1, 0.0, 10.0, help="entropy bonus weight"),
+        Param("episodes_per_update", "int", 1, 1, 10_000, help="complete episodes per gradient step"),
+        Param("max_grad_norm", "float", None, 0.0, 1e6, low_exclusive=True, optional=True,
+              help="gradient clipping norm (none: no clipping)"),
     ),
 )
 
@@ -195,6 +208,7 @@ ALGORITHMS: dict[str, AlgorithmSpec] = {
     "ppo": AlgorithmSpec("PPO", PPO, PPO_SCHEMA, _ALL_ACTIONS, _check_ppo),
     "a2c": AlgorithmSpec("A2C", A2C, A2C_SCHEMA, _ALL_ACTIONS, _check_on_policy),
     "dqn": AlgorithmSpec("DQN", DQN, DQN_SCHEMA, (gym.spaces.Discrete,), _check_dqn),
+    "reinforce": AlgorithmSpec("REINFORCE", Reinforce, REINFORCE_SCHEMA, (gym.spaces.Discrete, gym.spaces.Box)),
 }
 
 

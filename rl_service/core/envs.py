@@ -138,23 +138,45 @@ def observations_from_flat(values: list[float] | np.ndarray, space: gym.Space[An
             f"{field}: got {array.size} values; the observation space {space} takes {size} per observation",
             field=field,
         )
-    if not np.all(np.isfinite(array)):
-        bad = int(np.flatnonzero(~np.isfinite(array))[0])
-        raise InvalidObservation(f"{field}: value at index {bad} is {array[bad]}; NaN and Inf are refused",
-                                 field=field)
+    _check_finite(array, field)
     count = array.size // size
     shape: tuple[int, ...] = tuple(space.shape or ())
     if isinstance(space, gym.spaces.Box):
-        return array.astype(space.dtype if space.dtype is not None else np.float32).reshape(count, *shape)
+        cast = array.astype(space.dtype if space.dtype is not None else np.float32)
+        _check_finite(cast, field)  # 1e39 is finite as float64 but Inf as float32
+        return cast.reshape(count, *shape)
     if not np.all(array == np.round(array)):
         raise InvalidObservation(f"{field}: {type(space).__name__} observations must be whole numbers",
                                  field=field)
     ints = array.astype(np.int64)
     if isinstance(space, gym.spaces.Discrete):
+        low, high = int(space.start), int(space.start + space.n - 1)
+        _check_int_range(ints, np.full(1, low), np.full(1, high), field)
         return ints.reshape(count)
     if isinstance(space, gym.spaces.MultiDiscrete):
+        grid = ints.reshape(count, -1)
+        _check_int_range(grid, np.asarray(space.start).reshape(-1), (space.start + space.nvec - 1).reshape(-1), field)
         return ints.reshape(count, *space.nvec.shape)
+    _check_int_range(ints.reshape(count, -1), np.zeros(1), np.ones(1), field)
     return ints.reshape(count, *shape)
+
+
+def _check_finite(array: np.ndarray, field: str) -> None:
+    finite = np.isfinite(array)
+    if not np.all(finite):
+        bad = int(np.flatnonzero(~finite)[0])
+        raise InvalidObservation(
+            f"{field}: value at index {bad} is {array.reshape(-1)[bad]} after conversion to {array.dtype}; "
+            "NaN and Inf are refused", field=field)
+
+
+def _check_int_range(values: np.ndarray, low: np.ndarray, high: np.ndarray, field: str) -> None:
+    outside = (values < low) | (values > high)
+    if np.any(outside):
+        bad = int(np.flatnonzero(outside.reshape(-1))[0])
+        raise InvalidObservation(
+            f"{field}: value at index {bad} is {values.reshape(-1)[bad]}, outside the space's range "
+            f"[{int(np.min(low))}, {int(np.max(high))}]", field=field)
 
 
 def actions_to_flat(actions: np.ndarray, space: gym.Space[Any], count: int) -> tuple[list[float], int]:

@@ -74,6 +74,18 @@ class ServiceShuttingDown(ServiceError):
     """The server is draining and accepts no new work (UNAVAILABLE)."""
 
 
+class NonFiniteUpdate(ServiceError):
+    """A training update produced a NaN or Inf loss or gradient; it was discarded (INTERNAL)."""
+
+
+class VersionConflict(ServiceError):
+    """A request's expected_version is not the policy's current version (ABORTED)."""
+
+
+class PolicyNotFound(ServiceError):
+    """No named policy has this id (NOT_FOUND)."""
+
+
 class PermissionDenied(ServiceError):
     """The request names something this server is configured not to use, such as a host (PERMISSION_DENIED)."""
 
@@ -84,3 +96,7 @@ class EnvironmentUnavailable(ServiceError):
 
 class EnvironmentProtocolError(EnvironmentUnavailable):
     """An external environment answered outside the protocol: a bad spec, wrong counts or shapes, NaN or Inf."""
+
+
+class CheckpointNotFound(ServiceError):
+    """A named policy has no checkpoint (or kept version) by that name (NOT_FOUND)."""

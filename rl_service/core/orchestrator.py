@@ -60,8 +60,6 @@ class OrchestratorConfig:
     max_act_batch: int = 4096
     external_envs: ExternalEnvironments | None = None  # grpc:// simulations (None: refused)
     tensorboard_dir: Path | None = None  # each run logs to <tensorboard_dir>/<run_id> when set
-    log_level: str = "INFO"
-    log_format: str = "json"
 
 
 class Orchestrator:
@@ -84,6 +82,9 @@ class Orchestrator:
         self._closed = False
         self._policies = PolicyCache()
         for record in registry.mark_interrupted("interrupted: the server stopped while the run was in progress"):
+            latest = store.latest_checkpoint(record.run_id)  # a worker may have saved after the last event
+            if latest is not None and str(latest) != record.last_checkpoint_path:
+                registry.update(record.evolve(last_checkpoint_path=str(latest)))
             self._log.warning("run interrupted by a previous shutdown", run_id=record.run_id,
                               experiment_id=record.experiment_id)
         self._pump = threading.Thread(target=self._pump_events, name="worker-events", daemon=True)
@@ -136,8 +137,7 @@ class Orchestrator:
             store=self._store, progress_interval=self._config.progress_interval_seconds,
             external_envs=self._config.external_envs,
             tensorboard_dir=self._config.tensorboard_dir,
-            torch_threads=self._config.worker_torch_threads, log_level=self._config.log_level,
-            log_format=self._config.log_format, created_at=record.created_at,
+            torch_threads=self._config.worker_torch_threads, created_at=record.created_at,
         )
         with self._cond:
             if self._shutting_down:
@@ -379,7 +379,7 @@ class Orchestrator:
                     state = RunState.INTERRUPTED
                 else:
                     state = RunState.CANCELLED
-                error = "interrupted: the server shut down; resume from the last checkpoint" \
+                error = "interrupted: the server shut down; the final checkpoint and model are kept" \
                     if state is RunState.INTERRUPTED else ""
                 self._finish(record.evolve(
                     state=state, timesteps_done=event.timesteps, metrics=event.metrics, model_saved=True,

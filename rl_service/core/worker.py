@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+import structlog
 import torch
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.logger import KVWriter, Logger, TensorBoardOutputFormat
@@ -62,10 +63,8 @@ class WorkerJob:
     store: ModelStore
     progress_interval: float = 1.0
     torch_threads: int = 1
-    external_envs: ExternalEnvironments | None = None  # reaches grpc:// simulations (settings included)
     tensorboard_dir: Path | None = None  # also log to <tensorboard_dir>/<run_id> (stable-baselines3's writer)
-    log_level: str = "INFO"
-    log_format: str = "json"
+    external_envs: ExternalEnvironments | None = None  # reaches grpc:// simulations (settings included)
     created_at: float = field(default_factory=time.time)
 
 
@@ -73,10 +72,8 @@ def run_worker(job: WorkerJob, events: EventSink, stop: StopSignal) -> None:
     """Process entry point: train, save, report. Never raises; failures become a Failed event."""
     # Ctrl+C in a terminal reaches the whole process group; the server decides how its runs stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    from rl_service.infra.logging_setup import configure_logging, get_logger
-
-    configure_logging(job.log_level, job.log_format)
-    log = get_logger("worker").bind(run_id=job.run_id, experiment_id=job.experiment_id)
+    # Logging was configured by the executor that started this process (infra's job, not core's).
+    log = structlog.get_logger().bind(logger="worker", run_id=job.run_id, experiment_id=job.experiment_id)
     trainer = _Trainer(job, events, stop, log)
     try:
         trainer.run()
@@ -101,6 +98,11 @@ class _Trainer:
         self.timesteps = 0
         self.started = time.monotonic()
         self.last_checkpoint = ""
+        self.last_checkpoint_steps = -1
+        # A worker whose server died (SIGKILL, OOM) is re-parented; it then saves and stops instead of
+        # training on for a run the restarted server has already marked INTERRUPTED.
+        self.parent_pid = os.getppid()
+        self.orphaned = False
 
     def run(self) -> None:
         """Build env and model, learn with callbacks, save the final checkpoint and model."""
@@ -122,7 +124,8 @@ class _Trainer:
                         log_interval=1, progress_bar=False)
             self.timesteps = int(model.num_timesteps)
             stopped_early = self.timesteps < job.total_timesteps
-            self.checkpoint(model)
+            if self.last_checkpoint_steps != self.timesteps:
+                self.checkpoint(model)
             job.store.save_model(model, job.model_path)
             self.write_metadata(model, "stopped early" if stopped_early else "completed")
             self.write_history()
@@ -160,6 +163,7 @@ class _Trainer:
         """Save a checkpoint and tell the server."""
         path = self.job.store.save_checkpoint(self.job.run_id, model, self.timesteps)
         self.last_checkpoint = str(path)
+        self.last_checkpoint_steps = self.timesteps
         self.write_history()
         self.events.put(CheckpointSaved(self.job.run_id, self.timesteps, str(path)))
         self.log.info("checkpoint saved", timesteps=self.timesteps, path=str(path))
@@ -265,4 +269,7 @@ class _ServiceCallback(BaseCallback):
         if now >= self.next_report:
             self.next_report = now + trainer.job.progress_interval
             trainer.events.put(Progress(trainer.job.run_id, trainer.timesteps, trainer.metrics()))
-        return not trainer.stop.is_set()
+            if os.getppid() != trainer.parent_pid:
+                trainer.orphaned = True
+                trainer.log.warning("server process is gone; saving and stopping", timesteps=trainer.timesteps)
+        return not (trainer.stop.is_set() or trainer.orphaned)

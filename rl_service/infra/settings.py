@@ -20,8 +20,9 @@ from rl_service.infra.external_env.address import DEFAULT_ALLOWED_HOSTS, HostAll
 class Settings(BaseSettings):
     """The service's settings, with embedded defaults that need no external server."""
 
+    # env_ignore_empty: MODELS_DIR= (empty) means "the default", not the current directory.
     model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore",
-                                      case_sensitive=False)
+                                      case_sensitive=False, env_ignore_empty=True)
 
     grpc_host: str = Field("127.0.0.1", description="address to listen on; 0.0.0.0 exposes the service")
     grpc_port: int = Field(50051, ge=0, le=65535, description="port to listen on (0: any free port)")
@@ -46,7 +47,16 @@ class Settings(BaseSettings):
     grpc_max_workers: int = Field(32, ge=4, le=1024, description="threads serving RPCs")
     max_watch_streams: int = Field(16, ge=1, le=1000, description="concurrent WatchTraining streams")
     max_act_batch: int = Field(4096, ge=1, description="observations per ActBatch call")
-    max_message_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="largest gRPC message accepted")
+    # 128 MiB: existing trainer clients send experience in chunks of up to 100 MB.
+    max_message_bytes: int = Field(128 * 1024 * 1024, ge=1024, description="largest gRPC message accepted")
+    policies_dir: Path | None = Field(None, description="named policies' states and checkpoints "
+                                                        "(default DATA_DIR/policies)")
+    max_batch_bytes: int = Field(1024 * 1024 * 1024, ge=1024,
+                                 description="largest experience batch once its streamed chunks are assembled")
+    max_pending_steps: int = Field(1_000_000, ge=1,
+                                   description="transitions an unfinished episode may hold between batches")
+    policy_versions_kept: int = Field(4, ge=1, le=1000,
+                                      description="recent policy versions ComputeLogProb can still evaluate")
     external_env_allowed_hosts: str = Field(
         DEFAULT_ALLOWED_HOSTS, description="hosts a grpc:// env may be on: hostnames, IPs, CIDR networks, * (any), "
                                            "none")
@@ -62,6 +72,11 @@ class Settings(BaseSettings):
         HostAllowList.parse(value)  # ValueError names the bad entry
         return value
 
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_level(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
     @field_validator("tensorboard_dir")
     @classmethod
     def _check_tensorboard(cls, value: Path | None) -> Path | None:
@@ -76,6 +91,11 @@ class Settings(BaseSettings):
             self.models_dir = self.data_dir / "models"
         if self.checkpoint_dir is None:
             self.checkpoint_dir = self.data_dir / "checkpoints"
+        if self.policies_dir is None:
+            self.policies_dir = self.data_dir / "policies"
+        if self.max_watch_streams >= self.grpc_max_workers:
+            raise ValueError(f"MAX_WATCH_STREAMS ({self.max_watch_streams}) must be below GRPC_MAX_WORKERS "
+                             f"({self.grpc_max_workers}), or Watch streams could take every RPC thread")
         if self.worker_start_method not in multiprocessing.get_all_start_methods():
             raise ValueError(f"WORKER_START_METHOD {self.worker_start_method} is not available on this platform")
         return self
@@ -91,6 +111,12 @@ class Settings(BaseSettings):
         """CHECKPOINT_DIR, filled in."""
         assert self.checkpoint_dir is not None
         return self.checkpoint_dir
+
+    @property
+    def policies_root(self) -> Path:
+        """POLICIES_DIR, filled in."""
+        assert self.policies_dir is not None
+        return self.policies_dir
 
     @property
     def registry_path(self) -> Path:

@@ -67,7 +67,7 @@ def status_to_proto(record: RunRecord) -> pb.TrainingStatus:
 def run_filter_from_proto(msg: pb.ListRunsRequest) -> RunFilter:
     """ListRunsRequest -> RunFilter; an unknown state value is INVALID_ARGUMENT."""
     state = None
-    if msg.HasField("state"):
+    if msg.HasField("state") and msg.state != pb.RUN_STATE_UNSPECIFIED:
         try:
             state = RunState(msg.state)
         except ValueError:

@@ -22,6 +22,10 @@ STATUS_BY_ERROR: tuple[tuple[type[errors.ServiceError], grpc.StatusCode], ...] =
     (errors.ServiceShuttingDown, grpc.StatusCode.UNAVAILABLE),
     (errors.PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
     (errors.EnvironmentUnavailable, grpc.StatusCode.FAILED_PRECONDITION),
+    (errors.PolicyNotFound, grpc.StatusCode.NOT_FOUND),
+    (errors.CheckpointNotFound, grpc.StatusCode.NOT_FOUND),
+    (errors.VersionConflict, grpc.StatusCode.ABORTED),
+    (errors.NonFiniteUpdate, grpc.StatusCode.INTERNAL),
 )
 
 _log = get_logger("transport")

@@ -10,19 +10,23 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from rl_service.core.named_policies import PolicyConfig, PolicyManager
 from rl_service.core.orchestrator import Orchestrator, OrchestratorConfig
 from rl_service.core.worker import run_worker
 from rl_service.infra.external_env.connector import GrpcExternalEnvironments
 from rl_service.infra.logging_setup import get_logger
 from rl_service.infra.model_store import FileModelStore
+from rl_service.infra.policy_store import FilePolicyStore
 from rl_service.infra.process_executor import LocalProcessExecutor
 from rl_service.infra.settings import Settings
 from rl_service.infra.sqlite_run_registry import SqliteRunRegistry
+from rl_service.transport.policy_servicer import PolicyServicer
 from rl_service.transport.training_servicer import TrainingServicer
-from rl_service_proto.v1 import training_pb2, training_pb2_grpc
+from rl_service_proto.v1 import policy_pb2, policy_pb2_grpc, training_pb2, training_pb2_grpc
 
 TRAINING_SERVICE = training_pb2.DESCRIPTOR.services_by_name["TrainingService"].full_name
-HEALTH_SERVICES = ("", TRAINING_SERVICE)
+POLICY_SERVICE = policy_pb2.DESCRIPTOR.services_by_name["PolicyService"].full_name
+HEALTH_SERVICES = ("", TRAINING_SERVICE, POLICY_SERVICE)
 # Modules the fork server imports once so every worker starts without re-importing torch.
 WORKER_PRELOAD = ("rl_service.core.worker",)
 
@@ -34,6 +38,7 @@ class RunningServer:
     server: grpc.Server
     port: int
     orchestrator: Orchestrator
+    policies: PolicyManager
     health: health.HealthServicer
     settings: Settings
     _stopped: bool = False
@@ -49,6 +54,7 @@ class RunningServer:
             self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
         # Stop runs first while RPCs still work, so watchers see their runs end.
         self.orchestrator.shutdown(self.settings.shutdown_grace_seconds if grace is None else grace)
+        self.policies.close()
         self.server.stop(grace=5).wait()
         log.info("server stopped")
 
@@ -68,10 +74,8 @@ def orchestrator_config(settings: Settings) -> OrchestratorConfig:
         worker_torch_threads=settings.worker_torch_threads,
         stop_timeout_seconds=settings.stop_timeout_seconds,
         max_act_batch=settings.max_act_batch,
-        external_envs=GrpcExternalEnvironments.from_settings(settings),
         tensorboard_dir=settings.tensorboard_dir.resolve() if settings.tensorboard_dir else None,
-        log_level=settings.log_level,
-        log_format=settings.log_format,
+        external_envs=GrpcExternalEnvironments.from_settings(settings),
     )
 
 
@@ -84,8 +88,12 @@ def build_server(settings: Settings) -> RunningServer:
     log = get_logger("server")
     store = FileModelStore(settings.models_root, settings.checkpoint_root, settings.keep_checkpoints)
     registry = SqliteRunRegistry(settings.registry_path)
-    executor = LocalProcessExecutor(run_worker, settings.worker_start_method, WORKER_PRELOAD)
+    executor = LocalProcessExecutor(run_worker, settings.worker_start_method, WORKER_PRELOAD,
+                                    log_level=settings.log_level, log_format=settings.log_format)
     orchestrator = Orchestrator(orchestrator_config(settings), registry, store, executor, log)
+    policies = PolicyManager(FilePolicyStore(settings.policies_root),
+                             PolicyConfig(versions_kept=settings.policy_versions_kept,
+                                          max_pending_steps=settings.max_pending_steps), log)
 
     options = [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
@@ -100,8 +108,10 @@ def build_server(settings: Settings) -> RunningServer:
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     training_pb2_grpc.add_TrainingServiceServicer_to_server(
         TrainingServicer(orchestrator, settings.max_watch_streams), server)
+    policy_pb2_grpc.add_PolicyServiceServicer_to_server(
+        PolicyServicer(policies, settings.max_batch_bytes, settings.max_watch_streams), server)
     reflection.enable_server_reflection(
-        (TRAINING_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+        (TRAINING_SERVICE, POLICY_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
          reflection.SERVICE_NAME), server)
     try:
         port = server.add_insecure_port(settings.address)
@@ -113,7 +123,7 @@ def build_server(settings: Settings) -> RunningServer:
         health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
     log.info("server started", address=f"{settings.grpc_host}:{port}", models_dir=str(settings.models_root),
              checkpoint_dir=str(settings.checkpoint_root), max_concurrent_runs=settings.max_concurrent_runs)
-    return RunningServer(server, port, orchestrator, health_servicer, settings)
+    return RunningServer(server, port, orchestrator, policies, health_servicer, settings)
 
 
 def install_signal_handlers(running: RunningServer) -> threading.Event:

@@ -11,19 +11,24 @@ import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2
-from stable_baselines3 import A2C, DQN, PPO
+from stable_baselines3 import PPO
 
+from rl_service.core.algorithms import ALGORITHMS, get_algorithm
 from rl_service.core.test_envs import CRASH_ENV_ID
 from rl_service_proto.v1 import training_pb2 as pb
 from tests.conftest import FAST_PPO, ServerHandle
 
-SB3_CLASSES = {"PPO": PPO, "A2C": A2C, "DQN": DQN}
-# Per algorithm: a budget that finishes in a few seconds and still completes episodes and checkpoints.
+# Per registry entry: a budget that finishes in a few seconds and still completes episodes and checkpoints.
 QUICK_RUNS = {
     "PPO": (1024, FAST_PPO),
     "A2C": (1000, {"n_envs": "2"}),
     "DQN": (1500, {"learning_starts": "200", "target_update_interval": "500"}),
+    "REINFORCE": (1000, {"n_envs": "2", "episodes_per_update": "2"}),
 }
+
+
+def test_every_registered_algorithm_has_a_quick_run() -> None:
+    assert {spec.name for spec in ALGORITHMS.values()} == set(QUICK_RUNS)
 
 
 @pytest.mark.parametrize("algorithm", sorted(QUICK_RUNS))
@@ -62,7 +67,7 @@ def test_run_is_watched_to_success_and_act_matches_saved_model(server: ServerHan
     assert len(checkpoints) <= server.settings.keep_checkpoints
 
     # The zip is stable-baselines3's own format, and Act answers with the same deterministic policy.
-    model = SB3_CLASSES[algorithm].load(model_path, device="cpu")
+    model = get_algorithm(algorithm).cls.load(model_path, device="cpu")
     rng = np.random.default_rng(0)
     observations = rng.uniform(-0.2, 0.2, size=(16, 4)).astype(np.float32)
     expected, _ = model.predict(observations, deterministic=True)

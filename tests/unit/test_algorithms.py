@@ -239,11 +239,20 @@ def test_use_sde_needs_box_actions(key: str) -> None:
     spec.check_spaces(CARTPOLE_SPACE, spec.schema.parse({"use_sde": "false"}))
 
 
-@pytest.mark.parametrize("key", [k for k in KEYS if k != "dqn"])
-def test_on_policy_accept_every_action_space(key: str) -> None:
+@pytest.mark.parametrize("key", ["ppo", "a2c"])
+def test_actor_critics_accept_every_action_space(key: str) -> None:
     spec = ALGORITHMS[key]
     for space in (CARTPOLE_SPACE, BOX_ACTIONS, gym.spaces.MultiDiscrete([2, 3]), gym.spaces.MultiBinary(2)):
         spec.check_spaces(space, spec.schema.defaults())
+
+
+def test_reinforce_takes_categorical_and_gaussian_actions_only() -> None:
+    spec = ALGORITHMS["reinforce"]
+    for space in (CARTPOLE_SPACE, BOX_ACTIONS):
+        spec.check_spaces(space, spec.schema.defaults())
+    for space in (gym.spaces.MultiDiscrete([2, 3]), gym.spaces.MultiBinary(2)):
+        with pytest.raises(UnsupportedSpace, match="REINFORCE"):
+            spec.check_spaces(space, spec.schema.defaults())
 
 
 # ------------------------------------------------------------------ cross-field validation

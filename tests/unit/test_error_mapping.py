@@ -31,6 +31,7 @@ INTENDED = {
     errors.EnvironmentUnavailable: grpc.StatusCode.FAILED_PRECONDITION,
     errors.EnvironmentProtocolError: grpc.StatusCode.FAILED_PRECONDITION,
     errors.PolicyNotFound: grpc.StatusCode.NOT_FOUND,
+    errors.CheckpointNotFound: grpc.StatusCode.NOT_FOUND,
     errors.VersionConflict: grpc.StatusCode.ABORTED,
     # The issue asks for INTERNAL naming the cause: the client's data was valid, the update itself blew up.
     errors.NonFiniteUpdate: grpc.StatusCode.INTERNAL,

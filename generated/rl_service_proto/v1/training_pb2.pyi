@@ -39,7 +39,7 @@ class _RunStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RunState.Val
     FAILED: _RunState.ValueType  # 4
     """the worker raised or died; `error` says why, earlier checkpoints are kept"""
     CANCELLED: _RunState.ValueType  # 5
-    """stopped by StopTraining; a final checkpoint and model were saved"""
+    """stopped by StopTraining; a running run saves a final checkpoint and model first"""
     INTERRUPTED: _RunState.ValueType  # 6
     """the server stopped (or crashed) while the run was pending or running"""
 
@@ -56,7 +56,7 @@ SUCCEEDED: RunState.ValueType  # 3
 FAILED: RunState.ValueType  # 4
 """the worker raised or died; `error` says why, earlier checkpoints are kept"""
 CANCELLED: RunState.ValueType  # 5
-"""stopped by StopTraining; a final checkpoint and model were saved"""
+"""stopped by StopTraining; a running run saves a final checkpoint and model first"""
 INTERRUPTED: RunState.ValueType  # 6
 """the server stopped (or crashed) while the run was pending or running"""
 Global___RunState: _TypeAlias = RunState  # noqa: Y015
