@@ -447,3 +447,16 @@ def test_fifty_batches_of_client_experience_balance_the_pole(server: ServerHandl
     summary = _run_client(server, new_id("cartpole"), "--batches", "50")
     assert summary["final_version"] == 50
     assert summary["greedy_mean_return"] >= 475, summary["greedy_returns"]
+
+
+def test_a_twenty_megabyte_batch_fits_in_one_message(stub: pb_grpc.PolicyServiceStub) -> None:
+    """The default message cap (128 MiB) admits the 100 MB chunks existing trainer clients send."""
+    policy_id = create(stub, pb.PolicySpec(observation_shape=[1000], discrete_n=2, seed=0))
+    n = 5000
+    rng = np.random.default_rng(0)
+    request = pb.TrainingBatch(policy_id=policy_id, states=rng.uniform(-1, 1, n * 1000).astype(np.float32),
+                               actions=rng.integers(0, 2, n).astype(np.float32), rewards=np.ones(n, np.float32),
+                               dones=([False] * 99 + [True]) * (n // 100))
+    assert request.ByteSize() > 20_000_000
+    result = stub.SendTrainingBatch(request, timeout=120)
+    assert result.version == 1 and result.metrics.episodes_used == 50 and result.metrics.steps_used == n
