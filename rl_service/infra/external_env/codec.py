@@ -246,14 +246,13 @@ class BatchCodec:
                     f"({count} x {list(self.shape) or 'scalar'} values of {self.dtype.name})", field)
             values = np.frombuffer(tensor.raw, dtype=self.little_endian).astype(self.dtype)  # a writable copy
         else:
-            if kind is None:
-                values = np.empty(0, dtype=self.dtype)
-            else:
-                values = np.array(getattr(tensor, kind).values, dtype=_PAYLOAD_DTYPES[kind])
-            if values.size != expected:
+            container = getattr(tensor, kind).values if kind is not None else ()
+            if len(container) != expected:
                 raise MalformedData(
-                    f"{field}: {values.size} values; expected {expected} ({count} x {self.size} for {self.space})",
-                    field)
+                    f"{field}: {len(container)} values; expected {expected} ({count} x {self.size} for "
+                    f"{self.space})", field)
+            values = np.fromiter(container, dtype=_PAYLOAD_DTYPES[kind] if kind is not None else self.dtype,
+                                 count=expected)
             if values.dtype != self.dtype:
                 values = _convert(values, self.dtype, field)
         self._check(values, field)
@@ -324,9 +323,9 @@ def _check_finite(values: np.ndarray, field: str) -> None:
 
 def decode_floats(values: Any, count: int, field: str) -> np.ndarray:
     """A repeated float field of `count` finite values as float32."""
-    array = np.array(values, dtype=np.float32)
-    if array.size != count:
-        raise MalformedData(f"{field}: {array.size} values; expected {count} (one per env)", field)
+    if len(values) != count:
+        raise MalformedData(f"{field}: {len(values)} values; expected {count} (one per env)", field)
+    array = np.fromiter(values, dtype=np.float32, count=count)
     if not np.isfinite(array).all():
         _check_finite(array, field)
     return array
@@ -334,7 +333,6 @@ def decode_floats(values: Any, count: int, field: str) -> np.ndarray:
 
 def decode_bools(values: Any, count: int, field: str) -> np.ndarray:
     """A repeated bool field of `count` values."""
-    array = np.array(values, dtype=bool)
-    if array.size != count:
-        raise MalformedData(f"{field}: {array.size} values; expected {count} (one per env)", field)
-    return array
+    if len(values) != count:
+        raise MalformedData(f"{field}: {len(values)} values; expected {count} (one per env)", field)
+    return np.fromiter(values, dtype=bool, count=count)

@@ -347,12 +347,13 @@ class GrpcExternalEnvAdapter(ExternalEnvAdapter):
             rewards = decode_floats(response.rewards, n, "rewards")
             terminated = decode_bools(response.terminated, n, "terminated")
             truncated = decode_bools(response.truncated, n, "truncated")
-            ended = np.flatnonzero(terminated | truncated)
+            done = terminated | truncated
+            ended = np.flatnonzero(done) if done.any() else ()
             finals = self._observations.decode(response.final_observations, len(ended), "final_observations")
         except MalformedData as exc:
             raise self._malformed("Step", exc) from None
         return StepResult(observations, rewards, terminated, truncated,
-                          {int(i): finals[j] for j, i in enumerate(ended)})
+                          {int(i): finals[j] for j, i in enumerate(ended)} if len(ended) else {})
 
     def _malformed(self, call: str, exc: MalformedData) -> EnvironmentProtocolError:
         return EnvironmentProtocolError(
