@@ -365,22 +365,16 @@ class PolicyManager:
                         "completes no episode; mark the episode's last transition done", field="dones")
                 with self._rollback_on_error(policy):
                     policy.tail = tail
-                    policy.updated_at = time.time()
-                    policy.revision += 1
-                    self._persist(policy)
+                    self._commit(policy, new_version=False)
                 return BatchOutcome(policy_id, policy.version, False, None, len(tail))
             with self._rollback_on_error(policy):
                 stats = reinforce_update(policy.net, policy.optimizer, episodes, float(policy.values["gamma"]),  # type: ignore[arg-type]
                                          float(policy.values["beta"]), _optional_float(policy.values["max_grad_norm"]))  # type: ignore[arg-type]
                 policy.tail = tail
-                policy.version += 1
-                policy.revision += 1
                 policy.episodes_trained += stats.episodes
                 policy.steps_trained += stats.steps
                 policy.last_update = stats
-                policy.updated_at = time.time()
-                policy.remember_version(self._config.versions_kept)
-                self._persist(policy)
+                self._commit(policy, new_version=True)
             outcome = BatchOutcome(policy_id, policy.version, True, stats, len(tail),
                                    policy.torchscript_now() if return_model else b"")
         self._notify()
@@ -395,11 +389,7 @@ class PolicyManager:
             with self._rollback_on_error(policy):
                 policy.net.load_state_dict(weights)
                 policy.optimizer = policy.new_optimizer()
-                policy.version += 1
-                policy.revision += 1
-                policy.updated_at = time.time()
-                policy.remember_version(self._config.versions_kept)
-                self._persist(policy)
+                self._commit(policy, new_version=True)
             snapshot = policy.snapshot()
         self._notify()
         return snapshot
@@ -487,10 +477,7 @@ class PolicyManager:
             tensors, metadata = self._checkpoint(policy, name)
             with self._rollback_on_error(policy):
                 _apply_state(policy, tensors, metadata)
-                policy.revision += 1
-                policy.updated_at = time.time()
-                policy.remember_version(self._config.versions_kept)
-                self._persist(policy)
+                self._commit(policy, new_version=False)  # the checkpoint's own version is restored
             snapshot = policy.snapshot()
         self._notify()
         return snapshot
@@ -536,6 +523,15 @@ class PolicyManager:
             raise CheckpointNotFound(f"checkpoint: policy {policy.policy_id!r} has no checkpoint {name!r}",
                                      field="checkpoint")
         return found
+
+    def _commit(self, policy: _Policy, new_version: bool) -> None:
+        """Record a state change: a new revision (and version), its weights kept for ComputeLogProb, saved."""
+        if new_version:
+            policy.version += 1
+        policy.revision += 1
+        policy.updated_at = time.time()
+        policy.remember_version(self._config.versions_kept)
+        self._persist(policy)
 
     def _persist(self, policy: _Policy) -> None:
         tensors, metadata = _encode(policy)

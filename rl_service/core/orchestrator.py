@@ -239,11 +239,7 @@ class Orchestrator:
             single: bool) -> ActResult:
         """Actions from the run's newest model or checkpoint for one (single=True) or many observations."""
         record = self.get(run_id)
-        path = record.model_path if record.model_saved else record.last_checkpoint_path
-        if not path or not Path(path).exists():
-            raise ModelNotReady(
-                f"run_id: run {run_id} has no checkpoint or model yet (state {record.state.name}); "
-                "wait for its first checkpoint", field="run_id")
+        path = _serving_path(record)
         policy = self._policies.get(run_id, record.algorithm, path, record.timesteps_done)
         field = "observation" if single else "observations"
         batch = observations_from_flat(observations, policy.model.observation_space, field)
@@ -267,11 +263,7 @@ class Orchestrator:
         """The policy Act would use (final model, else newest checkpoint) exported in a registered format."""
         fmt = get_export_format(format_name)
         record = self.get(run_id)
-        path = record.model_path if record.model_saved else record.last_checkpoint_path
-        if not path or not Path(path).exists():
-            raise ModelNotReady(
-                f"run_id: run {run_id} has no checkpoint or model to export yet (state {record.state.name}); "
-                "wait for its first checkpoint", field="run_id")
+        path = _serving_path(record)
         source = ExportSource(run_id=run_id, algorithm=record.algorithm,
                               algorithm_cls=get_algorithm(record.algorithm).cls, env_id=record.env_id,
                               path=Path(path), timesteps=timesteps_of(Path(path), record.timesteps_done))
@@ -407,6 +399,16 @@ def _simulation_n_envs(request: TrainingRequest, values: dict[str, HyperValue], 
             f"hyperparameters['n_envs']: the simulation at {request.env_id} hosts {hosted} envs; omit n_envs or "
             f"set it to {hosted}", field="hyperparameters.n_envs")
     return {**values, "n_envs": hosted}
+
+
+def _serving_path(record: RunRecord) -> str:
+    """The file Act and exports use: the final model, else the newest checkpoint; ModelNotReady if neither."""
+    path = record.model_path if record.model_saved else record.last_checkpoint_path
+    if not path or not Path(path).exists():
+        raise ModelNotReady(
+            f"run_id: run {record.run_id} has no checkpoint or model yet (state {record.state.name}); "
+            "wait for its first checkpoint", field="run_id")
+    return path
 
 
 def _check_experiment_id(experiment_id: str) -> str:
