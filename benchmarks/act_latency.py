@@ -1,0 +1,213 @@
+"""Section 3, Act: latency of Act (one observation) and ActBatch (64) against a bare gRPC echo of the same
+payload, plus the policy's own forward time in-process; throughput with 1 and 4 concurrent clients.
+
+The echo is a minimal gRPC server in its own process (the same ThreadPoolExecutor size as the service) that
+answers the same request messages with a pre-built response of the same size: what gRPC and protobuf cost on
+this machine, with no work behind them. The forward time is the loaded stable-baselines3 model's predict() for the
+same observations, in-process. Goal: p50(Act) <= 1.5 x (p50(echo) + p50(forward)).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import subprocess
+import sys
+import time
+from concurrent import futures
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import (
+    Section,
+    ServerProcess,
+    Table,
+    fmt,
+    fmt_ratio,
+    median,
+    percentile,
+    ratio,
+    training_stub,
+)
+
+GOAL = 1.5
+BATCH = 64
+OBS = [0.01, -0.02, 0.03, 0.04]
+ECHO_SERVICE = "bench.Echo"
+
+
+def _responses() -> dict[str, bytes]:
+    from rl_service_proto.v1 import training_pb2 as pb
+
+    return {"Act": pb.ActResponse(action=[1.0], model_timesteps=2048).SerializeToString(),
+            "ActBatch": pb.ActBatchResponse(actions=[1.0] * BATCH, action_size=1, count=BATCH,
+                                            model_timesteps=2048).SerializeToString()}
+
+
+def echo_main() -> None:
+    """The echo server process: print the port, serve until stdin closes."""
+    import grpc
+
+    responses = _responses()
+
+    def handler(name: str) -> Any:
+        reply = responses[name]
+        return grpc.unary_unary_rpc_method_handler(lambda request, context: reply,
+                                                   request_deserializer=None, response_serializer=None)
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=32))
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+        ECHO_SERVICE, {"Act": handler("Act"), "ActBatch": handler("ActBatch")}),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    print(port, flush=True)
+    sys.stdin.read()
+    server.stop(0)
+
+
+def _callers(address: str, echo: bool, run_id: str) -> dict[str, Any]:
+    """name -> a zero-argument function making one call."""
+    import grpc
+
+    from rl_service_proto.v1 import training_pb2 as pb
+    from rl_service_proto.v1 import training_pb2_grpc
+
+    channel = grpc.insecure_channel(address)
+    grpc.channel_ready_future(channel).result(timeout=30)
+    one = pb.ActRequest(run_id=run_id, observation=OBS, deterministic=True)
+    many = pb.ActBatchRequest(run_id=run_id, observations=OBS * BATCH, deterministic=True)
+    if echo:
+        act = channel.unary_unary(f"/{ECHO_SERVICE}/Act", request_serializer=pb.ActRequest.SerializeToString,
+                                  response_deserializer=pb.ActResponse.FromString)
+        batch = channel.unary_unary(f"/{ECHO_SERVICE}/ActBatch",
+                                    request_serializer=pb.ActBatchRequest.SerializeToString,
+                                    response_deserializer=pb.ActBatchResponse.FromString)
+    else:
+        stub = training_pb2_grpc.TrainingServiceStub(channel)
+        act, batch = stub.Act, stub.ActBatch
+    return {"1": lambda: act(one, timeout=30), str(BATCH): lambda: batch(many, timeout=30)}
+
+
+def _client(address: str, echo: bool, run_id: str, duration: float, barrier: Any, results: Any) -> None:
+    call = _callers(address, echo, run_id)["1"]
+    call()
+    barrier.wait()
+    started = time.perf_counter()
+    count = 0
+    while time.perf_counter() - started < duration:
+        call()
+        count += 1
+    results.put(count / (time.perf_counter() - started))
+
+
+def throughput(address: str, echo: bool, run_id: str, clients: int, duration: float) -> float:
+    """Total Act calls per second of `clients` client processes calling back to back for `duration` s."""
+    ctx = multiprocessing.get_context("spawn")
+    barrier, results = ctx.Barrier(clients), ctx.Queue()
+    procs = [ctx.Process(target=_client, args=(address, echo, run_id, duration, barrier, results))
+             for _ in range(clients)]
+    for proc in procs:
+        proc.start()
+    total = sum(results.get(timeout=120) for _ in procs)
+    for proc in procs:
+        proc.join(30)
+    return float(total)
+
+
+def forward_times(model_path: str, calls: int) -> dict[str, list[float]]:
+    """In-process predict() seconds for one observation and for a batch, on the model the service serves."""
+    import numpy as np
+    from stable_baselines3 import PPO
+
+    model = PPO.load(model_path, device="cpu")
+    one = np.array(OBS, dtype=np.float32)
+    many = np.tile(one, (BATCH, 1))
+    out: dict[str, list[float]] = {"1": [], str(BATCH): []}
+    for _ in range(calls):
+        for key, obs in (("1", one), (str(BATCH), many)):
+            started = time.perf_counter()
+            model.predict(obs, deterministic=True)
+            out[key].append(time.perf_counter() - started)
+    return out
+
+
+def train_model(stub: Any, quick: bool) -> tuple[str, str]:
+    """A PPO CartPole run through the service, to serve: (run_id, model_path)."""
+    from rl_service_proto.v1 import training_pb2 as pb
+
+    run_id = stub.StartTraining(pb.StartTrainingRequest(
+        experiment_id="benchmark-act", algorithm="PPO", env_id="CartPole-v1",
+        total_timesteps=128 if quick else 2048, seed=0,
+        hyperparameters={"n_steps": "128", "batch_size": "64", "n_epochs": "2"}), timeout=60).run_id
+    final = list(stub.WatchTraining(pb.RunRequest(run_id=run_id), timeout=600))[-1]
+    assert final.state == pb.SUCCEEDED, final
+    return run_id, final.model_path
+
+
+def run(server: ServerProcess, quick: bool, repeats: int) -> Section:
+    """Latency (interleaved per repeat), forward time, throughput."""
+    section = Section("act", "3. Act latency and throughput")
+    section.intro = (__doc__ or "").split("\n\n", 1)[1].strip()
+    stub = training_stub(server.address)
+    run_id, model_path = train_model(stub, quick)
+    echo = subprocess.Popen([sys.executable, "-m", "benchmarks.act_latency", "echo"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True, cwd=str(Path(__file__).resolve().parent.parent))
+    try:
+        assert echo.stdout is not None
+        echo_address = f"127.0.0.1:{int(echo.stdout.readline())}"
+        callers = {"service": _callers(server.address, False, run_id), "echo": _callers(echo_address, True, run_id)}
+        calls = 20 if quick else 300
+        lat: dict[str, dict[str, list[float]]] = {v: {"1": [], str(BATCH): []} for v in callers}
+        for variant in callers:  # warm-up: the service loads the model on its first Act
+            for key in ("1", str(BATCH)):
+                for _ in range(5):
+                    callers[variant][key]()
+        for repeat in range(repeats):
+            order = list(callers) if repeat % 2 == 0 else list(reversed(callers))
+            for variant in order:
+                for key in ("1", str(BATCH)):
+                    call = callers[variant][key]
+                    for _ in range(calls):
+                        started = time.perf_counter()
+                        call()
+                        lat[variant][key].append(time.perf_counter() - started)
+        fwd = forward_times(model_path, calls * repeats // 2 or 10)
+        duration = 0.2 if quick else 3.0
+        tput: dict[str, dict[int, float]] = {"service": {}, "echo": {}}
+        for clients in (1, 4):
+            for variant, address in (("service", server.address), ("echo", echo_address)):
+                tput[variant][clients] = throughput(address, variant == "echo", run_id, clients, duration)
+    finally:
+        if echo.stdin:
+            echo.stdin.close()
+        echo.wait(10)
+    table = Table(f"Latency, ms ({repeats} repeats x {calls} calls per variant, interleaved; forward: "
+                  f"{len(fwd['1'])} predict() calls)",
+                  ["observations", "Act p50", "Act p99", "echo p50", "echo p99", "forward p50",
+                   "Act p50 / (echo + forward)", f"goal <= {GOAL}x"])
+    summary = []
+    for key in ("1", str(BATCH)):
+        a50, a99 = percentile(lat["service"][key], 50) * 1e3, percentile(lat["service"][key], 99) * 1e3
+        e50, e99 = percentile(lat["echo"][key], 50) * 1e3, percentile(lat["echo"][key], 99) * 1e3
+        f50 = median(fwd[key]) * 1e3
+        r = ratio(a50, e50 + f50)
+        met = None if quick else r <= GOAL
+        table.rows.append([key, fmt(a50), fmt(a99), fmt(e50), fmt(e99), fmt(f50), fmt_ratio(r),
+                           {None: "not assessed", True: "met", False: "**NOT met**"}[met]])
+        summary.append({"goal": f"Act p50, {key} obs, <= {GOAL}x (echo + forward)",
+                        "measured": f"{fmt_ratio(r)} ({fmt(a50)} ms vs {fmt(e50)} + {fmt(f50)} ms)", "met": met})
+    section.tables.append(table)
+    t2 = Table(f"Throughput, Act calls/s (one observation), {duration} s per measurement, client processes",
+               ["clients", "service calls/s", "echo calls/s", "service / echo"])
+    for clients in (1, 4):
+        t2.rows.append([str(clients), fmt(tput["service"][clients]), fmt(tput["echo"][clients]),
+                        fmt_ratio(ratio(tput["service"][clients], tput["echo"][clients]))])
+    section.tables.append(t2)
+    section.notes.append("Client, service and echo share the machine's 2 cores; with 4 client processes the "
+                         "clients compete with the server for CPU, so throughput is a floor, not a ceiling.")
+    section.data = {"summary": summary, "latency_s": lat, "forward_s": fwd, "throughput": tput}
+    return section
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["echo"]:
+        echo_main()

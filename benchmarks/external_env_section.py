@@ -1,0 +1,55 @@
+"""Section 2, external environment: the runner's wrapper around benchmarks/external_env.py (PPO CartPole-v1, 8 envs,
+in-process against the reference environment server over the Session stream and unary calls, and one env per
+message). Goal: >= 0.9x of in-process training steps per second with 8 envs per message."""
+
+from __future__ import annotations
+
+from benchmarks.common import Section, Table, fmt, fmt_ratio
+
+GOAL = 0.9
+
+
+def run(quick: bool, repeats: int) -> Section:
+    """Run external_env.run with the runner's budgets and turn its summary into a Section."""
+    from benchmarks import external_env
+
+    section = Section("external_env", "2. External environment against in-process")
+    if quick:
+        results = external_env.run(256, 1, 50, ("inprocess", "grpc_stream"), lambda line: None, ())
+    else:
+        results = external_env.run(10_000, repeats, 2000, external_env.VARIANTS,
+                                   lambda line: print("  external_env " + line, flush=True), (8, 32, 128))
+    section.intro = (
+        f"benchmarks/external_env.py: PPO on {results['env_id']} with {results['n_envs']} envs and the zoo "
+        f"hyperparameters, {results['timesteps_per_repeat']:,} timesteps per run, {results['repeats']} repeats "
+        "interleaved, medians. Training steps/s is model.learn() time; raw is vector steps/s of random actions (no "
+        "learning), the environment path alone. The reference server runs in its own process. Variants: inprocess "
+        "(DummyVecEnv), grpc_stream (8 envs per Session-stream message), grpc_unary (8 envs per unary Step), "
+        "grpc_env_per_msg (8 servers of 1 env: one env per message).")
+    table = Table("Training throughput", ["variant", "training steps/s", "ratio to in-process",
+                                          "raw vector steps/s", "raw us per vector step", "raw ratio",
+                                          f"goal >= {GOAL}x"])
+    summary = []
+    for variant, row in results["summary"].items():
+        r = row["ratio_to_inprocess"] or float("nan")
+        met = None if quick or variant != "grpc_stream" else r >= GOAL
+        table.rows.append([variant, fmt(row["median_steps_per_second"]), fmt_ratio(r),
+                           fmt(row["median_raw_vector_steps_per_second"]), fmt(row["median_us_per_vector_step_raw"]),
+                           fmt_ratio(row["raw_ratio_to_inprocess"] or float("nan")),
+                           "-" if variant != "grpc_stream" else
+                           {None: "not assessed", True: "met", False: "**NOT met**"}[met]])
+        if variant == "grpc_stream":
+            summary.append({"goal": f"8 envs per message >= {GOAL}x in-process steps/s", "measured": fmt_ratio(r),
+                            "met": met})
+        if variant == "grpc_env_per_msg":
+            summary.append({"goal": "one env per message (no goal set)", "measured": fmt_ratio(r), "met": None})
+    section.tables.append(table)
+    sweep = results.get("envs_per_message_sweep")
+    if sweep:
+        section.tables.append(Table(
+            "Raw CartPole env steps/s by envs per message (random actions, no learning)",
+            ["envs per message", "in-process env steps/s", "Session stream env steps/s", "ratio"],
+            [[str(r["envs_per_message"]), fmt(r["inprocess_env_steps_per_second"]),
+              fmt(r["stream_env_steps_per_second"]), fmt_ratio(r["ratio"])] for r in sweep]))
+    section.data = {"summary": summary, "results": results}
+    return section

@@ -1,0 +1,267 @@
+"""Section 5, learning quality: PPO, A2C, DQN and REINFORCE on CartPole-v1 and Acrobot-v1, trained through the
+service, evaluated for 10 deterministic episodes, against the published rl-baselines3-zoo benchmark.
+
+The SB3 algorithms use the rl-baselines3-zoo hyperparameters (DLR-RM/rl-baselines3-zoo, hyperparams/ppo.yml,
+a2c.yml, dqn.yml) translated into the service's hyperparameter strings; the published figures are from the same
+repository's benchmark.md. Training is long (about an hour of CPU per seed for all configurations), so it can run
+on its own and be collected later:
+
+    python -m benchmarks.learning train --data DIR [--seeds 0 1 2]   # a server in a subprocess; writes DIR/runs.json
+    python -m benchmarks run --only learning --learning-data DIR      # evaluate, plot, write the table
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import (
+    Section,
+    Table,
+    fmt,
+    start_server_process,
+    training_stub,
+    wait_for_runs,
+)
+
+ZOO = "DLR-RM/rl-baselines3-zoo"
+ZOO_TABLE = f"{ZOO}, benchmark.md"
+
+
+@dataclass(frozen=True)
+class Config:
+    """One algorithm on one environment: the service's hyperparameters and the published result."""
+
+    algorithm: str
+    env_id: str
+    timesteps: int
+    hyperparameters: dict[str, str]
+    published: float | None  # mean return in the zoo's benchmark table (None: no row)
+    source: str  # where the hyperparameters come from
+    unmatched: tuple[str, ...] = field(default=())  # zoo settings the service has no equivalent for
+
+    @property
+    def key(self) -> str:
+        return f"{self.algorithm}/{self.env_id}"
+
+
+CONFIGS: tuple[Config, ...] = (
+    Config("PPO", "CartPole-v1", 100_000,
+           {"n_envs": "8", "n_steps": "32", "batch_size": "256", "gae_lambda": "0.8", "gamma": "0.98",
+            "n_epochs": "20", "ent_coef": "0.0", "learning_rate": "lin_0.001", "clip_range": "lin_0.2"},
+           500.0, f"{ZOO} hyperparams/ppo.yml CartPole-v1"),
+    Config("A2C", "CartPole-v1", 500_000, {"n_envs": "8", "ent_coef": "0.0"},
+           500.0, f"{ZOO} hyperparams/a2c.yml CartPole-v1"),
+    Config("DQN", "CartPole-v1", 50_000,
+           {"learning_rate": "0.0023", "batch_size": "64", "buffer_size": "100000", "learning_starts": "1000",
+            "gamma": "0.99", "target_update_interval": "10", "train_freq": "256", "gradient_steps": "128",
+            "exploration_fraction": "0.16", "exploration_final_eps": "0.04", "net_arch": "256,256"},
+           500.0, f"{ZOO} hyperparams/dqn.yml CartPole-v1"),
+    Config("PPO", "Acrobot-v1", 1_000_000,
+           {"n_envs": "16", "n_steps": "256", "gae_lambda": "0.94", "gamma": "0.99", "n_epochs": "4",
+            "ent_coef": "0.0"},
+           -73.5, f"{ZOO} hyperparams/ppo.yml Acrobot-v1", ("normalize: true (VecNormalize)",)),
+    Config("A2C", "Acrobot-v1", 500_000, {"n_envs": "16", "ent_coef": "0.0"},
+           -83.4, f"{ZOO} hyperparams/a2c.yml Acrobot-v1", ("normalize: true (VecNormalize)",)),
+    Config("DQN", "Acrobot-v1", 100_000,
+           {"learning_rate": "0.00063", "batch_size": "128", "buffer_size": "50000", "learning_starts": "0",
+            "gamma": "0.99", "target_update_interval": "250", "train_freq": "4", "gradient_steps": "-1",
+            "exploration_fraction": "0.12", "exploration_final_eps": "0.1", "net_arch": "256,256"},
+           -76.6, f"{ZOO} hyperparams/dqn.yml Acrobot-v1"),
+    # No zoo row for REINFORCE: the settings benchmarks/reinforce_cartpole.py found best (lr 0.002, beta 0.02).
+    Config("REINFORCE", "CartPole-v1", 100_000, {"learning_rate": "0.002", "beta": "0.02"},
+           None, "benchmarks/reinforce_cartpole.py tuned settings"),
+    Config("REINFORCE", "Acrobot-v1", 300_000, {"learning_rate": "0.002", "beta": "0.02"},
+           None, "benchmarks/reinforce_cartpole.py tuned settings"),
+)
+
+QUICK_TIMESTEPS = {"PPO": 256, "A2C": 400, "DQN": 600, "REINFORCE": 600}
+
+
+def _jobs(seeds: list[int], quick: bool) -> list[tuple[Config, int, int]]:
+    """(config, seed, timesteps): all configs for seed 0, then seed 1, ...; the longest first within a seed,
+    so that if time runs out whole seeds are complete."""
+    configs = sorted(CONFIGS, key=lambda c: -c.timesteps * (3 if c.algorithm == "DQN" else 1))
+    jobs = []
+    for seed in seeds:
+        for config in configs:
+            jobs.append((config, seed, QUICK_TIMESTEPS[config.algorithm] if quick else config.timesteps))
+    return jobs
+
+
+def train(address: str, data: Path, seeds: list[int], quick: bool,
+          only: list[str] | None = None) -> list[dict[str, Any]]:
+    """Start every run through StartTraining on the server at `address`, wait for all, record them in runs.json."""
+    from rl_service_proto.v1 import training_pb2 as pb
+
+    stub = training_stub(address)
+    runs: list[dict[str, Any]] = []
+    manifest = data / "runs.json"
+    for config, seed, timesteps in _jobs(seeds, quick):
+        if only and config.key not in only:
+            continue
+        hyper = dict(config.hyperparameters)
+        if quick and config.algorithm == "DQN":
+            hyper["learning_starts"] = "0"
+        if quick and config.algorithm == "PPO":
+            hyper.update(n_steps="32", batch_size="64", n_epochs="2")
+        request = pb.StartTrainingRequest(
+            experiment_id="benchmark-learning", algorithm=config.algorithm, env_id=config.env_id,
+            total_timesteps=timesteps, seed=seed, hyperparameters=hyper,
+            checkpoint_interval=max(100, timesteps // 2))
+        run_id = stub.StartTraining(request, timeout=60).run_id
+        runs.append({"key": config.key, "algorithm": config.algorithm, "env_id": config.env_id, "seed": seed,
+                     "timesteps": timesteps, "hyperparameters": hyper, "run_id": run_id})
+    manifest.write_text(json.dumps({"address": address, "runs": runs}, indent=1))
+
+    def record(final: dict[str, Any]) -> None:
+        for run in runs:
+            status = final.get(run["run_id"])
+            if status is not None and "state" not in run:
+                run.update(state=pb.RunState.Name(status.state), model_path=status.model_path,
+                           error=status.error, wall_seconds=status.finished_at - status.started_at,
+                           timesteps_done=status.timesteps_done)
+                manifest.write_text(json.dumps({"address": address, "runs": runs}, indent=1))
+                print(f"{time.strftime('%H:%M:%S')} {run['key']} seed {run['seed']}: {run['state']} "
+                      f"in {run['wall_seconds']:.0f} s", flush=True)
+
+    wait_for_runs(stub, [r["run_id"] for r in runs], poll=5.0 if not quick else 0.2, on_poll=record)
+    return runs
+
+
+def evaluate(model_path: str, algorithm: str, env_id: str, episodes: int = 10, seed: int = 10_000) -> list[float]:
+    """Returns of `episodes` deterministic episodes of the saved model (loaded with the registry's class)."""
+    import gymnasium as gym
+
+    from rl_service.core.algorithms import get_algorithm
+
+    model = get_algorithm(algorithm).cls.load(model_path, device="cpu")
+    env = gym.make(env_id)
+    returns = []
+    for episode in range(episodes):
+        obs, _ = env.reset(seed=seed + episode)
+        total, done = 0.0, False
+        while not done:
+            action, _ = model.predict(obs, deterministic=True)
+            obs, reward, terminated, truncated, _ = env.step(int(action))
+            total += float(reward)
+            done = terminated or truncated
+        returns.append(total)
+    env.close()
+    return returns
+
+
+def plot_curves(runs: list[dict[str, Any]], models_dir: Path, output: Path) -> list[str]:
+    """One PNG per environment: each algorithm's episode return (moving average) against timesteps, per seed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    images = []
+    output.mkdir(parents=True, exist_ok=True)
+    for env_id in sorted({r["env_id"] for r in runs}):
+        algos = sorted({r["algorithm"] for r in runs if r["env_id"] == env_id})
+        fig, axes = plt.subplots(1, len(algos), figsize=(4.2 * len(algos), 3.4), squeeze=False)
+        for ax, algo in zip(axes[0], algos, strict=True):
+            for run in [r for r in runs if r["env_id"] == env_id and r["algorithm"] == algo]:
+                history = models_dir / run["run_id"] / "history.json"
+                if not history.exists():
+                    continue
+                episodes = json.loads(history.read_text())["episodes"]
+                if not episodes:
+                    continue
+                steps = np.array([e["timesteps"] for e in episodes], dtype=float)
+                rewards = np.array([e["reward"] for e in episodes], dtype=float)
+                window = max(1, min(100, len(rewards) // 10))
+                smooth = np.convolve(rewards, np.ones(window) / window, mode="valid")
+                ax.plot(steps[window - 1:], smooth, label=f"seed {run['seed']}", linewidth=1)
+            published = next((c.published for c in CONFIGS if c.algorithm == algo and c.env_id == env_id), None)
+            if published is not None:
+                ax.axhline(published, color="grey", linestyle="--", linewidth=1, label="zoo published")
+            ax.set_title(f"{algo} on {env_id}")
+            ax.set_xlabel("timesteps")
+            ax.set_ylabel("episode return (moving avg)")
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        name = f"learning_{env_id.replace('-', '_').lower()}.png"
+        fig.savefig(output / name, dpi=80)
+        plt.close(fig)
+        images.append(name)
+    return images
+
+
+def report(runs: list[dict[str, Any]], models_dir: Path, output: Path, quick: bool,
+           images_prefix: str = "results/") -> Section:
+    """Evaluate every finished run, compare with the published table, draw the curves."""
+    section = Section("learning", "5. Learning quality against the rl-baselines3-zoo benchmark")
+    for run in runs:
+        if run.get("state") == "SUCCEEDED" and run.get("model_path") and "eval" not in run:
+            run["eval"] = evaluate(run["model_path"], run["algorithm"], run["env_id"])
+    table = Table("Final 10-episode deterministic evaluation (mean ± std over seeds of each seed's mean)",
+                  ["algorithm", "env", "timesteps", "seeds", "per-seed means", "mean ± std", "zoo published",
+                   "within 10% of published"])
+    summary = []
+    for config in CONFIGS:
+        mine = [r for r in runs if r["key"] == config.key]
+        if not mine:
+            continue
+        done = [r for r in mine if "eval" in r]
+        means = [statistics.fmean(r["eval"]) for r in done]
+        mean = statistics.fmean(means) if means else math.nan
+        std = statistics.pstdev(means) if len(means) > 1 else 0.0 if means else math.nan
+        met: bool | None = None
+        if config.published is not None and means and not quick:
+            met = abs(mean - config.published) <= 0.1 * abs(config.published) or mean >= config.published
+        missing = len(mine) - len(done)
+        seeds = f"{len(done)}" + (f" ({missing} not finished)" if missing else "")
+        table.rows.append([config.algorithm, config.env_id, f"{mine[0]['timesteps']:,}", seeds,
+                           ", ".join(fmt(m, 4) for m in means) or "-", f"{fmt(mean, 4)} ± {fmt(std, 3)}",
+                           fmt(config.published, 4) if config.published is not None else "no zoo row",
+                           {None: "-", True: "yes", False: "**no**"}[met]])
+        if config.published is not None:
+            summary.append({"goal": f"{config.key}: zoo {fmt(config.published, 4)} at {config.timesteps:,}",
+                            "measured": f"{fmt(mean, 4)} ± {fmt(std, 3)} ({len(done)} seeds)",
+                            "met": met})
+    section.tables.append(table)
+    hyper = Table("Hyperparameters sent to StartTraining (from the zoo, translated)",
+                  ["algorithm", "env", "source", "hyperparameters", "zoo settings without an equivalent"])
+    for config in CONFIGS:
+        hyper.rows.append([config.algorithm, config.env_id, config.source,
+                           " ".join(f"{k}={v}" for k, v in config.hyperparameters.items()),
+                           ", ".join(config.unmatched) or "none"])
+    section.tables.append(hyper)
+    section.images = [images_prefix + name for name in plot_curves(runs, models_dir, output)]
+    section.data = {"summary": summary, "runs": runs}
+    return section
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`train`: start a server in a subprocess and train every configuration through it."""
+    parser = argparse.ArgumentParser(description="learning-quality runs through the service")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("train")
+    run.add_argument("--data", type=Path, required=True)
+    run.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    run.add_argument("--quick", action="store_true")
+    run.add_argument("--only", nargs="*", help="config keys such as PPO/CartPole-v1")
+    args = parser.parse_args(argv)
+    args.data.mkdir(parents=True, exist_ok=True)
+    server = start_server_process(args.data.resolve() / "server", "--max-concurrent-runs", "2",
+                                  "--max-queued-runs", "100")
+    try:
+        train(server.address, args.data, args.seeds, args.quick, args.only)
+    finally:
+        server.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
