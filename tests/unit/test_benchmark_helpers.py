@@ -1,0 +1,114 @@
+"""The benchmark runner's pure helpers: statistics, formatting, interleaving and the results writer."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from benchmarks.common import (
+    Section,
+    Table,
+    fmt,
+    fmt_ratio,
+    goal_cell,
+    interleaved,
+    median,
+    percentile,
+    ratio,
+    render_markdown,
+    write_results,
+)
+from benchmarks.footprint import descendants, rss_kib
+from benchmarks.learning import CONFIGS, _jobs
+
+FACTS = {"cpu": "Test CPU", "cores": 2, "platform": "Linux", "versions": {"python": "3.11"}}
+
+
+@pytest.mark.parametrize("q", [0, 1, 25, 50, 90, 99, 100])
+def test_percentile_matches_numpy(q: float) -> None:
+    values = [5.0, 1.0, 3.0, 2.0, 8.0, 13.0, 0.5]
+    assert percentile(values, q) == pytest.approx(float(np.percentile(values, q)))
+
+
+def test_percentile_and_median_edge_cases() -> None:
+    assert math.isnan(percentile([], 50))
+    assert percentile([4.0], 99) == 4.0
+    assert math.isnan(median([]))
+    assert median([3.0, 1.0, 2.0]) == 2.0
+    assert median([1.0, 2.0, 3.0, 4.0]) == 2.5
+
+
+def test_ratio_and_formatting() -> None:
+    assert ratio(3.0, 2.0) == 1.5
+    assert math.isnan(ratio(1.0, 0.0))
+    assert math.isnan(ratio(math.nan, 1.0))
+    assert fmt_ratio(1.0512) == "1.05x"
+    assert fmt_ratio(math.nan) == "-"
+    assert fmt(None) == "-"
+    assert fmt(math.nan) == "-"
+    assert fmt(12345.6) == "12,346"
+    assert fmt(0.012345) == "0.0123"
+    assert fmt(-73.5, 4) == "-73.5"
+    assert goal_cell(True) == "met"
+    assert "NOT" in goal_cell(False)
+    assert goal_cell(None) == "not assessed"
+
+
+def test_interleaved_rotates_the_order() -> None:
+    calls: list[str] = []
+
+    def variant(name: str) -> float:
+        calls.append(name)
+        return float(len(calls))
+
+    samples = interleaved({"a": lambda: variant("a"), "b": lambda: variant("b"), "c": lambda: variant("c")}, 3)
+    assert calls == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
+    assert {k: len(v) for k, v in samples.items()} == {"a": 3, "b": 3, "c": 3}
+
+
+def test_table_markdown() -> None:
+    table = Table("T", ["x", "y"], [["1", "2"]])
+    assert table.markdown().splitlines() == ["**T**", "", "| x | y |", "|---|---|", "| 1 | 2 |"]
+
+
+def test_write_results_merges_sections_and_renders(tmp_path: Path) -> None:
+    one = Section("overhead", "1. Overhead", intro="intro text", tables=[Table("t", ["a"], [["1"]])],
+                  notes=["a note"], data={"summary": [{"goal": "<= 1.05x", "measured": "1.02x", "met": True}]})
+    write_results(tmp_path, [one], FACTS, quick=False, command="python -m benchmarks run --only overhead")
+    two = Section("act", "3. Act", data={"summary": [{"goal": "<= 1.5x", "measured": "1.9x", "met": False}]})
+    md_path, json_path = write_results(tmp_path, [two], FACTS, quick=True, command="python -m benchmarks run")
+    stored = json.loads(json_path.read_text())["sections"]
+    assert set(stored) == {"overhead", "act"}  # a later partial run keeps the earlier section
+    assert stored["act"]["quick"] is True
+    text = md_path.read_text()
+    assert text.index("## 1. Overhead") < text.index("## 3. Act")
+    assert "| 1. Overhead | <= 1.05x | 1.02x | met |" in text
+    assert "| 3. Act | <= 1.5x | 1.9x | **NOT met** |" in text
+    assert "Test CPU, 2 cores" in text and "- a note" in text and "quick mode" in text
+    assert render_markdown(stored) == text
+
+
+def test_learning_jobs_order_whole_seeds_first() -> None:
+    jobs = _jobs([0, 1], quick=False)
+    assert len(jobs) == 2 * len(CONFIGS)
+    assert {seed for _, seed, _ in jobs[:len(CONFIGS)]} == {0}
+    assert all(timesteps == config.timesteps for config, _, timesteps in jobs)
+    assert all(timesteps < 1000 for _, _, timesteps in _jobs([0], quick=True))
+
+
+def test_process_helpers_on_this_process() -> None:
+    import os
+    import subprocess
+    import sys
+
+    assert rss_kib(os.getpid()) > 0
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(5)"])
+    try:
+        assert child.pid in descendants(os.getpid())
+    finally:
+        child.kill()
+        child.wait()
