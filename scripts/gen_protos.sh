@@ -5,7 +5,10 @@ cd "$(dirname "$0")/.."
 out="${1:-generated}"
 mkdir -p "$out"
 # PYTHON: the interpreter that has grpcio-tools (tests pass their own); default: the one on PATH.
-"${PYTHON:-python}" -m grpc_tools.protoc -Iproto \
+py="${PYTHON:-python}"
+# mypy-protobuf's protoc plugins live beside that interpreter (a venv's bin/), which need not be on PATH.
+PATH="$(dirname "$(command -v "$py")"):$PATH"
+"$py" -m grpc_tools.protoc -Iproto \
   --python_out="$out" --grpc_python_out="$out" --mypy_out="$out" --mypy_grpc_out="$out" \
   $(find proto -name '*.proto' | sort)
 # protoc writes no __init__.py; the stubs are a regular package so `pip install .` ships them.
