@@ -103,6 +103,7 @@ REINFORCE_SCHEMA = merge(
         Param("episodes_per_update", "int", 1, 1, 10_000, help="complete episodes per gradient step"),
         Param("max_grad_norm", "float", None, 0.0, 1e6, low_exclusive=True, optional=True,
               help="gradient clipping norm (none: no clipping)"),
+        Param("net_arch", "net_arch", (64, 64), help="hidden layer widths of the policy network"),
     ),
 )
 

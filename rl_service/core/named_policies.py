@@ -364,8 +364,10 @@ class PolicyManager:
                         f"dones: flush was asked but the batch (after {len(policy.tail)} held transitions) "
                         "completes no episode; mark the episode's last transition done", field="dones")
                 with self._rollback_on_error(policy):
+                    # The model did not change: no new revision, so subscribers are not told of it again.
                     policy.tail = tail
-                    self._commit(policy, new_version=False)
+                    policy.updated_at = time.time()
+                    self._persist(policy)
                 return BatchOutcome(policy_id, policy.version, False, None, len(tail))
             with self._rollback_on_error(policy):
                 stats = reinforce_update(policy.net, policy.optimizer, episodes, float(policy.values["gamma"]),  # type: ignore[arg-type]

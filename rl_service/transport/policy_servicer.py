@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 
 import grpc
@@ -12,6 +11,7 @@ from rl_service.core.errors import CapacityExceeded, InvalidRequest
 from rl_service.core.named_policies import PolicyManager
 from rl_service.transport import policy_convert as convert
 from rl_service.transport.error_mapping import guarded
+from rl_service.transport.stream_slots import StreamSlots
 from rl_service_proto.v1 import policy_pb2 as pb
 from rl_service_proto.v1 import policy_pb2_grpc as pb_grpc
 
@@ -22,11 +22,10 @@ _FLOAT_BYTES = 4
 class PolicyServicer(pb_grpc.PolicyServiceServicer):  # type: ignore[misc]
     """The named-policies API."""
 
-    def __init__(self, manager: PolicyManager, max_batch_bytes: int, max_watch_streams: int) -> None:
+    def __init__(self, manager: PolicyManager, max_batch_bytes: int, stream_slots: StreamSlots) -> None:
         self._manager = manager
         self._max_batch_bytes = max_batch_bytes
-        self._watch_slots = threading.BoundedSemaphore(max_watch_streams)
-        self._max_watch_streams = max_watch_streams
+        self._stream_slots = stream_slots
 
     @guarded
     def CreatePolicy(self, request: pb.CreatePolicyRequest, context: grpc.ServicerContext) -> pb.PolicyInfo:
@@ -113,16 +112,11 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):  # type: ignore[misc]
     @guarded
     def WatchModelUpdates(self, request: pb.WatchModelRequest, context: grpc.ServicerContext
                           ) -> Iterator[pb.ModelUpdate]:
-        # Each stream holds a server thread; the cap keeps unary RPCs answerable.
-        if not self._watch_slots.acquire(blocking=False):
-            raise CapacityExceeded(f"too many WatchModelUpdates streams open (MAX_WATCH_STREAMS="
-                                   f"{self._max_watch_streams}); retry later")
-        try:
+        # Each stream holds a server thread; the shared cap keeps unary RPCs answerable.
+        with self._stream_slots.hold("WatchModelUpdates", "poll GetPolicy or retry later"):
             for update in self._manager.watch(request.policy_id, request.from_version, request.include_model,
                                               context.is_active):
                 yield convert.update_to_proto(update)
-        finally:
-            self._watch_slots.release()
 
     @guarded
     def SaveCheckpoint(self, request: pb.CheckpointRequest, context: grpc.ServicerContext) -> pb.CheckpointInfo:

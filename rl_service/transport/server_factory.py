@@ -21,6 +21,7 @@ from rl_service.infra.process_executor import LocalProcessExecutor
 from rl_service.infra.settings import Settings
 from rl_service.infra.sqlite_run_registry import SqliteRunRegistry
 from rl_service.transport.policy_servicer import PolicyServicer
+from rl_service.transport.stream_slots import StreamSlots
 from rl_service.transport.training_servicer import TrainingServicer
 from rl_service_proto.v1 import policy_pb2, policy_pb2_grpc, training_pb2, training_pb2_grpc
 
@@ -106,10 +107,11 @@ def build_server(settings: Settings) -> RunningServer:
     for service in HEALTH_SERVICES:
         health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    stream_slots = StreamSlots(settings.max_watch_streams)  # one cap over both services' watch streams
     training_pb2_grpc.add_TrainingServiceServicer_to_server(
-        TrainingServicer(orchestrator, settings.max_watch_streams), server)
+        TrainingServicer(orchestrator, stream_slots), server)
     policy_pb2_grpc.add_PolicyServiceServicer_to_server(
-        PolicyServicer(policies, settings.max_batch_bytes, settings.max_watch_streams), server)
+        PolicyServicer(policies, settings.max_batch_bytes, stream_slots), server)
     reflection.enable_server_reflection(
         (TRAINING_SERVICE, POLICY_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
          reflection.SERVICE_NAME), server)

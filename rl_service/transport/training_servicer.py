@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 
 import grpc
 import numpy as np
 
-from rl_service.core.errors import CapacityExceeded
 from rl_service.core.orchestrator import Orchestrator
 from rl_service.transport import convert
 from rl_service.transport.error_mapping import guarded
+from rl_service.transport.stream_slots import StreamSlots
 from rl_service_proto.v1 import training_pb2 as pb
 from rl_service_proto.v1 import training_pb2_grpc as pb_grpc
 
@@ -19,10 +18,9 @@ from rl_service_proto.v1 import training_pb2_grpc as pb_grpc
 class TrainingServicer(pb_grpc.TrainingServiceServicer):  # type: ignore[misc]
     """The managed-runs API."""
 
-    def __init__(self, orchestrator: Orchestrator, max_watch_streams: int) -> None:
+    def __init__(self, orchestrator: Orchestrator, stream_slots: StreamSlots) -> None:
         self._orchestrator = orchestrator
-        self._watch_slots = threading.BoundedSemaphore(max_watch_streams)
-        self._max_watch_streams = max_watch_streams
+        self._stream_slots = stream_slots
 
     @guarded
     def StartTraining(self, request: pb.StartTrainingRequest, context: grpc.ServicerContext
@@ -37,15 +35,9 @@ class TrainingServicer(pb_grpc.TrainingServiceServicer):  # type: ignore[misc]
     @guarded
     def WatchTraining(self, request: pb.RunRequest, context: grpc.ServicerContext) -> Iterator[pb.TrainingStatus]:
         # Each stream holds a server thread; the cap keeps unary RPCs (Act, Status) answerable.
-        if not self._watch_slots.acquire(blocking=False):
-            raise CapacityExceeded(
-                f"too many WatchTraining streams open (MAX_WATCH_STREAMS={self._max_watch_streams}); "
-                "poll GetTrainingStatus or retry later")
-        try:
+        with self._stream_slots.hold("WatchTraining", "poll GetTrainingStatus or retry later"):
             for record in self._orchestrator.watch(request.run_id, context.is_active):
                 yield convert.status_to_proto(record)
-        finally:
-            self._watch_slots.release()
 
     @guarded
     def StopTraining(self, request: pb.RunRequest, context: grpc.ServicerContext) -> pb.TrainingStatus:

@@ -460,3 +460,18 @@ def test_a_twenty_megabyte_batch_fits_in_one_message(stub: pb_grpc.PolicyService
     assert request.ByteSize() > 20_000_000
     result = stub.SendTrainingBatch(request, timeout=120)
     assert result.version == 1 and result.metrics.episodes_used == 50 and result.metrics.steps_used == n
+
+
+def test_watch_streams_of_both_services_share_one_cap(server_factory) -> None:  # type: ignore[no-untyped-def]
+    from rl_service_proto.v1 import training_pb2
+
+    handle: ServerHandle = server_factory(max_watch_streams=1)
+    stub = pb_grpc.PolicyServiceStub(handle.channel)
+    policy_id = create(stub)
+    stub.SendTrainingBatch(batch(policy_id, episode(3)))
+    watching = stub.WatchModelUpdates(pb.WatchModelRequest(policy_id=policy_id, from_version=0), timeout=30)
+    assert next(watching).version == 1
+    with pytest.raises(grpc.RpcError) as info:
+        next(handle.stub.WatchTraining(training_pb2.RunRequest(run_id="run-any"), timeout=10))
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "MAX_WATCH_STREAMS" in info.value.details()
+    watching.cancel()

@@ -121,3 +121,15 @@ def test_safe_names(name: str) -> None:
 def test_unsafe_names(name: str) -> None:
     with pytest.raises(InvalidRequest, match="policy_id"):
         check_name(name, "policy_id")
+
+
+def test_a_batch_that_is_only_held_is_not_announced_as_an_update() -> None:
+    manager = _manager(MemoryStore())
+    manager.create("h", PolicySpecRequest((4,), discrete_actions=2, seed=0))
+    _send(manager, "h", 0)
+    stream = manager.watch("h", from_version=0, include_model=False, is_active=lambda: True, poll_seconds=0.05)
+    assert next(stream).version == 1
+    assert not _send(manager, "h", 1, done=False).updated  # held: the model did not change
+    _send(manager, "h", 2)
+    assert next(stream).version == 2, "the next message is the next version, not version 1 again"
+    manager.close()
