@@ -39,4 +39,6 @@ def test_ppo_with_zoo_settings_solves_cartpole(server: ServerHandle) -> None:
     final = server.watch_to_end(run_id, timeout=1800)[-1]
     assert final.state == pb.SUCCEEDED, final.error
     returns = evaluate_through_act(server, run_id)
+    print(f"PPO zoo CartPole-v1 100k: mean {np.mean(returns):.1f} over {len(returns)} deterministic episodes "
+          f"({final.metrics.steps_per_second:.0f} steps/s)")
     assert float(np.mean(returns)) >= 475, returns
