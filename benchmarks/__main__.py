@@ -1,4 +1,5 @@
-"""The benchmark runner: `python -m benchmarks run [--quick] [--only NAME ...] [--output DIR]`.
+"""The benchmark runner: `python -m benchmarks run [--quick] [--only NAME ...] [--output DIR]`, and
+`python -m benchmarks render` to rewrite RESULTS.md from results/results.json (e.g. after editing the findings).
 
 Sections: overhead, external_env, act, experience, learning, footprint (see each module's docstring). The full run
 writes benchmarks/RESULTS.md and benchmarks/results/results.json (a section run alone replaces only its own part);
@@ -58,11 +59,11 @@ def run_section(name: str, ctx: Context) -> Section:
     if name == "act":
         from benchmarks import act_latency
 
-        return act_latency.run(ctx.server(), ctx.quick, ctx.repeats)
+        return act_latency.run(ctx.server(), ctx.quick, ctx.repeats, ctx.output)
     if name == "experience":
         from benchmarks import experience
 
-        return experience.run(ctx.server(), ctx.quick, ctx.repeats)
+        return experience.run(ctx.server(), ctx.quick, ctx.repeats, ctx.output)
     if name == "learning":
         return _learning(ctx)
     if name == "footprint":
@@ -74,13 +75,11 @@ def run_section(name: str, ctx: Context) -> Section:
 
 def _learning(ctx: Context) -> Section:
     """Train through the service (or collect runs trained earlier with --learning-data), evaluate, plot."""
-    import json
-
     from benchmarks import learning
 
     if ctx.learning_data is not None:
         data = ctx.learning_data
-        runs = json.loads((data / "runs.json").read_text())["runs"]
+        runs = learning.collect(data)
         section = learning.report(runs, data / "server" / "models", ctx.output / "results", ctx.quick)
         section.notes.append(f"Trained with `python -m benchmarks.learning train --data {data.name}` through a "
                              "server in a subprocess (MAX_CONCURRENT_RUNS=2) and collected by the runner.")
@@ -109,7 +108,17 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--learning-data", type=Path,
                      help="collect learning runs trained earlier by `python -m benchmarks.learning train`")
     run.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="learning seeds (default 0 1 2)")
+    render = sub.add_parser("render", help="rewrite RESULTS.md from results/results.json (after editing findings)")
+    render.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
     args = parser.parse_args(argv)
+    if args.command == "render":
+        import json
+
+        from benchmarks.common import render_markdown
+
+        sections = json.loads((args.output / "results" / "results.json").read_text())["sections"]
+        (args.output / "RESULTS.md").write_text(render_markdown(sections, args.output / "results" / "findings"))
+        return 0
     output = args.output or (Path(tempfile.mkdtemp(prefix="benchmarks-quick-")) if args.quick else DEFAULT_OUTPUT)
     repeats = args.repeats or (1 if args.quick else 3)
     ctx = Context(output.resolve(), args.quick, repeats, args.learning_data, args.seeds)

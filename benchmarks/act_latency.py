@@ -30,6 +30,7 @@ from benchmarks.common import (
 )
 
 GOAL = 1.5
+BENCHMARKS_DIR = Path(__file__).resolve().parent
 BATCH = 64
 OBS = [0.01, -0.02, 0.03, 0.04]
 ECHO_SERVICE = "bench.Echo"
@@ -130,6 +131,44 @@ def forward_times(model_path: str, calls: int) -> dict[str, list[float]]:
     return out
 
 
+def profile_act(calls: int = 300) -> str:
+    """cProfile (cumulative) of the service's Act path below gRPC: Orchestrator.act on an in-process server, for a
+    model trained there (the same PPO CartPole), one observation per call."""
+    import cProfile
+    import io
+    import pstats
+    import tempfile
+
+    import numpy as np
+
+    from rl_service.infra.logging_setup import configure_logging
+    from rl_service.infra.settings import Settings
+    from rl_service.transport.server_factory import build_server
+
+    with tempfile.TemporaryDirectory(prefix="bench-act-profile-") as tmp:
+        settings = Settings(_env_file=None, grpc_host="127.0.0.1", grpc_port=0, data_dir=Path(tmp),  # type: ignore[call-arg]
+                            log_level="ERROR", log_format="console")
+        configure_logging(settings.log_level, settings.log_format)
+        running = build_server(settings)
+        try:
+            stub = training_stub(f"127.0.0.1:{running.port}")
+            run_id, _ = train_model(stub, quick=False)
+            orchestrator = running.orchestrator
+            obs = np.array(OBS, dtype=np.float64)
+            for _ in range(10):
+                orchestrator.act(run_id, obs, True, single=True)
+            profiler = cProfile.Profile()
+            profiler.enable()
+            for _ in range(calls):
+                orchestrator.act(run_id, obs, True, single=True)
+            profiler.disable()
+        finally:
+            running.stop(grace=10)
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(30)
+    return text.getvalue()
+
+
 def train_model(stub: Any, quick: bool) -> tuple[str, str]:
     """A PPO CartPole run through the service, to serve: (run_id, model_path)."""
     from rl_service_proto.v1 import training_pb2 as pb
@@ -143,7 +182,7 @@ def train_model(stub: Any, quick: bool) -> tuple[str, str]:
     return run_id, final.model_path
 
 
-def run(server: ServerProcess, quick: bool, repeats: int) -> Section:
+def run(server: ServerProcess, quick: bool, repeats: int, output: Path = BENCHMARKS_DIR) -> Section:
     """Latency (interleaved per repeat), forward time, throughput."""
     section = Section("act", "3. Act latency and throughput")
     section.intro = (__doc__ or "").split("\n\n", 1)[1].strip()
@@ -205,6 +244,11 @@ def run(server: ServerProcess, quick: bool, repeats: int) -> Section:
     section.notes.append("Client, service and echo share the machine's 2 cores; with 4 client processes the "
                          "clients compete with the server for CPU, so throughput is a floor, not a ceiling.")
     section.data = {"summary": summary, "latency_s": lat, "forward_s": fwd, "throughput": tput}
+    if any(row["met"] is False for row in summary):
+        (output / "results").mkdir(parents=True, exist_ok=True)
+        (output / "results" / "act_profile.txt").write_text(profile_act())
+        section.notes.append("A goal was missed: cProfile of Orchestrator.act (the Act path below gRPC, in-process, "
+                             "300 calls of one observation) is in results/act_profile.txt.")
     return section
 
 

@@ -138,21 +138,26 @@ def write_results(output: Path, sections: list[Section], facts: dict[str, Any], 
     for section in sections:
         previous[section.name] = {
             "title": section.title, "date": date, "quick": quick, "command": command, "machine": facts,
-            "seconds": round(section.seconds, 1), "intro": section.intro, "notes": section.notes,
+            "seconds": round(section.seconds, 1), "load_average": [round(x, 2) for x in os.getloadavg()],
+            "intro": section.intro, "notes": section.notes,
             "tables": [{"title": t.title, "header": t.header, "rows": t.rows} for t in section.tables],
             "images": section.images, "data": section.data,
         }
     json_path.write_text(json.dumps({"sections": previous}, indent=1, default=str) + "\n")
     md_path = output / "RESULTS.md"
-    md_path.write_text(render_markdown(previous))
+    md_path.write_text(render_markdown(previous, output / "results" / "findings"))
     return md_path, json_path
 
 
 SECTION_ORDER = ["overhead", "external_env", "act", "experience", "learning", "footprint"]
 
 
-def render_markdown(sections: dict[str, Any]) -> str:
-    """RESULTS.md from results.json's sections (each keeps the machine facts and date of the run that made it)."""
+def render_markdown(sections: dict[str, Any], findings: Path | None = None) -> str:
+    """RESULTS.md from results.json's sections (each keeps the machine facts and date of the run that made it).
+
+    `findings/<section>.md`, where present, is a hand-written reading of that section's figures (why a goal was
+    missed, what the profile shows); it is included under the section's tables, and says which run it reads.
+    """
     lines = [
         "# Benchmarks: the service against bare libraries and published results",
         "",
@@ -177,7 +182,9 @@ def render_markdown(sections: dict[str, Any]) -> str:
         lines += ["", f"## {sec['title']}", "",
                   f"_Run {sec['date']} by `{sec['command']}`"
                   f"{' (quick mode: tiny budgets, no goals)' if sec['quick'] else ''}"
-                  f", {sec['seconds']} s. Machine: {machine_line(sec['machine'])}._", ""]
+                  f", {sec['seconds']} s. Machine: {machine_line(sec['machine'])}"
+                  + (f"; load average at the end {sec['load_average'][0]} (1 min), {sec['load_average'][1]} (5 min)"
+                     if sec.get("load_average") else "") + "._", ""]
         if sec.get("intro"):
             lines += [sec["intro"], ""]
         for table in sec.get("tables", []):
@@ -188,6 +195,9 @@ def render_markdown(sections: dict[str, Any]) -> str:
             lines += [f"- {note}"]
         if sec.get("notes"):
             lines.append("")
+        written = findings / f"{name}.md" if findings is not None else None
+        if written is not None and written.exists():
+            lines += ["### Findings", "", written.read_text().strip(), ""]
     return "\n".join(lines).rstrip() + "\n"
 
 

@@ -25,6 +25,7 @@ import numpy as np
 from benchmarks.common import Section, ServerProcess, Table, fmt, fmt_ratio, interleaved, median, ratio
 
 GOAL = 0.8
+BENCHMARKS_DIR = Path(__file__).resolve().parent
 HYPER = {"learning_rate": "0.002", "beta": "0.02"}
 
 
@@ -40,7 +41,7 @@ def make_batch(transitions: int, episode_length: int, seed: int = 0) -> dict[str
     return {"states": states, "actions": actions, "rewards": rewards, "dones": dones}
 
 
-def run(server: ServerProcess, quick: bool, repeats: int) -> Section:
+def run(server: ServerProcess, quick: bool, repeats: int, output: Path = BENCHMARKS_DIR) -> Section:
     """The three variants, `repeats` rounds of `calls` updates each."""
     import grpc
     import structlog
@@ -61,6 +62,7 @@ def run(server: ServerProcess, quick: bool, repeats: int) -> Section:
     stub = policy_pb2_grpc.PolicyServiceStub(channel)
     rows = []
     summary = []
+    profiles: list[str] = []
     data: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="bench-experience-") as tmp:
         manager = PolicyManager(FilePolicyStore(Path(tmp)), PolicyConfig(), structlog.get_logger())
@@ -108,6 +110,12 @@ def run(server: ServerProcess, quick: bool, repeats: int) -> Section:
             summary.append({"goal": f"SendTrainingBatch >= {GOAL}x in-process update ({transitions:,} transitions)",
                             "measured": fmt_ratio(r), "met": met})
             data[str(transitions)] = {"samples": samples, "medians": med}
+            if not quick and r < GOAL:
+                profile = _profile(lambda n=name, b=batch: manager.send_batch(n, b["states"], b["actions"],
+                                                                              b["rewards"], b["dones"]), calls)
+                data[str(transitions)]["manager_profile"] = profile
+                profiles.append(f"--- PolicyManager.send_batch, {transitions} transitions, {calls} calls ---\n"
+                                + profile)
         manager.close()
     channel.close()
     section.tables.append(Table(f"Transitions per second (median of {repeats} repeats x {calls} updates, "
@@ -115,4 +123,25 @@ def run(server: ServerProcess, quick: bool, repeats: int) -> Section:
                                 ["batch", "grpc", "manager in-process", "bare update", "manager / bare",
                                  "grpc / bare", f"goal >= {GOAL}x"], rows))
     section.data = {"summary": summary, **data}
+    if profiles:
+        (output / "results").mkdir(parents=True, exist_ok=True)
+        (output / "results" / "experience_profile.txt").write_text("\n".join(profiles))
+        section.notes.append("A goal was missed: cProfile of the in-process PolicyManager.send_batch (cumulative) is "
+                             "in results/experience_profile.txt.")
     return section
+
+
+def _profile(call: Any, calls: int) -> str:
+    """cProfile (cumulative, top 25) of `calls` calls."""
+    import cProfile
+    import io
+    import pstats
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(calls):
+        call()
+    profiler.disable()
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(25)
+    return text.getvalue()

@@ -3,9 +3,10 @@ each run's worker, and total training throughput with 1 and 2 concurrent runs.
 
 - Start-up: `python server.py --port 0` in a subprocess; the clock starts at Popen, the port is read from the
   "server started" JSON log line, then grpc.health.v1 Check is polled until SERVING.
-- Memory: VmRSS from /proc/<pid>/status. Workers are found by walking /proc: every process whose parent chain
-  leads to the server's pid (the server -> its multiprocessing forkserver -> one process per run); the forkserver
-  itself is reported apart (it is idle, shared by all runs, and exists from start-up).
+- Memory: VmRSS from /proc/<pid>/status. Workers are found by walking /proc (the parent pid in /proc/<pid>/stat):
+  the server's child whose command line is multiprocessing's forkserver, and that forkserver's children, one
+  process per run (they inherit the forkserver's command line, so they are told apart by their parent). The
+  forkserver itself is reported apart (it is idle, shared by all runs, and exists from start-up).
 - Scaling: the same PPO CartPole run alone, then two at once (MAX_CONCURRENT_RUNS=2); total throughput is the
   sum of timesteps over the wall time from the first StartTraining to the last final status.
 """
@@ -59,6 +60,14 @@ def descendants(root: int) -> dict[int, tuple[int, str]]:
     return found
 
 
+def _workers(server_pid: int) -> list[int]:
+    """The run processes: children of the server's forkserver (they inherit its command line, so they are told
+    apart by their parent, not their name)."""
+    tree = descendants(server_pid)
+    forkservers = {pid for pid, (ppid, cmd) in tree.items() if ppid == server_pid and "forkserver" in cmd}
+    return [pid for pid, (ppid, _) in tree.items() if ppid in forkservers]
+
+
 def _health_serving(address: str, deadline: float) -> float:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -109,8 +118,8 @@ def run(quick: bool, repeats: int) -> Section:
                 startup.append(serving - server.started_at)
                 time.sleep(0.5)
                 memory["server_idle"].append(rss_kib(server.process.pid))
-                for pid, (_, cmd) in descendants(server.process.pid).items():
-                    if "forkserver" in cmd:
+                for pid, (ppid, cmd) in descendants(server.process.pid).items():
+                    if ppid == server.process.pid and "forkserver" in cmd:
                         memory["forkserver"].append(rss_kib(pid))
                 stub = training_stub(server.address)
                 for count in ((1, 2) if repeat % 2 == 0 else (2, 1)):
@@ -122,8 +131,7 @@ def run(quick: bool, repeats: int) -> Section:
                             checkpoint_interval=timesteps), timeout=60).run_id
                         peak, server_rss = 0, 0
                         while not stub.GetTrainingStatus(pb.RunRequest(run_id=run_id), timeout=30).is_done:
-                            workers = [p for p, (pp, cmd) in descendants(server.process.pid).items()
-                                       if "forkserver" not in cmd and "resource_tracker" not in cmd]
+                            workers = _workers(server.process.pid)
                             peak = max([peak] + [rss_kib(p) for p in workers])
                             server_rss = max(server_rss, rss_kib(server.process.pid))
                             time.sleep(0.1)
