@@ -7,7 +7,7 @@ import secrets
 import threading
 import time
 import uuid
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +42,7 @@ from rl_service.core.run_history import HistoryPage, read_history
 from rl_service.core.worker import WorkerJob
 
 MIN_CHECKPOINT_INTERVAL = 100
+FINISHED_CACHE_SIZE = 10_000
 MAX_EXPERIMENT_ID = 128
 MAX_SEED = 2**32 - 1
 
@@ -74,6 +75,7 @@ class Orchestrator:
         self._log = logger
         self._cond = threading.Condition()
         self._live: dict[str, RunRecord] = {}  # PENDING and RUNNING runs
+        self._finished: OrderedDict[str, RunRecord] = OrderedDict()  # recently read terminal runs
         self._versions: dict[str, int] = {}
         self._pending: deque[str] = deque()
         self._jobs: dict[str, WorkerJob] = {}
@@ -199,12 +201,21 @@ class Orchestrator:
         if not run_id:
             raise InvalidRequest("run_id is required", field="run_id")
         with self._cond:
-            record = self._live.get(run_id)
+            record = self._live.get(run_id) or self._finished.get(run_id)
         if record is None:
             record = self._registry.get(run_id)
+            if record is not None and record.state.is_terminal:
+                self._remember_finished(record)
         if record is None:
             raise RunNotFound(f"run_id: no run {run_id!r}", field="run_id")
         return record
+
+    def _remember_finished(self, record: RunRecord) -> None:
+        """Keep a terminal record in memory: it never changes again, and Act reads it on every call."""
+        with self._cond:
+            self._finished[record.run_id] = record
+            while len(self._finished) > FINISHED_CACHE_SIZE:
+                self._finished.popitem(last=False)
 
     def list_runs(self, run_filter: RunFilter) -> list[RunRecord]:
         """Runs matching the filter, newest first, with live progress for active runs."""
@@ -239,8 +250,11 @@ class Orchestrator:
             single: bool) -> ActResult:
         """Actions from the run's newest model or checkpoint for one (single=True) or many observations."""
         record = self.get(run_id)
-        path = _serving_path(record)
-        policy = self._policies.get(run_id, record.algorithm, path, record.timesteps_done)
+        path = _serving_path(record, check_file=False)  # the cache touches the file only when it loads it
+        try:
+            policy = self._policies.get(run_id, record.algorithm, path, record.timesteps_done)
+        except FileNotFoundError:
+            raise _not_ready(record) from None
         field = "observation" if single else "observations"
         batch = observations_from_flat(observations, policy.model.observation_space, field)
         if single and len(batch) != 1:
@@ -333,6 +347,7 @@ class Orchestrator:
         """Persist a terminal record, free its slot, launch what waits (caller holds the lock)."""
         self._set(record)
         del self._live[record.run_id]
+        self._remember_finished(record)
         self._log.info("run ended", run_id=record.run_id, experiment_id=record.experiment_id,
                        state=record.state.name, timesteps=record.timesteps_done, error=record.error or None)
         self._launch_ready()
@@ -401,14 +416,17 @@ def _simulation_n_envs(request: TrainingRequest, values: dict[str, HyperValue], 
     return {**values, "n_envs": hosted}
 
 
-def _serving_path(record: RunRecord) -> str:
+def _serving_path(record: RunRecord, check_file: bool = True) -> str:
     """The file Act and exports use: the final model, else the newest checkpoint; ModelNotReady if neither."""
     path = record.model_path if record.model_saved else record.last_checkpoint_path
-    if not path or not Path(path).exists():
-        raise ModelNotReady(
-            f"run_id: run {record.run_id} has no checkpoint or model yet (state {record.state.name}); "
-            "wait for its first checkpoint", field="run_id")
+    if not path or (check_file and not Path(path).exists()):
+        raise _not_ready(record)
     return path
+
+
+def _not_ready(record: RunRecord) -> ModelNotReady:
+    return ModelNotReady(f"run_id: run {record.run_id} has no checkpoint or model yet (state {record.state.name}); "
+                         "wait for its first checkpoint", field="run_id")
 
 
 def _check_experiment_id(experiment_id: str) -> str:

@@ -24,7 +24,11 @@ class LoadedPolicy:
 
 
 class PolicyCache:
-    """run_id -> LoadedPolicy; loads lazily, reloads on a new path or a rewritten file, bounded in size."""
+    """run_id -> LoadedPolicy; loads lazily, reloads when the run serves a new file, bounded in size.
+
+    Checkpoint and model files are written once under unique names (checkpoint_<timesteps>_steps.zip, a model
+    path that is never overwritten), so a cached path is never stale and a hit touches no file: Act's hot path.
+    """
 
     def __init__(self, max_entries: int = 32) -> None:
         self._entries: dict[str, LoadedPolicy] = {}
@@ -32,12 +36,12 @@ class PolicyCache:
         self._max_entries = max_entries
 
     def get(self, run_id: str, algorithm: str, path: str, timesteps: int) -> LoadedPolicy:
-        """The policy stored at `path`, loading it if it is not the cached one."""
-        mtime_ns = Path(path).stat().st_mtime_ns
+        """The policy stored at `path`, loading it if it is not the cached one (FileNotFoundError if gone)."""
         with self._lock:
             entry = self._entries.get(run_id)
-            if entry is not None and entry.path == path and entry.mtime_ns == mtime_ns:
+            if entry is not None and entry.path == path:
                 return entry
+        mtime_ns = Path(path).stat().st_mtime_ns
         model = get_algorithm(algorithm).cls.load(path, device="cpu")
         match = _STEPS_RE.search(path)
         loaded = LoadedPolicy(path, mtime_ns, int(match.group(1)) if match else timesteps, model)
