@@ -310,6 +310,55 @@ def report(runs: list[dict[str, Any]], models_dir: Path, output: Path, quick: bo
     return section
 
 
+def resume(data: Path) -> None:
+    """Restart the server on data/server, start again every recorded run that did not succeed (interrupted when
+    a server stopped, cancelled), record them in data/runs_requeued.json and wait for them."""
+    from rl_service_proto.v1 import training_pb2 as pb
+
+    server = start_server_process(data.resolve() / "server", "--max-concurrent-runs", "2",
+                                  "--max-queued-runs", "100")
+    try:
+        manifest = json.loads((data / "runs.json").read_text())
+        manifest["address"] = server.address
+        (data / "runs.json").write_text(json.dumps(manifest, indent=1))
+        runs = collect(data)  # asks the restarted server for every run not yet recorded
+        stub = training_stub(server.address)
+        path = data / "runs_requeued.json"
+        by_id = {r["run_id"]: r for r in runs}
+        requeued = [by_id.get(r["run_id"], r) for r in json.loads(path.read_text())["runs"]] if path.exists() else []
+        again = [r for r in runs if r.get("state") != "SUCCEEDED"]
+        started = []
+        for run in again:
+            run_id = stub.StartTraining(pb.StartTrainingRequest(
+                experiment_id="benchmark-learning", algorithm=run["algorithm"], env_id=run["env_id"],
+                total_timesteps=run["timesteps"], seed=run["seed"], hyperparameters=run["hyperparameters"],
+                checkpoint_interval=max(100, run["timesteps"] // 2)), timeout=60).run_id
+            print(f"{run['key']} seed {run['seed']}: was {run.get('state')}, started again as {run_id}", flush=True)
+            started.append({key: run[key] for key in ("key", "algorithm", "env_id", "seed", "timesteps",
+                                                      "hyperparameters")}
+                           | {"run_id": run_id, "replaces": {"run_id": run["run_id"], "state": run.get("state")}})
+        redone = {r["run_id"] for r in again}
+        requeued = [r for r in requeued if r["run_id"] not in redone] + started
+        path.write_text(json.dumps({"runs": requeued}, indent=1))
+
+        def record(final: dict[str, Any]) -> None:
+            changed = False
+            for run in started:
+                status = final.get(run["run_id"])
+                if status is not None and "state" not in run:
+                    run.update(state=pb.RunState.Name(status.state), model_path=status.model_path,
+                               error=status.error, wall_seconds=status.finished_at - status.started_at,
+                               timesteps_done=status.timesteps_done)
+                    changed = True
+                    print(f"{time.strftime('%H:%M:%S')} {run['key']} seed {run['seed']}: {run['state']}", flush=True)
+            if changed:
+                path.write_text(json.dumps({"runs": requeued}, indent=1))
+
+        wait_for_runs(stub, [r["run_id"] for r in started], poll=5.0, on_poll=record)
+    finally:
+        server.stop()
+
+
 def main(argv: list[str] | None = None) -> int:
     """`train`: start a server in a subprocess and train every configuration through it."""
     parser = argparse.ArgumentParser(description="learning-quality runs through the service")
@@ -319,7 +368,12 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     run.add_argument("--quick", action="store_true")
     run.add_argument("--only", nargs="*", help="config keys such as PPO/CartPole-v1")
+    again = sub.add_parser("resume", help="restart the server on DATA and train again the runs that did not succeed")
+    again.add_argument("--data", type=Path, required=True)
     args = parser.parse_args(argv)
+    if args.command == "resume":
+        resume(args.data)
+        return 0
     args.data.mkdir(parents=True, exist_ok=True)
     server = start_server_process(args.data.resolve() / "server", "--max-concurrent-runs", "2",
                                   "--max-queued-runs", "100")
