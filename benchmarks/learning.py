@@ -228,7 +228,8 @@ def plot_curves(runs: list[dict[str, Any]], models_dir: Path, output: Path) -> l
                 rewards = np.array([e["reward"] for e in episodes], dtype=float)
                 window = max(1, min(100, len(rewards) // 10))
                 smooth = np.convolve(rewards, np.ones(window) / window, mode="valid")
-                ax.plot(steps[window - 1:], smooth, label=f"seed {run['seed']}", linewidth=1)
+                partial = "" if run.get("state") == "SUCCEEDED" else " (unfinished)"
+                ax.plot(steps[window - 1:], smooth, label=f"seed {run['seed']}{partial}", linewidth=1)
             published = next((c.published for c in CONFIGS if c.algorithm == algo and c.env_id == env_id), None)
             if published is not None:
                 ax.axhline(published, color="grey", linestyle="--", linewidth=1, label="zoo published")
