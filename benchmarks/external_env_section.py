@@ -52,8 +52,9 @@ def build(results: dict[str, Any], quick: bool) -> Section:
                            "-" if variant != "grpc_stream" else
                            {None: "not assessed", True: "met", False: "**NOT met**"}[met]])
         if variant == "grpc_stream":
-            summary.append({"goal": f"8 envs per message >= {GOAL}x in-process steps/s", "measured": fmt_ratio(r),
-                            "met": met})
+            note = "" if quick or conclusive else f" (inconclusive: baseline repeats spread {spread:.2f}x)"
+            summary.append({"goal": f"8 envs per message >= {GOAL}x in-process steps/s",
+                            "measured": fmt_ratio(r) + note, "met": met})
         if variant == "grpc_env_per_msg":
             summary.append({"goal": "one env per message (no goal set)", "measured": fmt_ratio(r), "met": None})
     section.tables.append(table)
