@@ -408,27 +408,22 @@ class PolicyManager:
             raise InvalidRequest(f"actions: {actions.size} values is not a whole number of actions of size "
                                  f"{shape.action_size}", field="actions")
         batch = validate_batch(shape, states, actions, np.zeros(count), np.zeros(count, dtype=bool))
-        net = _new_net(policy.spec)
         with policy.lock:
             self._check_live(policy, None)
             if checkpoint is not None:
                 tensors, metadata = self._checkpoint(policy, checkpoint)
-                net.load_state_dict({k[len("net."):]: v for k, v in tensors.items() if k.startswith("net.")})
-                used = int(metadata["version"])
+                net, used = _new_net(policy.spec), int(metadata["version"])
+                net.load_state_dict(_net_weights(tensors))
             elif version is not None and version != policy.version:
                 if version not in policy.recent:
                     raise CheckpointNotFound(
                         f"version: {version} is not kept; kept versions are {sorted(policy.recent)}", field="version")
+                net, used = _new_net(policy.spec), version
                 net.load_state_dict(policy.recent[version])
-                used = version
             else:
-                net.load_state_dict(policy.net.state_dict())
-                used = policy.version
-        with torch.no_grad():
-            distribution = action_distribution(net, torch.as_tensor(batch.states))
-            log_probs = distribution.log_prob(torch.as_tensor(batch.actions)).numpy()
-            entropies = distribution.entropy().numpy()
-        return log_probs, entropies, used
+                # The current version: evaluate the live network under the lock rather than copy it.
+                return (*_log_probs(policy.net, batch), policy.version)
+        return (*_log_probs(net, batch), used)
 
     def model(self, policy_id: str, torchscript: bool) -> tuple[int, bytes]:
         """The current version as TorchScript or as a safetensors state dict."""
@@ -573,6 +568,19 @@ class PolicyManager:
         return PolicyManager._Rollback(policy)
 
 
+def _log_probs(net: PolicyNet, batch: Transitions) -> tuple[np.ndarray, np.ndarray]:
+    """Log-probabilities of the batch's actions and the policy's entropies in its states."""
+    with torch.no_grad():
+        distribution = action_distribution(net, torch.as_tensor(batch.states))
+        return (distribution.log_prob(torch.as_tensor(batch.actions)).numpy(),
+                distribution.entropy().numpy())
+
+
+def _net_weights(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The network's state dict out of an encoded policy state (keys "net.<name>")."""
+    return {key[len("net."):]: value for key, value in tensors.items() if key.startswith("net.")}
+
+
 def _with_seed(spec: PolicySpec, seed: int) -> PolicySpec:
     return PolicySpec(spec.observation_shape, spec.discrete_actions, spec.action_shape, spec.action_low,
                       spec.action_high, spec.hyperparameters, seed)
@@ -612,7 +620,7 @@ def _encode(policy: _Policy) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 
 def _apply_state(policy: _Policy, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> None:
     """Load an encoded state into a policy of the same spec."""
-    policy.net.load_state_dict({k[len("net."):]: v for k, v in tensors.items() if k.startswith("net.")})
+    policy.net.load_state_dict(_net_weights(tensors))
     state: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         if key.startswith("optim."):

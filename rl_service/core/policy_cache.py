@@ -18,7 +18,6 @@ class LoadedPolicy:
     """A loaded model and which file and timesteps it came from."""
 
     path: str
-    mtime_ns: int
     timesteps: int
     model: Any
 
@@ -41,10 +40,10 @@ class PolicyCache:
             entry = self._entries.get(run_id)
             if entry is not None and entry.path == path:
                 return entry
-        mtime_ns = Path(path).stat().st_mtime_ns
+        Path(path).stat()  # FileNotFoundError (-> FAILED_PRECONDITION) before a library error from load
         model = get_algorithm(algorithm).cls.load(path, device="cpu")
         match = _STEPS_RE.search(path)
-        loaded = LoadedPolicy(path, mtime_ns, int(match.group(1)) if match else timesteps, model)
+        loaded = LoadedPolicy(path, int(match.group(1)) if match else timesteps, model)
         with self._lock:
             self._entries.pop(run_id, None)
             self._entries[run_id] = loaded
