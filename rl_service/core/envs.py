@@ -1,4 +1,4 @@
-"""Environments: Gymnasium ids or external simulations (grpc://host:port), space inspection, and
+"""Environments: Gymnasium ids or external simulations (grpc://host:port, unix:PATH), space inspection, and
 observation/action flattening for Act.
 
 External simulations are reached through the ExternalEnvironments interface, implemented in infra
@@ -29,7 +29,8 @@ from rl_service.core.errors import (
 test_envs.register()
 
 _OBSERVATION_SPACES = (gym.spaces.Box, gym.spaces.Discrete, gym.spaces.MultiDiscrete, gym.spaces.MultiBinary)
-EXTERNAL_ENV_SCHEME = "grpc://"
+# A simulation's address: grpc://host:port, or unix:PATH (a unix domain socket, gRPC's naming).
+EXTERNAL_ENV_PREFIXES = ("grpc://", "unix:")
 
 
 @dataclass(frozen=True)
@@ -46,15 +47,18 @@ class ExternalEnvironments(Protocol):
     """Reaches simulations over the environment protocol; implemented in infra, picklable (workers get a copy)."""
 
     def spaces(self, address: str) -> EnvSpaces:
-        """Check the address against the allow-list (before any contact), then ask the simulation for its spec."""
+        """Check the address (host allow-list or socket directory, before any contact), then ask for its spec."""
 
     def make_vec_env(self, address: str, n_envs: int, seed: int) -> VecEnv:
         """A VecEnv over the simulation's n_envs envs, with episode statistics in infos["episode"]."""
 
 
 def is_external_env(env_id: str) -> bool:
-    """True when env_id is a simulation's address (grpc://host:port) rather than a Gymnasium id."""
-    return env_id.strip().lower().startswith(EXTERNAL_ENV_SCHEME)
+    """True when env_id is a simulation's address (grpc://host:port, unix:PATH) rather than a Gymnasium id.
+
+    Checked before check_env_id, which refuses every id holding ':' as a module path.
+    """
+    return env_id.strip().lower().startswith(EXTERNAL_ENV_PREFIXES)
 
 
 def _require_external(external: ExternalEnvironments | None, env_id: str) -> ExternalEnvironments:

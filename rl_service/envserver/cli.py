@@ -1,7 +1,8 @@
 """Command line of the reference environment server (`python -m rl_service.envserver`, `rl-service env-server`).
 
-The first line on stdout is "serving <env> (<n> envs) on grpc://<host>:<port>", so a parent process that asked
-for port 0 can read the port. SIGTERM or SIGINT stops it.
+The first line on stdout is "serving <env> (<n> envs) on <address>", the address being grpc://<host>:<port> (so a
+parent process that asked for port 0 can read the port) or, with --unix, unix:///<absolute path>. SIGTERM or
+SIGINT stops it (and removes the socket file).
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ from rl_service.envserver.reference_server import (
 from rl_service.infra.external_env.codec import MAX_NUM_ENVS
 from rl_service.infra.external_env.env_batch import EnvBatch
 
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 50061
+
 
 def build_parser() -> argparse.ArgumentParser:
     """The env-server flags."""
@@ -29,8 +33,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Serve a Gymnasium environment over the rl_service.v1.EnvironmentService protocol.")
     parser.add_argument("--env", required=True, help="a registered Gymnasium id, e.g. CartPole-v1")
     parser.add_argument("--num-envs", type=int, default=1, help=f"envs stepped together (1..{MAX_NUM_ENVS})")
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=50061, help="port to listen on; 0 picks a free one")
+    parser.add_argument("--host", help=f"address to listen on (default {DEFAULT_HOST})")
+    parser.add_argument("--port", type=int, help=f"port to listen on (default {DEFAULT_PORT}); 0 picks a free one")
+    parser.add_argument("--unix", metavar="PATH",
+                        help="listen on this unix domain socket instead of a TCP port (a stale socket left there by "
+                             "a previous run is replaced; any other file is not)")
     parser.add_argument("--raw-observations", action="store_true",
                         help="send observations as little-endian bytes (fastest for large observations)")
     parser.add_argument("--max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES,
@@ -44,7 +51,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not 1 <= args.num_envs <= MAX_NUM_ENVS:
         parser.error(f"--num-envs must be in 1..{MAX_NUM_ENVS}")
-    if not 0 <= args.port <= 65535:
+    if args.unix is not None and (args.host is not None or args.port is not None):
+        parser.error("--unix cannot be combined with --host or --port")
+    if args.port is not None and not 0 <= args.port <= 65535:
         parser.error("--port must be in 0..65535")
     try:
         batch = EnvBatch.from_gym_id(args.env, args.num_envs, version=server_version())
@@ -52,8 +61,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"env-server: cannot create {args.env!r}: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
     try:
-        handle = start_env_server(ReferenceEnvironmentServicer(batch, args.raw_observations), args.host, args.port,
-                                  max_message_bytes=args.max_message_bytes)
+        handle = start_env_server(ReferenceEnvironmentServicer(batch, args.raw_observations),
+                                  args.host or DEFAULT_HOST, DEFAULT_PORT if args.port is None else args.port,
+                                  max_message_bytes=args.max_message_bytes, unix_socket=args.unix)
     except (OSError, ValueError) as exc:
         print(f"env-server: {exc}", file=sys.stderr)
         batch.close()

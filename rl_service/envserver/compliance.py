@@ -10,7 +10,8 @@ Point it at any simulation, whatever its language, and it checks the contract of
         address = "grpc://127.0.0.1:50061"
 
 or from a shell: `python -m rl_service.envserver.compliance grpc://127.0.0.1:50061` (exit code 0 when every check
-passes). Each check starts with its own Reset, so the checks are independent of one another and of their order.
+passes). A unix domain socket is named as gRPC names it: `unix:///absolute/path.sock` or `unix:relative.sock`.
+Each check starts with its own Reset, so the checks are independent of one another and of their order.
 Without pytest installed the class still runs through `run_checks`.
 """
 
@@ -330,6 +331,9 @@ def _flat_space(space: gym.Space[Any], size: int) -> gym.Space[Any]:
 
 
 def _target(address: str) -> str:
+    """The gRPC target: host:port from grpc://host:port; a unix: address is already one (gRPC's naming)."""
+    if address.lower().startswith("unix:"):
+        return "unix:" + address[len("unix:"):]
     return address.split("://", 1)[1] if "://" in address else address
 
 
@@ -362,7 +366,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """`python -m rl_service.envserver.compliance ADDRESS`: 0 when every check passes (skips allowed)."""
     parser = argparse.ArgumentParser(prog="python -m rl_service.envserver.compliance",
                                      description="Check an EnvironmentService server against the protocol.")
-    parser.add_argument("address", help="grpc://host:port (or host:port)")
+    parser.add_argument("address", help="grpc://host:port (or host:port), or unix:PATH (unix:///absolute/path)")
     parser.add_argument("--timeout", type=float, default=10.0, help="deadline of every call, seconds")
     args = parser.parse_args(argv)
     failures = 0

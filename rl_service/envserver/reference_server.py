@@ -7,6 +7,9 @@ failure maps to the status code docs/environment-protocol.md names.
 
 from __future__ import annotations
 
+import os
+import socket
+import stat
 import threading
 from collections.abc import Iterator
 from concurrent import futures
@@ -18,6 +21,7 @@ import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from rl_service.infra.external_env.address import MAX_SOCKET_PATH_BYTES, unix_target
 from rl_service.infra.external_env.codec import BatchCodec, MalformedData, spec_to_proto
 from rl_service.infra.external_env.env_batch import EnvBatch, ResetNeeded
 from rl_service_proto.v1 import environment_pb2 as pb
@@ -141,22 +145,32 @@ def _check_box_actions(actions: np.ndarray, batch: EnvBatch) -> None:
 
 @dataclass
 class EnvServerHandle:
-    """A started environment server."""
+    """A started environment server, on host:port or on a unix socket (socket_path)."""
 
     server: grpc.Server
     port: int
     host: str
     servicer: Any
+    socket_path: str | None = None  # absolute
+    socket_inode: int | None = None  # the socket file this server created (stop removes only that one)
 
     @property
     def address(self) -> str:
-        """grpc://host:port, as StartTraining takes it."""
+        """grpc://host:port or unix:///absolute/path, as StartTraining takes it."""
+        if self.socket_path is not None:
+            return f"unix://{self.socket_path}"
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"grpc://{host}:{self.port}"
 
     def stop(self, grace: float | None = 0) -> None:
-        """Stop serving (in-flight calls are cancelled after `grace` seconds)."""
+        """Stop serving (in-flight calls are cancelled after `grace` seconds) and remove the socket file."""
         self.server.stop(grace).wait()
+        if self.socket_path is not None and self.socket_inode is not None:
+            try:
+                if os.lstat(self.socket_path).st_ino == self.socket_inode:
+                    os.unlink(self.socket_path)
+            except OSError:
+                pass  # already gone (gRPC removes it too), or not ours to remove
 
     def wait(self) -> None:
         """Block until the server stops."""
@@ -164,8 +178,10 @@ class EnvServerHandle:
 
 
 def start_env_server(servicer: pb_grpc.EnvironmentServiceServicer, host: str = "127.0.0.1", port: int = 0,
-                     max_workers: int = 8, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> EnvServerHandle:
-    """Serve `servicer` (plus health and reflection) on host:port (0: any free port) and return at once."""
+                     max_workers: int = 8, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                     unix_socket: str | os.PathLike[str] | None = None) -> EnvServerHandle:
+    """Serve `servicer` (plus health and reflection) on host:port (0: any free port), or on the unix socket
+    `unix_socket` instead (a stale socket left there is replaced), and return at once."""
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="env-rpc"),
                          options=[("grpc.max_receive_message_length", max_message_bytes),
                                   ("grpc.max_send_message_length", max_message_bytes),
@@ -176,7 +192,12 @@ def start_env_server(servicer: pb_grpc.EnvironmentServiceServicer, host: str = "
     reflection.enable_server_reflection(
         (ENVIRONMENT_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
         server)
-    bound = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    socket_path = None if unix_socket is None else os.path.abspath(unix_socket)
+    if socket_path is not None:
+        _make_way_for_socket(socket_path)
+        bound = unix_target(socket_path)
+    else:
+        bound = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:
         actual = server.add_insecure_port(bound)
     except RuntimeError as exc:
@@ -184,14 +205,49 @@ def start_env_server(servicer: pb_grpc.EnvironmentServiceServicer, host: str = "
     server.start()
     for name in ("", ENVIRONMENT_SERVICE):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return EnvServerHandle(server, actual, host, servicer)
+    if socket_path is None:
+        return EnvServerHandle(server, actual, host, servicer)
+    return EnvServerHandle(server, 0, "", servicer, socket_path, os.lstat(socket_path).st_ino)
+
+
+def _make_way_for_socket(path: str) -> None:
+    """Check that a socket can be created at `path`; remove a stale one (nobody listening) from a previous run.
+
+    OSError, naming the path, for anything else: a path too long, a missing directory, a file that is not a socket
+    (never removed), a socket another server still listens on.
+    """
+    where = f"cannot listen on unix:{path}"
+    size = len(os.fsencode(path))
+    if size > MAX_SOCKET_PATH_BYTES:
+        raise OSError(f"{where}: the path is {size} bytes; a unix socket path holds at most "
+                      f"{MAX_SOCKET_PATH_BYTES} (sun_path)")
+    if not os.path.isdir(os.path.dirname(path)):
+        raise OSError(f"{where}: directory {os.path.dirname(path)} does not exist")
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise OSError(f"{where}: it exists and is not a socket; refusing to remove it")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(1.0)
+        try:
+            probe.connect(path)
+        except ConnectionRefusedError:
+            pass  # stale: its server is gone
+        except OSError as exc:
+            raise OSError(f"{where}: cannot tell whether the socket there is in use ({exc})") from None
+        else:
+            raise OSError(f"{where}: another server is listening on it")
+    os.unlink(path)
 
 
 def serve_gym(env_id: str, num_envs: int, host: str = "127.0.0.1", port: int = 0,
-              raw_observations: bool = False) -> EnvServerHandle:
+              raw_observations: bool = False, unix_socket: str | os.PathLike[str] | None = None) -> EnvServerHandle:
     """Serve num_envs instances of a Gymnasium id (a reference server in one call, for tests and benchmarks)."""
     batch = EnvBatch.from_gym_id(env_id, num_envs, version=server_version())
-    return start_env_server(ReferenceEnvironmentServicer(batch, raw_observations), host, port)
+    return start_env_server(ReferenceEnvironmentServicer(batch, raw_observations), host, port,
+                            unix_socket=unix_socket)
 
 
 def server_version() -> str:

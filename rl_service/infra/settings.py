@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import importlib.util
 import multiprocessing
+import os
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from rl_service.infra.external_env.address import DEFAULT_ALLOWED_HOSTS, HostAllowList
+from rl_service.infra.external_env.address import DEFAULT_ALLOWED_HOSTS, MAX_SOCKET_PATH_BYTES, HostAllowList
 
 
 class Settings(BaseSettings):
@@ -60,6 +61,8 @@ class Settings(BaseSettings):
     external_env_allowed_hosts: str = Field(
         DEFAULT_ALLOWED_HOSTS, description="hosts a grpc:// env may be on: hostnames, IPs, CIDR networks, * (any), "
                                            "none")
+    external_env_socket_dir: Path | None = Field(
+        None, description="directory a unix: env's socket must be in (unset: unix: addresses are refused)")
     env_step_timeout_seconds: float = Field(10.0, gt=0, le=3600, description="deadline of each env Reset and Step")
     env_connect_timeout_seconds: float = Field(5.0, gt=0, le=600, description="deadline of env GetSpec (connect)")
     env_connect_retries: int = Field(5, ge=0, le=100, description="reconnects to a lost env before the run fails")
@@ -70,6 +73,20 @@ class Settings(BaseSettings):
     @classmethod
     def _check_allowed_hosts(cls, value: str) -> str:
         HostAllowList.parse(value)  # ValueError names the bad entry
+        return value
+
+    @field_validator("external_env_socket_dir")
+    @classmethod
+    def _check_socket_dir(cls, value: Path | None) -> Path | None:
+        if value is None:
+            return None
+        if "\0" in str(value):
+            raise ValueError("holds a NUL byte")
+        if value.exists() and not value.is_dir():
+            raise ValueError(f"{value} exists and is not a directory")
+        if len(os.fsencode(os.path.realpath(value))) + 2 > MAX_SOCKET_PATH_BYTES:
+            raise ValueError(f"{value} is too long: a socket path inside it must fit in {MAX_SOCKET_PATH_BYTES} "
+                             "bytes (sun_path)")
         return value
 
     @field_validator("log_level", mode="before")

@@ -1,5 +1,6 @@
-"""External environments end to end: StartTraining with env_id grpc://..., training through the reference server
-over real sockets, and every fault the issue lists with its documented result (docs/environment-protocol.md)."""
+"""External environments end to end: StartTraining with env_id grpc://... or unix:..., training through the
+reference server over real sockets, and every fault the issue lists with its documented result
+(docs/environment-protocol.md)."""
 
 from __future__ import annotations
 
@@ -54,8 +55,14 @@ def supports(key: str, action_space: gym.Space[Any]) -> bool:
 
 
 @pytest.fixture(scope="module")
-def training(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerHandle]:
-    handle = start_server(tmp_path_factory.mktemp("external"), **FAULT_SETTINGS)
+def socket_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The training server's EXTERNAL_ENV_SOCKET_DIR (a short path: a socket path holds at most 107 bytes)."""
+    return tmp_path_factory.mktemp("socks")
+
+
+@pytest.fixture(scope="module")
+def training(tmp_path_factory: pytest.TempPathFactory, socket_dir: Path) -> Iterator[ServerHandle]:
+    handle = start_server(tmp_path_factory.mktemp("external"), external_env_socket_dir=socket_dir, **FAULT_SETTINGS)
     yield handle
     handle.stop()
 
@@ -164,6 +171,17 @@ def test_a_simulation_without_session_trains_over_unary_calls(training: ServerHa
     assert servicer.calls["Step"] == servicer.steps_served == 512 // NUM_ENVS
 
 
+def test_a_run_trains_through_a_unix_socket(training: ServerHandle, socket_dir: Path) -> None:
+    with contextlib.closing(_Stopper(serve_gym("CartPole-v1", NUM_ENVS, unix_socket=socket_dir / "cp.sock"))) as sim:
+        run_id = training.start("PPO", env_id="unix:cp.sock", total_timesteps=1024, hyperparameters=quick("ppo"))
+        final = training.watch_to_end(run_id)[-1]
+        assert final.state == pb.SUCCEEDED, final.error
+        assert final.env_id == "unix:cp.sock" and final.hyperparameters["n_envs"] == str(NUM_ENVS)
+        assert final.timesteps_done >= 1024 and final.metrics.episodes_completed > 0
+        assert sim.handle.servicer.steps_served == final.timesteps_done // NUM_ENVS
+    assert not (socket_dir / "cp.sock").exists()
+
+
 # ------------------------------------------------------------------------------------ checked at StartTraining
 
 
@@ -178,6 +196,44 @@ def test_a_host_off_the_allow_list_is_refused_before_any_contact(server_factory:
     assert address in error.details() and "EXTERNAL_ENV_ALLOWED_HOSTS" in error.details()
     assert cartpole.servicer.calls["GetSpec"] == contacted, "nothing was contacted"
     assert len(server.stub.ListRuns(pb.ListRunsRequest()).runs) == before, "no run was recorded"
+
+
+def test_a_socket_outside_the_socket_dir_is_refused_before_any_contact(training: ServerHandle, socket_dir: Path,
+                                                                        tmp_path: Path) -> None:
+    outside = tmp_path / "sim.sock"  # a real, listening simulation, outside EXTERNAL_ENV_SOCKET_DIR
+    escape = socket_dir / "escape"
+    escape.symlink_to(tmp_path)
+    with contextlib.closing(_Stopper(serve_gym("CartPole-v1", NUM_ENVS, unix_socket=outside))) as sim:
+        before = len(training.stub.ListRuns(pb.ListRunsRequest()).runs)
+        relative = os.path.relpath(outside, os.path.realpath(socket_dir))
+        for address in (f"unix://{outside}", f"unix:{relative}", "unix:escape/sim.sock"):
+            error = start_error(training, address)
+            assert error.code() == grpc.StatusCode.PERMISSION_DENIED, address
+            assert error.details() == (f"env_id: {address} is not allowed: the socket must lie inside "
+                                       f"EXTERNAL_ENV_SOCKET_DIR ({socket_dir}); nothing was contacted")
+        assert sim.handle.servicer.calls["GetSpec"] == 0, "nothing was contacted"
+        assert len(training.stub.ListRuns(pb.ListRunsRequest()).runs) == before, "no run was recorded"
+    escape.unlink()
+
+
+def test_unix_addresses_are_refused_without_a_socket_dir(server_factory: Callable[..., ServerHandle],
+                                                         tmp_path: Path) -> None:
+    server = server_factory()
+    with contextlib.closing(_Stopper(serve_gym("CartPole-v1", 2, unix_socket=tmp_path / "sim.sock"))) as sim:
+        error = start_error(server, f"unix://{tmp_path}/sim.sock")
+        assert error.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert "unix socket addresses are disabled; set EXTERNAL_ENV_SOCKET_DIR" in error.details()
+        assert sim.handle.servicer.calls["GetSpec"] == 0
+
+
+@pytest.mark.parametrize(("address", "expected"), [
+    ("unix:", "has no socket path"), ("unix:sim.sock?x=1", "no ?, # or %"), ("unix://host/sim.sock", "names a host"),
+    ("unix:" + "s" * 120, "(sun_path)"),
+])
+def test_malformed_unix_addresses_are_invalid_argument(training: ServerHandle, address: str, expected: str) -> None:
+    error = start_error(training, address)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and expected in error.details()
+    assert error.details().startswith("env_id: ")
 
 
 def test_default_allow_list_is_loopback_only(training: ServerHandle) -> None:

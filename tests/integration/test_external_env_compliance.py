@@ -1,9 +1,10 @@
-"""The compliance class runs against the reference server (several spaces and encodings), catches a broken
-server, and the env-server and compliance command lines work as documented."""
+"""The compliance class runs against the reference server (several spaces and encodings, TCP and unix sockets),
+catches a broken server, and the env-server and compliance command lines work as documented."""
 
 from __future__ import annotations
 
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from rl_service.envserver import cli
 from rl_service.envserver.compliance import EnvironmentServiceCompliance, run_checks
 from rl_service.envserver.faults import FaultyEnvironmentServicer
 from rl_service.envserver.reference_server import EnvServerHandle, serve_gym, start_env_server
@@ -26,22 +28,29 @@ class _ReferenceServer:
     env_id = "CartPole-v1"
     num_envs = 4
     raw_observations = False
+    on_unix_socket = False  # serve on unix sockets in a temp directory rather than on 127.0.0.1
     handles: list[EnvServerHandle]
+    socket_dir: Path
 
     @pytest.fixture(autouse=True, scope="class")
     @classmethod
-    def _serve(cls) -> Iterator[None]:
-        handle = serve_gym(cls.env_id, cls.num_envs, raw_observations=cls.raw_observations)
-        cls.address = handle.address
-        cls.handles = [handle]
+    def _serve(cls, tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+        cls.socket_dir = tmp_path_factory.mktemp("socks")
+        cls.handles = []
+        cls.address = cls._start(raw_observations=cls.raw_observations)
         yield
         for started in cls.handles:
             started.stop()
 
-    def fresh_address(self) -> str | None:
-        handle = serve_gym(self.env_id, self.num_envs)
-        self.handles.append(handle)
+    @classmethod
+    def _start(cls, raw_observations: bool = False) -> str:
+        path = cls.socket_dir / f"sim{len(cls.handles)}.sock" if cls.on_unix_socket else None
+        handle = serve_gym(cls.env_id, cls.num_envs, raw_observations=raw_observations, unix_socket=path)
+        cls.handles.append(handle)
         return handle.address
+
+    def fresh_address(self) -> str | None:
+        return self._start()
 
 
 class TestCartPoleCompliance(_ReferenceServer, EnvironmentServiceCompliance):
@@ -64,6 +73,13 @@ class TestFrozenLakeCompliance(_ReferenceServer, EnvironmentServiceCompliance):
     __test__ = True
     env_id = "FrozenLake-v1"
     num_envs = 3
+
+
+class TestCartPoleUnixSocketCompliance(_ReferenceServer, EnvironmentServiceCompliance):
+    """The same contract over a unix domain socket (unix:///absolute/path)."""
+
+    __test__ = True
+    on_unix_socket = True
 
 
 def test_the_checks_catch_a_broken_server() -> None:
@@ -97,6 +113,48 @@ def test_env_server_and_compliance_command_lines() -> None:
         if server.poll() is None:
             server.kill()
             server.wait()
+
+
+def test_env_server_on_a_unix_socket_and_compliance_command_lines(tmp_path: Path) -> None:
+    path = tmp_path / "cartpole.sock"
+    with socket.socket(socket.AF_UNIX) as stale:  # left behind by a previous run: replaced
+        stale.bind(str(path))
+    server = subprocess.Popen([sys.executable, "-m", "rl_service.envserver", "--env", "CartPole-v1", "--num-envs",
+                               "2", "--unix", str(path)], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        assert server.stdout is not None
+        line = server.stdout.readline()
+        assert line == f"serving CartPole-v1 (2 envs) on unix://{path}\n", line
+        check = subprocess.run([sys.executable, "-m", "rl_service.envserver.compliance", f"unix://{path}"],
+                               capture_output=True, text=True, cwd=ROOT, timeout=120)
+        assert check.returncode == 0, check.stdout + check.stderr
+        assert check.stdout.rstrip().endswith("compliant")
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=15) == 0
+        assert not path.exists(), "the socket file is removed on exit"
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+
+
+def test_env_server_refuses_to_replace_a_file_that_is_not_a_socket(tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "notes.txt"
+    path.write_text("keep me")
+    assert cli.main(["--env", "CartPole-v1", "--unix", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"env-server: cannot listen on unix:{path}: it exists and is not a socket; refusing to remove it\n"
+    assert path.read_text() == "keep me"
+
+
+@pytest.mark.parametrize("extra", [["--port", "0"], ["--host", "127.0.0.1"]])
+def test_env_server_unix_excludes_host_and_port(tmp_path: Path, extra: list[str],
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        cli.main(["--env", "CartPole-v1", "--unix", str(tmp_path / "sim.sock"), *extra])
+    assert info.value.code == 2
+    assert "--unix cannot be combined with --host or --port" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(("argv", "message"), [

@@ -32,6 +32,7 @@ def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
     ("GRPC_PORT", "70000"),
     ("KEEP_CHECKPOINTS", "0"),
     ("WORKER_START_METHOD", "threads"),
+    ("EXTERNAL_ENV_SOCKET_DIR", "/dev/null"),
 ])
 def test_invalid_configuration_exits_nonzero_naming_the_variable(tmp_path: Path, variable: str, value: str) -> None:
     result = subprocess.run([sys.executable, str(ROOT / "server.py")], cwd=tmp_path,

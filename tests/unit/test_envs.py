@@ -21,7 +21,13 @@ from rl_service.core.envs import (
     make_vec_env,
     observations_from_flat,
 )
-from rl_service.core.errors import InvalidObservation, InvalidRequest, UnknownEnvironment, UnsupportedSpace
+from rl_service.core.errors import (
+    InvalidObservation,
+    InvalidRequest,
+    PermissionDenied,
+    UnknownEnvironment,
+    UnsupportedSpace,
+)
 from rl_service.core.test_envs import CRASH_ENV_ID
 
 BOX4 = gym.spaces.Box(-1.0, 1.0, shape=(4,), dtype=np.float32)
@@ -104,6 +110,30 @@ def test_env_spaces_refuses_module_ids_without_calling_make(
         make_vec_env(f"{name}:Trap-v0", 1, 0)
     assert not marker.exists()
     assert name not in sys.modules
+
+
+class _RecordingExternal:
+    """An ExternalEnvironments that records the addresses it is asked about."""
+
+    def __init__(self) -> None:
+        self.asked: list[str] = []
+
+    def spaces(self, address: str) -> envs.EnvSpaces:
+        self.asked.append(address)
+        return envs.EnvSpaces(BOX4, gym.spaces.Discrete(2), num_envs=3)
+
+    def make_vec_env(self, address: str, n_envs: int, seed: int) -> Any:
+        raise AssertionError("not used")
+
+
+@pytest.mark.parametrize("env_id", ["grpc://127.0.0.1:50061", "unix:cartpole.sock", " UNIX:///run/sim.sock"])
+def test_simulation_addresses_go_to_the_external_environments(env_id: str) -> None:
+    # They hold ':' but are addresses, not module paths: routed before check_env_id could refuse them.
+    assert envs.is_external_env(env_id)
+    external = _RecordingExternal()
+    assert env_spaces(env_id, external).num_envs == 3 and external.asked == [env_id]
+    with pytest.raises(PermissionDenied, match="has none configured"):
+        env_spaces(env_id)
 
 
 def test_module_id_refused_even_when_module_already_registered_an_env() -> None:

@@ -1,7 +1,9 @@
-"""grpc:// addresses, the EXTERNAL_ENV_ALLOWED_HOSTS allow-list, and the ENV_* settings."""
+"""grpc:// and unix: addresses, the EXTERNAL_ENV_ALLOWED_HOSTS allow-list, the EXTERNAL_ENV_SOCKET_DIR
+confinement, and the ENV_* settings."""
 
 from __future__ import annotations
 
+import os
 import pickle
 from pathlib import Path
 
@@ -11,12 +13,15 @@ from pydantic import ValidationError
 from rl_service.core.errors import InvalidRequest, PermissionDenied
 from rl_service.infra.external_env.address import (
     DEFAULT_ALLOWED_HOSTS,
+    MAX_SOCKET_PATH_BYTES,
+    ExternalAddress,
     HostAllowList,
+    SocketDirectory,
     is_external_address,
     parse_address,
 )
 from rl_service.infra.external_env.connector import GrpcExternalEnvironments
-from rl_service.infra.settings import Settings
+from rl_service.infra.settings import Settings, describe_validation_error
 
 
 @pytest.mark.parametrize(("text", "host", "port", "target"), [
@@ -116,3 +121,146 @@ def test_settings_defaults_and_environment(tmp_path: Path, monkeypatch: pytest.M
 def test_bad_settings_are_refused(tmp_path: Path, key: str, value: object) -> None:
     with pytest.raises(ValidationError):
         make_settings(tmp_path, **{key: value})
+
+
+# ------------------------------------------------------------------------------------ unix: addresses
+
+
+@pytest.fixture
+def socket_dir(tmp_path: Path) -> Path:
+    directory = tmp_path / "socks"
+    directory.mkdir()
+    return directory
+
+
+@pytest.mark.parametrize(("text", "path"), [
+    ("unix:cartpole.sock", "cartpole.sock"),
+    (" UNIX:sims/cartpole.sock ", "sims/cartpole.sock"),
+    ("unix:/run/sims/cartpole.sock", "/run/sims/cartpole.sock"),
+    ("unix:///run/sims/cartpole.sock", "/run/sims/cartpole.sock"),
+])
+def test_parse_unix_addresses(text: str, path: str) -> None:
+    address = parse_address(text)
+    assert address.is_unix and address.socket_path == path and address.host == ""
+    assert address.url == str(address) == text.strip()
+    assert is_external_address(text)
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("unix:", "has no socket path"),
+    ("unix://", "has no socket path"),
+    ("unix:///", "has no socket path"),
+    ("unix://sim-host/x.sock", "names a host"),
+    ("unix:a\x00b.sock", "NUL byte"),
+    ("unix:a\nb.sock", "NUL byte or another control character"),
+    ("unix:x.sock?mode=1", "no ?, # or %"),
+    ("unix:x.sock#f", "no ?, # or %"),
+    ("unix:%2e%2e/x.sock", "no ?, # or %"),  # gRPC would decode it to ../x.sock
+])
+def test_parse_refuses_malformed_unix_addresses(text: str, message: str) -> None:
+    with pytest.raises(InvalidRequest) as info:
+        parse_address(text)
+    assert info.value.field == "env_id"
+    assert message in info.value.message and "unix:NAME" in info.value.message
+
+
+def test_a_relative_name_resolves_against_the_socket_dir_not_the_cwd(socket_dir: Path, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    resolved = SocketDirectory(socket_dir).resolve(parse_address("unix:cartpole.sock"))
+    expected = os.path.join(os.path.realpath(socket_dir), "cartpole.sock")
+    assert resolved.socket_path == expected and resolved.target == f"unix:{expected}"
+    assert resolved.url == "unix:cartpole.sock"
+    nested = SocketDirectory(socket_dir).resolve(parse_address("unix:a/../b/c.sock"))
+    assert nested.socket_path == os.path.join(os.path.realpath(socket_dir), "b", "c.sock")
+
+
+def test_an_absolute_path_inside_the_dir_is_allowed(socket_dir: Path) -> None:
+    path = os.path.realpath(socket_dir / "sim.sock")
+    for text in (f"unix:{path}", f"unix://{path}"):
+        assert SocketDirectory(socket_dir).resolve(parse_address(text)).socket_path == path
+
+
+def test_unix_addresses_are_refused_when_no_dir_is_set() -> None:
+    with pytest.raises(PermissionDenied) as info:
+        SocketDirectory().resolve(parse_address("unix:cartpole.sock"))
+    assert info.value.field == "env_id" and info.value.message.startswith("env_id: unix:cartpole.sock is not allowed")
+    assert "unix socket addresses are disabled; set EXTERNAL_ENV_SOCKET_DIR" in info.value.message
+    assert "nothing was contacted" in info.value.message
+
+
+def test_paths_outside_the_dir_are_refused(socket_dir: Path, tmp_path: Path) -> None:
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (socket_dir / "escape").symlink_to(outside)  # a symlink inside the dir that leads out of it
+    (socket_dir / "inner").symlink_to(socket_dir / "sub")  # one that stays inside
+    directory = SocketDirectory(socket_dir)
+    for text in (f"unix://{outside}/sim.sock", "unix:../elsewhere/sim.sock", "unix:escape/sim.sock",
+                 "unix:sub/../../elsewhere/sim.sock", "unix:.", "unix:///etc/passwd"):
+        with pytest.raises(PermissionDenied) as info:
+            directory.resolve(parse_address(text))
+        assert info.value.field == "env_id", text
+        assert info.value.message == (f"env_id: {text} is not allowed: the socket must lie inside "
+                                      f"EXTERNAL_ENV_SOCKET_DIR ({socket_dir}); nothing was contacted")
+    assert directory.resolve(parse_address("unix:inner/sim.sock")).socket_path == \
+        os.path.join(os.path.realpath(socket_dir), "sub", "sim.sock")
+
+
+def test_a_socket_path_longer_than_sun_path_is_refused(socket_dir: Path) -> None:
+    room = MAX_SOCKET_PATH_BYTES - len(os.fsencode(os.path.realpath(socket_dir))) - 1  # after the "/"
+    directory = SocketDirectory(socket_dir)
+    assert len(directory.resolve(parse_address("unix:" + "s" * room)).socket_path) == MAX_SOCKET_PATH_BYTES
+    with pytest.raises(InvalidRequest) as info:
+        directory.resolve(parse_address("unix:" + "s" * (room + 1)))
+    assert info.value.field == "env_id"
+    assert f"{MAX_SOCKET_PATH_BYTES + 1} bytes" in info.value.message and "sun_path" in info.value.message
+
+
+def test_each_policy_applies_to_its_own_kind_of_address(socket_dir: Path) -> None:
+    # The host allow-list does not apply to sockets (the directory does), even when it allows no host.
+    environments = GrpcExternalEnvironments(HostAllowList.parse("none"), socket_dir=SocketDirectory(socket_dir))
+    assert environments.check("unix:sim.sock").socket_path.endswith("/socks/sim.sock")
+    with pytest.raises(PermissionDenied):
+        environments.check("grpc://127.0.0.1:50061")
+    with pytest.raises(ValueError):
+        HostAllowList.parse("*").check(parse_address("unix:sim.sock"))
+    with pytest.raises(ValueError):
+        SocketDirectory(socket_dir).resolve(parse_address("grpc://127.0.0.1:1"))
+    with pytest.raises(ValueError):
+        ExternalAddress(url="grpc://x:1")  # neither a host nor a socket path
+
+
+def test_addresses_and_the_socket_dir_pickle(socket_dir: Path) -> None:
+    # They travel to the worker process inside the WorkerJob.
+    for address in (parse_address("grpc://[::1]:50061"), parse_address("unix:sim.sock"),
+                    SocketDirectory(socket_dir).resolve(parse_address("unix:sim.sock"))):
+        copy = pickle.loads(pickle.dumps(address))
+        assert copy == address and copy.target == address.target and str(copy) == str(address)
+    environments = GrpcExternalEnvironments(socket_dir=SocketDirectory(socket_dir))
+    assert pickle.loads(pickle.dumps(environments)) == environments
+
+
+def test_socket_dir_setting(tmp_path: Path, socket_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("EXTERNAL_ENV_SOCKET_DIR", raising=False)
+    assert make_settings(tmp_path).external_env_socket_dir is None
+    assert GrpcExternalEnvironments.from_settings(make_settings(tmp_path)).socket_dir == SocketDirectory()
+    monkeypatch.setenv("EXTERNAL_ENV_SOCKET_DIR", str(socket_dir))
+    settings = make_settings(tmp_path)
+    assert settings.external_env_socket_dir == socket_dir
+    assert GrpcExternalEnvironments.from_settings(settings).socket_dir == SocketDirectory(socket_dir)
+    monkeypatch.setenv("EXTERNAL_ENV_SOCKET_DIR", str(tmp_path / "not-yet"))  # created later is fine
+    assert make_settings(tmp_path).external_env_socket_dir == tmp_path / "not-yet"
+
+
+def test_bad_socket_dir_settings_name_the_variable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    for value, message in ((str(a_file), "is not a directory"), ("/" + "d" * 110, "is too long")):
+        monkeypatch.setenv("EXTERNAL_ENV_SOCKET_DIR", value)
+        with pytest.raises(ValidationError) as info:
+            make_settings(tmp_path)
+        line = describe_validation_error(info.value)
+        assert line.startswith("invalid configuration: EXTERNAL_ENV_SOCKET_DIR: ") and message in line, line
+    monkeypatch.delenv("EXTERNAL_ENV_SOCKET_DIR")
+    with pytest.raises(ValidationError, match="NUL byte"):
+        make_settings(tmp_path, external_env_socket_dir="a\x00b")

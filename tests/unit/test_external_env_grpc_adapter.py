@@ -1,4 +1,5 @@
-"""GrpcExternalEnvAdapter against real servers on 127.0.0.1: data, deadlines, reconnects, malformed answers."""
+"""GrpcExternalEnvAdapter against real servers on 127.0.0.1 and on unix sockets: data, deadlines, reconnects,
+malformed answers."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -21,7 +23,8 @@ from rl_service.envserver.reference_server import (
     serve_gym,
     start_env_server,
 )
-from rl_service.infra.external_env.address import parse_address
+from rl_service.infra.external_env.address import SocketDirectory, parse_address
+from rl_service.infra.external_env.connector import GrpcExternalEnvironments
 from rl_service.infra.external_env.env_batch import EnvBatch
 from rl_service.infra.external_env.grpc_adapter import ConnectionOptions, GrpcExternalEnvAdapter, fetch_spec
 from rl_service_proto.v1 import environment_pb2 as pb
@@ -35,9 +38,9 @@ def servers() -> Iterator[Callable[..., EnvServerHandle]]:
     started: list[EnvServerHandle] = []
 
     def start(servicer: ReferenceEnvironmentServicer | None = None, port: int = 0, env_id: str = "CartPole-v1",
-              num_envs: int = 3) -> EnvServerHandle:
+              num_envs: int = 3, unix_socket: Path | None = None) -> EnvServerHandle:
         servicer = servicer or ReferenceEnvironmentServicer(EnvBatch.from_gym_id(env_id, num_envs))
-        handle = start_env_server(servicer, port=port)
+        handle = start_env_server(servicer, port=port, unix_socket=unix_socket)
         started.append(handle)
         return handle
 
@@ -293,3 +296,61 @@ def test_box_actions_are_clipped_to_the_bounds(servers: Callable[..., EnvServerH
     result = adapter.step(np.array([[5.0], [-7.5]], dtype=np.float32))
     assert result.observations.shape == (2, 3) and handle.servicer.steps_served == 1
     adapter.close()
+
+
+# ------------------------------------------------------------------------------------ unix domain sockets
+
+
+def test_a_simulation_on_a_unix_socket(servers: Callable[..., EnvServerHandle], tmp_path: Path) -> None:
+    path = tmp_path / "cartpole.sock"
+    first = servers(unix_socket=path)
+    assert first.address == f"unix://{path}" and path.is_socket()
+    options = ConnectionOptions(step_timeout=2, connect_timeout=1, retries=5, backoff=0.1)
+    adapter = GrpcExternalEnvironments(socket_dir=SocketDirectory(tmp_path), options=options).adapter(
+        "unix:cartpole.sock")
+    assert adapter.address == "unix:cartpole.sock" and adapter.spec.num_envs == 3
+    adapter.reset(seed=1)
+    assert adapter.step(np.zeros(3, dtype=np.int64)).observations.shape == (3, 4)
+    first.stop()
+    assert not path.exists(), "stopping removes the socket file"
+    # A simulation restarted on the same path is reconnected like one restarted on the same port.
+    timer = threading.Timer(0.1, lambda: servers(unix_socket=path))
+    timer.start()
+    result = adapter.step(np.zeros(3, dtype=np.int64))
+    timer.join()
+    assert result.reconnected and result.truncated.all()
+    adapter.close()
+
+
+def test_a_lost_unix_simulation_is_named_as_written(servers: Callable[..., EnvServerHandle], tmp_path: Path) -> None:
+    handle = servers(unix_socket=tmp_path / "sim.sock")
+    adapter = GrpcExternalEnvironments(socket_dir=SocketDirectory(tmp_path), options=FAST).adapter("unix:sim.sock")
+    adapter.reset()
+    handle.stop()
+    with pytest.raises(EnvironmentUnavailable) as info:
+        adapter.step(np.zeros(3, dtype=np.int64))
+    assert info.value.message.startswith("env unix:sim.sock: connection lost during Step (")
+
+
+def test_binding_replaces_only_a_stale_socket(servers: Callable[..., EnvServerHandle], tmp_path: Path) -> None:
+    path = tmp_path / "sim.sock"
+    with socket.socket(socket.AF_UNIX) as stale:  # bound, then closed: the file stays, nobody listens
+        stale.bind(str(path))
+    servers(unix_socket=path).stop()
+    assert not path.exists()
+    path.write_text("not a socket")
+    with pytest.raises(OSError, match="exists and is not a socket; refusing to remove it"):
+        servers(unix_socket=path)
+    assert path.read_text() == "not a socket"
+    path.unlink()
+    with socket.socket(socket.AF_UNIX) as live:
+        live.bind(str(path))
+        live.listen(1)
+        with pytest.raises(OSError, match="another server is listening on it"):
+            servers(unix_socket=path)
+        assert path.is_socket()
+    with pytest.raises(OSError, match="sun_path"):
+        servers(unix_socket=tmp_path / ("s" * 120))
+    with pytest.raises(OSError, match="does not exist"):
+        servers(unix_socket=tmp_path / "missing" / "sim.sock")
+

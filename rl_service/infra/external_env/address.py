@@ -1,62 +1,94 @@
-"""grpc://host:port environment addresses and the EXTERNAL_ENV_ALLOWED_HOSTS allow-list.
+"""Environment addresses: grpc://host:port with the EXTERNAL_ENV_ALLOWED_HOSTS allow-list, and unix:PATH (gRPC's
+own naming for unix domain sockets) confined to EXTERNAL_ENV_SOCKET_DIR.
 
-An address is checked here, from its text alone, before anything is contacted: no DNS lookup, no connection. A
-hostname is allowed only if the list names it; an IP literal if the list names it or a network holding it.
+An address is checked here before anything is contacted: no DNS lookup, no connection. A hostname is allowed only
+if the list names it; an IP literal if the list names it or a network holding it. A socket path is allowed only if
+it lies inside the socket directory once symlinks and `..` are resolved.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
-from urllib.parse import urlsplit
+from dataclasses import dataclass, replace
+from pathlib import Path
+from urllib.parse import quote, urlsplit
 
 from rl_service.core.errors import InvalidRequest, PermissionDenied
 
 SCHEME = "grpc"
+UNIX_SCHEME = "unix"
 DEFAULT_ALLOWED_HOSTS = "localhost,127.0.0.0/8,::1"
 MAX_ADDRESS_LENGTH = 256
 _HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,62}[A-Za-z0-9])?"
                        r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,62}[A-Za-z0-9])?)*$")
+MAX_SOCKET_PATH_BYTES = 107  # sun_path holds 108 bytes, the terminating NUL included
+GRPC_USAGE = "expected grpc://HOST:PORT, e.g. grpc://127.0.0.1:50061"
+UNIX_USAGE = ("expected unix:NAME (inside EXTERNAL_ENV_SOCKET_DIR) or unix:///ABSOLUTE/PATH, "
+              "e.g. unix:cartpole.sock")
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 @dataclass(frozen=True)
 class ExternalAddress:
-    """A parsed grpc://host:port address."""
+    """A parsed address: grpc://host:port (host and port set) or unix:PATH (socket_path set, host empty)."""
 
-    url: str
-    host: str
-    port: int
+    url: str  # as written (stripped): what every message names
+    host: str = ""
+    port: int = 0
+    socket_path: str = ""  # as written until SocketDirectory.resolve makes it absolute and symlink-free
+
+    def __post_init__(self) -> None:
+        if bool(self.socket_path) == bool(self.host):
+            raise ValueError("an ExternalAddress holds either a host and port or a socket path")
+
+    @property
+    def is_unix(self) -> bool:
+        """True for a unix domain socket address."""
+        return bool(self.socket_path)
 
     @property
     def target(self) -> str:
-        """The gRPC channel target: host:port, with IPv6 literals in brackets."""
+        """The gRPC channel target: host:port (IPv6 literals in brackets), or unix:PATH."""
+        if self.is_unix:
+            return unix_target(self.socket_path)
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
     def __str__(self) -> str:
         return self.url
 
 
+def unix_target(path: str) -> str:
+    """A socket path as a gRPC target; gRPC percent-decodes it, so anything unusual is escaped."""
+    return f"{UNIX_SCHEME}:{quote(path, safe='/')}"
+
+
 def is_external_address(env_id: str) -> bool:
-    """True when env_id names a simulation (grpc://...) rather than a Gymnasium id."""
-    return env_id.strip().lower().startswith(f"{SCHEME}://")
+    """True when env_id names a simulation (grpc://... or unix:...) rather than a Gymnasium id."""
+    return env_id.strip().lower().startswith((f"{SCHEME}://", f"{UNIX_SCHEME}:"))
 
 
 def parse_address(text: str, field: str = "env_id") -> ExternalAddress:
-    """grpc://host:port -> ExternalAddress; InvalidRequest says what is wrong with anything else."""
+    """grpc://host:port or unix:PATH -> ExternalAddress; InvalidRequest says what is wrong with anything else.
+
+    A unix path is taken as written (relative or absolute); SocketDirectory.resolve places and checks it.
+    """
     url = text.strip()
-    usage = "expected grpc://HOST:PORT, e.g. grpc://127.0.0.1:50061"
     if len(url) > MAX_ADDRESS_LENGTH:
         raise InvalidRequest(f"{field}: address longer than {MAX_ADDRESS_LENGTH} characters", field=field)
+    if url.lower().startswith(f"{UNIX_SCHEME}:"):
+        return _parse_unix(url, field)
+    usage = GRPC_USAGE
     try:
         parts = urlsplit(url)
         port = parts.port
     except ValueError as exc:
         raise InvalidRequest(f"{field}: {url!r} is not a valid address ({exc}); {usage}", field=field) from None
     if parts.scheme.lower() != SCHEME:
-        raise InvalidRequest(f"{field}: {url!r} is not a grpc:// address; {usage}", field=field)
+        raise InvalidRequest(f"{field}: {url!r} is not a grpc:// or unix: address; {usage}, or {UNIX_USAGE}",
+                             field=field)
     if parts.username is not None or parts.password is not None or parts.path not in ("", "/") \
             or parts.query or parts.fragment:
         raise InvalidRequest(f"{field}: {url!r} may hold only a host and a port; {usage}", field=field)
@@ -68,6 +100,25 @@ def parse_address(text: str, field: str = "env_id") -> ExternalAddress:
     if _ip(host) is None and not _HOSTNAME.match(host):
         raise InvalidRequest(f"{field}: {host!r} is neither an IP address nor a hostname; {usage}", field=field)
     return ExternalAddress(url=url, host=host, port=port)
+
+
+def _parse_unix(url: str, field: str) -> ExternalAddress:
+    """unix:PATH, unix:/ABS/PATH or unix:///ABS/PATH (gRPC's naming); the path as written."""
+    path = url[len(UNIX_SCHEME) + 1:]
+    if path.startswith("//"):  # unix://AUTHORITY/PATH: only an empty authority, as gRPC has it
+        path = path[2:]
+        if path and not path.startswith("/"):
+            raise InvalidRequest(f"{field}: {url!r} names a host; a socket address has none; {UNIX_USAGE}",
+                                 field=field)
+    if not path or path == "/":
+        raise InvalidRequest(f"{field}: {url!r} has no socket path; {UNIX_USAGE}", field=field)
+    if any(ord(c) < 32 or c == "\x7f" for c in path):
+        raise InvalidRequest(f"{field}: {url!r}: the socket path holds a NUL byte or another control character; "
+                             f"{UNIX_USAGE}", field=field)
+    if any(c in path for c in "?#%"):  # gRPC would read them as a query, a fragment or a percent-escape
+        raise InvalidRequest(f"{field}: {url!r} may hold only a socket path (no ?, # or %); {UNIX_USAGE}",
+                             field=field)
+    return ExternalAddress(url=url, socket_path=path)
 
 
 def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
@@ -124,8 +175,42 @@ class HostAllowList:
         return ip is not None and any(ip.version == net.version and ip in net for net in self.networks)
 
     def check(self, address: ExternalAddress, field: str = "env_id") -> None:
-        """PermissionDenied unless the address's host is allowed."""
+        """PermissionDenied unless the address's host is allowed (a unix: address goes to SocketDirectory)."""
+        if address.is_unix:
+            raise ValueError(f"{address} is a unix: address; the host allow-list does not apply to it")
         if not self.allows(address.host):
             raise PermissionDenied(
                 f"{field}: {address.url} is not allowed: host {address.host!r} does not match "
                 f"EXTERNAL_ENV_ALLOWED_HOSTS ({self.text or 'empty'}); nothing was contacted", field=field)
+
+
+@dataclass(frozen=True)
+class SocketDirectory:
+    """Where unix: addresses may point: inside EXTERNAL_ENV_SOCKET_DIR; None refuses every unix: address."""
+
+    root: Path | None = None
+
+    def resolve(self, address: ExternalAddress, field: str = "env_id") -> ExternalAddress:
+        """The address with its socket path made absolute and symlink-free; PermissionDenied if it lies outside
+        the directory (or none is configured), InvalidRequest if it is too long for a socket. Nothing is contacted.
+        """
+        if not address.is_unix:
+            raise ValueError(f"{address} is not a unix: address")
+        if self.root is None:
+            raise PermissionDenied(
+                f"{field}: {address.url} is not allowed: unix socket addresses are disabled; set "
+                "EXTERNAL_ENV_SOCKET_DIR to the directory that holds the simulations' sockets; nothing was contacted",
+                field=field)
+        root = os.path.realpath(self.root)
+        # realpath resolves symlinks and ".." of the whole path, so neither can lead out of the directory.
+        path = os.path.realpath(os.path.join(root, address.socket_path))
+        if path == root or os.path.commonpath([root, path]) != root:
+            raise PermissionDenied(
+                f"{field}: {address.url} is not allowed: the socket must lie inside EXTERNAL_ENV_SOCKET_DIR "
+                f"({self.root}); nothing was contacted", field=field)
+        size = len(os.fsencode(path))
+        if size > MAX_SOCKET_PATH_BYTES:
+            raise InvalidRequest(
+                f"{field}: {address.url} resolves to a socket path of {size} bytes; a unix socket path holds at most "
+                f"{MAX_SOCKET_PATH_BYTES} (sun_path); use a shorter name or EXTERNAL_ENV_SOCKET_DIR", field=field)
+        return replace(address, socket_path=path)

@@ -1,4 +1,4 @@
-"""GrpcExternalEnvironments: what core calls for grpc:// env ids (core.envs.ExternalEnvironments).
+"""GrpcExternalEnvironments: what core calls for grpc:// and unix: env ids (core.envs.ExternalEnvironments).
 
 Built from Settings by the composition root and carried to the worker inside the WorkerJob, so it holds plain
 values only and is picklable.
@@ -12,7 +12,13 @@ from stable_baselines3.common.vec_env import VecEnv, VecMonitor
 
 from rl_service.core.envs import EnvSpaces
 from rl_service.core.errors import EnvironmentUnavailable
-from rl_service.infra.external_env.address import DEFAULT_ALLOWED_HOSTS, ExternalAddress, HostAllowList, parse_address
+from rl_service.infra.external_env.address import (
+    DEFAULT_ALLOWED_HOSTS,
+    ExternalAddress,
+    HostAllowList,
+    SocketDirectory,
+    parse_address,
+)
 from rl_service.infra.external_env.grpc_adapter import ConnectionOptions, GrpcExternalEnvAdapter, fetch_spec
 from rl_service.infra.external_env.vec_env import ExternalVecEnv
 from rl_service.infra.settings import Settings
@@ -20,22 +26,26 @@ from rl_service.infra.settings import Settings
 
 @dataclass(frozen=True)
 class GrpcExternalEnvironments:
-    """Simulations reached over gRPC, limited to the allowed hosts."""
+    """Simulations reached over gRPC: on the allowed hosts, or on unix sockets inside the socket directory."""
 
     allowed_hosts: HostAllowList = field(default_factory=lambda: HostAllowList.parse(DEFAULT_ALLOWED_HOSTS))
     options: ConnectionOptions = field(default_factory=ConnectionOptions)
+    socket_dir: SocketDirectory = field(default_factory=SocketDirectory)  # unix: addresses refused by default
 
     @classmethod
     def from_settings(cls, settings: Settings) -> GrpcExternalEnvironments:
-        """The EXTERNAL_ENV_ALLOWED_HOSTS and ENV_* settings."""
+        """The EXTERNAL_ENV_ALLOWED_HOSTS, EXTERNAL_ENV_SOCKET_DIR and ENV_* settings."""
         return cls(HostAllowList.parse(settings.external_env_allowed_hosts), ConnectionOptions(
             step_timeout=settings.env_step_timeout_seconds, connect_timeout=settings.env_connect_timeout_seconds,
             retries=settings.env_connect_retries, backoff=settings.env_retry_backoff_seconds,
-            max_message_bytes=settings.max_message_bytes, use_stream=settings.env_transport == "stream"))
+            max_message_bytes=settings.max_message_bytes, use_stream=settings.env_transport == "stream"),
+            SocketDirectory(settings.external_env_socket_dir))
 
     def check(self, address: str) -> ExternalAddress:
-        """Parse the address and check it against the allow-list; nothing is contacted."""
+        """Parse the address and check its host (grpc://) or socket path (unix:); nothing is contacted."""
         parsed = parse_address(address)
+        if parsed.is_unix:
+            return self.socket_dir.resolve(parsed)
         self.allowed_hosts.check(parsed)
         return parsed
 

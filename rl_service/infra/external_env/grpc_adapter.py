@@ -191,7 +191,7 @@ class GrpcExternalEnvAdapter(ExternalEnvAdapter):
 
     @property
     def address(self) -> str:
-        """The grpc:// address."""
+        """The address as written (grpc://... or unix:...)."""
         return self._target.url
 
     @property
