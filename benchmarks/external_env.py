@@ -6,8 +6,12 @@ that load from other work on the machine falls on all of them alike:
 
 - inprocess:       stable-baselines3's DummyVecEnv of 8 Monitor-wrapped envs (what a Gymnasium id trains on)
 - grpc_stream:     the reference server in its own process, 8 envs, one Session-stream message per vector step
+- grpc_stream_unix: the same as grpc_stream over a unix domain socket (env_id unix:...) instead of loopback TCP
 - grpc_unary:      the same with unary Step calls
 - grpc_env_per_msg: 8 reference servers of 1 env each, 8 messages per vector step (one env per message)
+- ipc_floor:       the in-process envs plus one blocking 1-byte round trip over a socket pair to another process per
+                   vector step: no gRPC, no encoding, no env work moved. The floor any out-of-process environment
+                   pays on this machine, whatever its protocol.
 
 Alongside training throughput it measures raw vector steps per second (random actions, no learning), which
 isolates the transport's cost. Writes benchmarks/results/external_env.json and .md.
@@ -23,9 +27,11 @@ import datetime
 import json
 import os
 import platform
+import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -35,7 +41,7 @@ import numpy as np
 import torch
 from stable_baselines3 import PPO
 from stable_baselines3.common.env_util import make_vec_env
-from stable_baselines3.common.vec_env import VecEnv, VecMonitor
+from stable_baselines3.common.vec_env import VecEnv, VecEnvWrapper, VecMonitor
 from stable_baselines3.common.vec_env.base_vec_env import VecEnvIndices, VecEnvObs, VecEnvStepReturn
 
 from rl_service.core.algorithms import ALGORITHMS
@@ -50,7 +56,12 @@ N_ENVS = 8
 # rl-baselines3-zoo's tuned PPO for CartPole-v1 (hyperparams/ppo.yml), in this service's hyperparameter strings.
 ZOO_PPO = {"n_steps": "32", "batch_size": "256", "gae_lambda": "0.8", "gamma": "0.98", "n_epochs": "20",
            "ent_coef": "0.0", "learning_rate": "lin_0.001", "clip_range": "lin_0.2"}
-VARIANTS = ("inprocess", "grpc_stream", "grpc_unary", "grpc_env_per_msg")
+VARIANTS = ("inprocess", "grpc_stream", "grpc_stream_unix", "grpc_unary", "grpc_env_per_msg", "ipc_floor")
+# The echo peer of ipc_floor: answers each byte on the inherited socket until it is closed.
+_ECHO_PEER = ("import socket, sys\n"
+              "peer = socket.socket(fileno=int(sys.argv[1]))\n"
+              "while data := peer.recv(1):\n"
+              "    peer.send(data)\n")
 
 
 class SequentialVecEnv(VecEnv):
@@ -103,21 +114,51 @@ class SequentialVecEnv(VecEnv):
         return [False] * self.num_envs
 
 
+class ProcessBoundaryVecEnv(VecEnvWrapper):
+    """In-process envs, plus one blocking 1-byte round trip to an echo process per vector step (ipc_floor)."""
+
+    def __init__(self, venv: VecEnv) -> None:
+        super().__init__(venv)
+        self._socket, theirs = socket.socketpair()
+        self._peer = subprocess.Popen([sys.executable, "-c", _ECHO_PEER, str(theirs.fileno())],
+                                      pass_fds=(theirs.fileno(),))
+        theirs.close()
+
+    def reset(self) -> VecEnvObs:
+        """Reset the envs."""
+        return self.venv.reset()
+
+    def step_wait(self) -> VecEnvStepReturn:
+        """Cross the process boundary once (send a byte, wait for it to come back), then step in-process."""
+        self._socket.send(b"x")
+        if self._socket.recv(1) != b"x":
+            raise RuntimeError("the echo peer of ipc_floor went away")
+        return self.venv.step_wait()
+
+    def close(self) -> None:
+        """Close the envs and stop the echo peer."""
+        self._socket.close()
+        self._peer.wait(timeout=10)
+        self.venv.close()
+
+
 @contextlib.contextmanager
-def env_servers(count: int, num_envs: int) -> Iterator[list[str]]:
-    """`count` reference servers (separate processes) of num_envs envs each; yields their addresses."""
+def env_servers(count: int, num_envs: int, unix_dir: Path | None = None) -> Iterator[list[str]]:
+    """`count` reference servers (separate processes) of num_envs envs each, on loopback TCP or, given a directory,
+    on unix sockets in it; yields their addresses."""
     processes = []
     addresses = []
     try:
-        for _ in range(count):
+        for index in range(count):
+            where = ["--unix", str(unix_dir / f"env-{index}.sock")] if unix_dir else ["--port", "0"]
             process = subprocess.Popen(
-                [sys.executable, "-m", "rl_service.envserver", "--env", ENV_ID, "--num-envs", str(num_envs),
-                 "--port", "0"], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+                [sys.executable, "-m", "rl_service.envserver", "--env", ENV_ID, "--num-envs", str(num_envs), *where],
+                stdout=subprocess.PIPE, text=True, cwd=ROOT)
             processes.append(process)
         for process in processes:
             assert process.stdout is not None
             line = process.stdout.readline()
-            if " on grpc://" not in line:
+            if " on grpc://" not in line and " on unix:" not in line:
                 raise RuntimeError(f"env server did not start: {line!r}")
             addresses.append(line.rsplit(" on ", 1)[1].strip())
         yield addresses
@@ -140,8 +181,12 @@ def make_env(variant: str, addresses: dict[str, list[str]]) -> VecEnv:
         return make_vec_env(ENV_ID, n_envs=N_ENVS, seed=0)
     if variant == "grpc_stream":
         return grpc_vec_env(addresses["batched"][0], use_stream=True)
+    if variant == "grpc_stream_unix":
+        return grpc_vec_env(addresses["unix"][0], use_stream=True)
     if variant == "grpc_unary":
         return grpc_vec_env(addresses["batched"][0], use_stream=False)
+    if variant == "ipc_floor":
+        return ProcessBoundaryVecEnv(make_vec_env(ENV_ID, n_envs=N_ENVS, seed=0))
     parts = [ExternalVecEnv(GrpcExternalEnvAdapter(parse_address(a), ConnectionOptions())) for a in addresses["single"]]
     return VecMonitor(SequentialVecEnv(parts))
 
@@ -228,8 +273,11 @@ def run(timesteps: int, repeats: int, raw_vector_steps: int, variants: Sequence[
                                "hyperparameters": ZOO_PPO, "timesteps_per_repeat": timesteps, "repeats": repeats,
                                "raw_vector_steps": raw_vector_steps, "runs": {v: [] for v in variants},
                                "raw": {v: [] for v in variants}}
-    with env_servers(1, N_ENVS) as batched, env_servers(N_ENVS if "grpc_env_per_msg" in variants else 0, 1) as single:
-        addresses = {"batched": batched, "single": single}
+    with tempfile.TemporaryDirectory(prefix="rlsvc-bench-") as socket_dir, \
+            env_servers(1, N_ENVS) as batched, \
+            env_servers(1 if "grpc_stream_unix" in variants else 0, N_ENVS, Path(socket_dir)) as unix, \
+            env_servers(N_ENVS if "grpc_env_per_msg" in variants else 0, 1) as single:
+        addresses = {"batched": batched, "unix": unix, "single": single}
         for repeat in range(repeats):
             for variant in variants:
                 env = make_env(variant, addresses)

@@ -37,8 +37,11 @@ def build(results: dict[str, Any], quick: bool) -> Section:
         f"hyperparameters, {results['timesteps_per_repeat']:,} timesteps per run, {results['repeats']} repeats "
         "interleaved, medians. Training steps/s is model.learn() time; raw is vector steps/s of random actions (no "
         "learning), the environment path alone. The reference server runs in its own process. Variants: inprocess "
-        "(DummyVecEnv), grpc_stream (8 envs per Session-stream message), grpc_unary (8 envs per unary Step), "
-        "grpc_env_per_msg (8 servers of 1 env: one env per message).")
+        "(DummyVecEnv), grpc_stream (8 envs per Session-stream message), grpc_stream_unix (the same over a unix "
+        "domain socket), grpc_unary (8 envs per unary Step), "
+        "grpc_env_per_msg (8 servers of 1 env: one env per message), ipc_floor (the in-process envs plus one blocking "
+        "1-byte round trip to another process per vector step: what crossing a process boundary costs here, with no "
+        "gRPC, no encoding and no env work moved).")
     table = Table("Training throughput", ["variant", "training steps/s", "ratio to in-process",
                                           "raw vector steps/s", "raw us per vector step", "raw ratio",
                                           f"goal >= {GOAL}x"])
@@ -57,6 +60,9 @@ def build(results: dict[str, Any], quick: bool) -> Section:
                             "measured": fmt_ratio(r) + note, "met": met})
         if variant == "grpc_env_per_msg":
             summary.append({"goal": "one env per message (no goal set)", "measured": fmt_ratio(r), "met": None})
+        if variant == "ipc_floor":
+            summary.append({"goal": "process-boundary floor, no gRPC (context: bounds any out-of-process env here)",
+                            "measured": fmt_ratio(r), "met": None})
     section.tables.append(table)
     sweep = results.get("envs_per_message_sweep")
     if sweep:

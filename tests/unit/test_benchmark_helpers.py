@@ -112,3 +112,23 @@ def test_process_helpers_on_this_process() -> None:
     finally:
         child.kill()
         child.wait()
+
+
+def test_process_boundary_vec_env_steps_like_the_envs_it_wraps() -> None:
+    from stable_baselines3.common.env_util import make_vec_env
+
+    from benchmarks.external_env import ProcessBoundaryVecEnv
+
+    plain = make_vec_env("CartPole-v1", n_envs=2, seed=3)
+    crossing = ProcessBoundaryVecEnv(make_vec_env("CartPole-v1", n_envs=2, seed=3))
+    peer = crossing._peer
+    try:
+        assert (plain.reset() == crossing.reset()).all()
+        for _ in range(30):
+            expected, got = plain.step([1, 0]), crossing.step([1, 0])
+            assert (expected[0] == got[0]).all() and (expected[1] == got[1]).all()
+        assert peer.poll() is None  # the echo peer answered every step and is still there
+    finally:
+        crossing.close()
+        plain.close()
+    assert peer.returncode == 0  # closing the socket ended it
