@@ -257,6 +257,8 @@ def machine_facts() -> dict[str, Any]:
         "python": platform.python_version(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
         "stable_baselines3": stable_baselines3.__version__, "gymnasium": gymnasium.__version__,
         "grpcio": grpc.__version__, "numpy": np.__version__, "platform": platform.platform(),
+        # grpc's internal experiment switches (inherited by the env servers); empty is grpc's default.
+        "grpc_experiments": os.environ.get("GRPC_EXPERIMENTS", ""),
     }
 
 
@@ -292,12 +294,17 @@ def run(timesteps: int, repeats: int, raw_vector_steps: int, variants: Sequence[
     summary: dict[str, Any] = {}
     base = median([r["steps_per_second"] for r in results["runs"].get("inprocess", [])])
     base_raw = median(results["raw"].get("inprocess", []))
+    baseline_runs = results["runs"].get("inprocess", [])
     for variant in variants:
         sps = median([r["steps_per_second"] for r in results["runs"][variant]])
         raw = median(results["raw"][variant])
+        # Each repeat's variant against the same repeat's in-process run: robust to load that drifts between repeats.
+        paired = [r["steps_per_second"] / b["steps_per_second"]
+                  for r, b in zip(results["runs"][variant], baseline_runs, strict=False) if b["steps_per_second"]]
         summary[variant] = {
             "median_steps_per_second": round(sps, 1),
             "ratio_to_inprocess": round(sps / base, 3) if base else None,
+            "median_paired_ratio": round(median(paired), 3) if paired else None,
             "median_raw_vector_steps_per_second": round(raw, 1),
             "raw_ratio_to_inprocess": round(raw / base_raw, 3) if base_raw else None,
             "median_us_per_vector_step_raw": round(1e6 / raw, 1) if raw else None,
@@ -319,20 +326,24 @@ def markdown(results: dict[str, Any]) -> str:
         f"{machine['date']} on {machine['cpu']} ({machine['logical_cores']} logical cores, load average "
         f"{machine['load_average_at_start']} at start, shared with other work), Python {machine['python']}, "
         f"torch {machine['torch']} ({machine['torch_threads']} thread), stable-baselines3 "
-        f"{machine['stable_baselines3']}, gymnasium {machine['gymnasium']}, grpcio {machine['grpcio']}.",
+        f"{machine['stable_baselines3']}, gymnasium {machine['gymnasium']}, grpcio {machine['grpcio']}"
+        + (f", GRPC_EXPERIMENTS={machine['grpc_experiments']} (client and env servers)"
+           if machine.get("grpc_experiments") else "") + ".",
         "",
-        f"{results['timesteps_per_repeat']} timesteps per run, {results['repeats']} repeats interleaved, medians. "
+        f"{results['timesteps_per_repeat']} timesteps per run, {results['repeats']} repeats interleaved, medians; "
+        "the per-repeat ratio divides each repeat's variant by the same repeat's in-process run. "
         f"PPO hyperparameters (rl-baselines3-zoo CartPole-v1): {results['hyperparameters']}. Training steps/s is "
         "model.learn() time; raw is vector steps/s of random actions (no learning), the environment path alone. "
         "The reference server runs in its own process.",
         "",
-        "| variant | training steps/s | ratio to in-process | raw vector steps/s | raw us per vector step | "
-        "raw ratio | mean episode reward |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| variant | training steps/s | ratio to in-process | median of per-repeat ratios | raw vector steps/s | "
+        "raw us per vector step | raw ratio | mean episode reward |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for variant, row in results["summary"].items():
         lines.append(f"| {variant} | {row['median_steps_per_second']} | {row['ratio_to_inprocess']} | "
-                     f"{row['median_raw_vector_steps_per_second']} | {row['median_us_per_vector_step_raw']} | "
+                     f"{row.get('median_paired_ratio')} | {row['median_raw_vector_steps_per_second']} | "
+                     f"{row['median_us_per_vector_step_raw']} | "
                      f"{row['raw_ratio_to_inprocess']} | {row['median_mean_episode_reward']} |")
     lines += ["", "Per-repeat training steps/s:", ""]
     for variant, runs in results["runs"].items():

@@ -43,13 +43,16 @@ def build(results: dict[str, Any], quick: bool) -> Section:
         "1-byte round trip to another process per vector step: what crossing a process boundary costs here, with no "
         "gRPC, no encoding and no env work moved).")
     table = Table("Training throughput", ["variant", "training steps/s", "ratio to in-process",
-                                          "raw vector steps/s", "raw us per vector step", "raw ratio",
+                                          "median of per-repeat ratios", "raw vector steps/s",
+                                          "raw us per vector step", "raw ratio",
                                           f"goal >= {GOAL}x"])
     summary = []
     for variant, row in results["summary"].items():
         r = row["ratio_to_inprocess"] or float("nan")
         met = None if quick or variant != "grpc_stream" or not conclusive else r >= GOAL
+        paired = row.get("median_paired_ratio")
         table.rows.append([variant, fmt(row["median_steps_per_second"]), fmt_ratio(r),
+                           fmt_ratio(paired) if paired is not None else "-",
                            fmt(row["median_raw_vector_steps_per_second"]), fmt(row["median_us_per_vector_step_raw"]),
                            fmt_ratio(row["raw_ratio_to_inprocess"] or float("nan")),
                            "-" if variant != "grpc_stream" else
