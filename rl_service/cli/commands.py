@@ -204,7 +204,7 @@ def cmd_status(args: argparse.Namespace, output: Output) -> int:
     if args.json:
         output.json(status_to_dict(status))
     else:
-        output.out.print(status_table(status))
+        output.table(status_table(status))
     return EXIT_OK
 
 
@@ -220,7 +220,7 @@ def cmd_list(args: argparse.Namespace, output: Output) -> int:
     if args.json:
         output.json([status_to_dict(r) for r in runs])
     elif runs:
-        output.out.print(runs_table(runs))
+        output.table(runs_table(runs))
     else:
         output.note("no runs match")
     return EXIT_OK

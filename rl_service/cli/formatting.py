@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -31,6 +32,13 @@ class Output:
         """One line of plain text on stdout (no markup, no wrapping)."""
         self.out.print(text, markup=False, highlight=False, soft_wrap=True)
 
+    def table(self, table: Table) -> None:
+        """A table on stdout without the trailing spaces rich pads every row with to the widest row."""
+        with self.out.capture() as captured:
+            self.out.print(table)
+        self.out.file.write("".join(_without_trailing_blanks(line) + "\n" for line in captured.get().splitlines()))
+        self.out.file.flush()
+
     def note(self, text: str) -> None:
         """One line of plain text on stderr."""
         self.err.print(text, markup=False, highlight=False, soft_wrap=True)
@@ -48,6 +56,15 @@ class Output:
         text = json.dumps(data, separators=(",", ":")) if compact else json.dumps(data, indent=2)
         self.out.file.write(text + "\n")
         self.out.file.flush()
+
+
+_TRAILING_BLANKS = re.compile(r"(?:\s|\x1b\[[0-9;]*m)+$")  # spaces, with the colour codes around them
+
+
+def _without_trailing_blanks(line: str) -> str:
+    """A rendered line without its trailing padding; a colour reset is kept where the line used colour."""
+    stripped = _TRAILING_BLANKS.sub("", line)
+    return stripped + "\x1b[0m" if "\x1b[" in stripped else stripped
 
 
 def state_name(state: int) -> str:

@@ -11,7 +11,14 @@ import pytest
 from rich.console import Console
 
 from rl_service.cli import client as cli_client
-from rl_service.cli.formatting import format_duration, runs_table, state_name, status_to_dict
+from rl_service.cli.formatting import (
+    Output,
+    format_duration,
+    runs_table,
+    state_name,
+    status_table,
+    status_to_dict,
+)
 from rl_service.cli.main import build_parser
 from rl_service.cli.plotting import moving_average
 from rl_service.cli.progress import RunProgress, eta_seconds, plain_line
@@ -123,3 +130,19 @@ def test_unreachable_names_the_address_and_the_reason(code: grpc.StatusCode, det
     assert error.exit_code == 2 and error.message == f"cannot reach the server at host:1: {reason}"
     server = cli_client.server_error(_FakeRpcError(grpc.StatusCode.NOT_FOUND, "run_id: no run 'x'"))
     assert server.exit_code == 1 and server.message == "ERROR NOT_FOUND: run_id: no run 'x'"
+
+
+@pytest.mark.parametrize("terminal", [False, True])
+def test_tables_carry_no_trailing_padding(terminal: bool) -> None:
+    out = io.StringIO()
+    output = Output(Console(file=out, width=200, force_terminal=terminal, color_system="standard" if terminal
+                            else None), Console(file=io.StringIO()))
+    status = _status()
+    status.metrics.losses.update({f"loss_{i}": 0.25 for i in range(12)})  # one row much wider than the others
+    output.table(status_table(status))
+    output.table(runs_table([status]))
+    lines = ANSI.sub("", out.getvalue()).splitlines()
+    assert any(line.startswith("run") and "run-0123456789ab" in line for line in lines)
+    assert any("loss_11=0.25" in line for line in lines)
+    assert lines and all(line == line.rstrip() for line in lines)
+    assert max(len(line) for line in lines) > 100 > len(next(line for line in lines if line.startswith("seed")))
