@@ -132,3 +132,12 @@ def test_process_boundary_vec_env_steps_like_the_envs_it_wraps() -> None:
         crossing.close()
         plain.close()
     assert peer.returncode == 0  # closing the socket ended it
+
+
+def test_transport_floor_measures_real_round_trips(tmp_path: Path) -> None:
+    from benchmarks.transport_floor import grpc_echo_us, pingpong_us
+
+    assert 0 < pingpong_us(50) < 1e6
+    echo = grpc_echo_us(f"unix:{tmp_path}/echo.sock", 50)
+    assert set(echo) == {"stream", "unary"} and all(0 < us < 1e6 for us in echo.values())
+    assert not (tmp_path / "echo.sock").exists()  # the echo server stopped and took its socket with it
