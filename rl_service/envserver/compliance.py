@@ -268,6 +268,21 @@ class EnvironmentServiceCompliance:
                          f"Step with an action outside {space} (or NaN)")
         self.step(self.random_actions())
 
+    def test_step_refuses_an_unexpected_payload(self) -> None:
+        space = self.spec.action_space
+        self.reset(seed=6)
+        actions = self.random_actions()
+        typed = self.step_request(actions).actions.WhichOneof("payload")
+        other = "float64" if typed != "float64" else "int64"
+        values = actions.reshape(-1).astype(np.float64 if other == "float64" else np.int64).tolist()
+        wrong = pb.StepRequest(actions=pb.Tensor(**{other: {"values": values}}))
+        self.expect_code(grpc.StatusCode.INVALID_ARGUMENT, lambda: self.stub.Step(wrong, timeout=self.timeout),
+                         f"Step with {other} actions for {space} (the client sends {typed})")
+        raw = pb.StepRequest(actions=pb.Tensor(raw=actions.astype(actions.dtype.newbyteorder("<")).tobytes()))
+        self.expect_code(grpc.StatusCode.INVALID_ARGUMENT, lambda: self.stub.Step(raw, timeout=self.timeout),
+                         "Step with raw actions (the client never sends raw)")
+        self.step(self.random_actions())
+
     def test_step_before_the_first_reset_is_refused(self) -> None:
         address = self.fresh_address()
         if address is None:

@@ -108,7 +108,7 @@ class ReferenceEnvironmentServicer(pb_grpc.EnvironmentServiceServicer):  # type:
         """Step every env; ended envs auto-reset and report their final observation."""
         batch = self.batch
         try:
-            actions = self._actions.decode(request.actions, batch.num_envs, "actions")
+            actions = self._actions.decode(request.actions, batch.num_envs, "actions", typed_only=True)
         except MalformedData as exc:
             raise RpcAbort(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None  # state unchanged
         _check_box_actions(actions, batch)

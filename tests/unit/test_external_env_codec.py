@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from rl_service.infra.external_env.codec import (
+    BatchCodec,
     EnvSpec,
     MalformedData,
     decode_batch,
@@ -159,3 +160,17 @@ def test_spaces_the_protocol_cannot_carry() -> None:
                   gym.spaces.Box(0, 1, (2,), dtype=np.float16)):
         with pytest.raises(ValueError):
             space_to_proto(space)
+
+
+
+def test_typed_only_decoding_refuses_other_payloads() -> None:
+    codec = BatchCodec(gym.spaces.Discrete(3))
+    assert codec.decode(codec.encode(np.array([0, 2])), 2, "actions", typed_only=True).tolist() == [0, 2]
+    as_floats = pb.Tensor(float32=pb.Float32Array(values=[0.0, 2.0]))
+    as_raw = codec.encode(np.array([0, 2]), raw=True)
+    for other in (as_floats, as_raw):
+        assert codec.decode(other, 2, "observations").tolist() == [0, 2]  # observations may use any payload
+        with pytest.raises(MalformedData, match=r"actions: .* payload; Discrete\(3\) values travel as the int64"):
+            codec.decode(other, 2, "actions", typed_only=True)
+    with pytest.raises(MalformedData, match="actions: no payload"):
+        codec.decode(pb.Tensor(), 2, "actions", typed_only=True)

@@ -234,10 +234,16 @@ class BatchCodec:
             return pb.Tensor(float64=pb.Float64Array(values=flat.astype(np.float64, copy=False).tolist()))
         return pb.Tensor(int64=pb.Int64Array(values=flat.astype(np.int64, copy=False).tolist()))
 
-    def decode(self, tensor: pb.Tensor, count: int, field: str) -> np.ndarray:
-        """`count` values shaped (count, *shape) in the space's dtype; MalformedData names `field`."""
+    def decode(self, tensor: pb.Tensor, count: int, field: str, typed_only: bool = False) -> np.ndarray:
+        """`count` values shaped (count, *shape) in the space's dtype; MalformedData names `field`.
+
+        typed_only: accept only the typed payload of wire_kind (how actions travel), not raw or another type.
+        """
         expected = count * self.size
         kind = tensor.WhichOneof("payload")
+        if typed_only and kind != self.kind and expected:
+            raise MalformedData(f"{field}: {kind or 'no'} payload; {self.space} values travel as the {self.kind} "
+                                "payload", field)
         values: np.ndarray
         if kind == "raw":
             if len(tensor.raw) != expected * self.dtype.itemsize:
