@@ -125,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Start a training run and follow it until it ends (exit 0 if SUCCEEDED). "
                                        "Ctrl+C asks whether to stop the run or detach from it.")
     train.add_argument("--algo", "--algorithm", dest="algo", required=True, help="PPO, A2C, DQN, ...")
-    train.add_argument("--env", required=True, help="a registered Gymnasium id, e.g. CartPole-v1")
+    train.add_argument("--env", required=True, help="a registered Gymnasium id (CartPole-v1), or a simulation's "
+                                                    "address (grpc://HOST:PORT, unix:NAME)")
     train.add_argument("--timesteps", type=_positive_int, required=True, help="total timesteps to train for")
     train.add_argument("--hp", type=_key_value, action="extend", nargs="+", default=[], metavar="KEY=VALUE",
                        help="a hyperparameter, e.g. --hp n_steps=256 learning_rate=lin_0.001 (repeatable)")

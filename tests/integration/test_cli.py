@@ -429,6 +429,12 @@ def test_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:
 needs_script = pytest.mark.skipif(not SCRIPT.exists(), reason="the rl-service console script is not installed")
 
 
+def default_sigint() -> None:
+    """In a child: take SIGINT's default action back. A test run started in the background (`cmd &` in a script)
+    inherits SIGINT ignored, and Python then installs no KeyboardInterrupt handler: Ctrl+C would do nothing."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def script_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("GRPC_", "RL_SERVICE_", "COLUMNS"))}
     env.update(extra)
@@ -497,7 +503,7 @@ def test_ctrl_c_without_a_terminal_detaches_and_the_run_goes_on(server: ServerHa
     process = subprocess.Popen(
         [str(SCRIPT), "train", "--algo", "PPO", "--env", "CartPole-v1", "--timesteps", "5000000", "--hp", *FAST_HP],
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env=script_env(RL_SERVICE_ADDRESS=server.address))
+        env=script_env(RL_SERVICE_ADDRESS=server.address), preexec_fn=default_sigint)
     assert process.stdout is not None
     first = process.stdout.readline()
     match = RUN_ID.search(first)
@@ -526,6 +532,7 @@ def test_ctrl_c_in_a_terminal_asks_and_can_stop_the_run(server: ServerHandle) ->
     pid, fd = pty.fork()
     if pid == 0:  # the child: its terminal is the pty, so Ctrl+C typed there is SIGINT
         try:
+            default_sigint()
             os.execve(argv[0], argv, env)
         finally:
             os._exit(127)
