@@ -116,6 +116,12 @@ class Section:
     seconds: float = 0.0
 
 
+def write_keeping_analysis(md_path: Path, text: str) -> None:
+    """Write a report, keeping the hand-written "## Analysis" section a previous version of it ended with."""
+    kept = md_path.read_text().split("\n## Analysis", 1) if md_path.exists() else []
+    md_path.write_text(text + ("\n## Analysis" + kept[1] if len(kept) == 2 else ""))
+
+
 def machine_line(facts: dict[str, Any]) -> str:
     """One line of machine facts."""
     versions = ", ".join(f"{k} {v}" for k, v in facts["versions"].items())

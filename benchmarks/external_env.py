@@ -44,6 +44,7 @@ from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.vec_env import VecEnv, VecEnvWrapper, VecMonitor
 from stable_baselines3.common.vec_env.base_vec_env import VecEnvIndices, VecEnvObs, VecEnvStepReturn
 
+from benchmarks.common import write_keeping_analysis
 from rl_service.core.algorithms import ALGORITHMS
 from rl_service.infra.external_env.address import parse_address
 from rl_service.infra.external_env.grpc_adapter import ConnectionOptions, GrpcExternalEnvAdapter
@@ -378,11 +379,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                   sweep)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
-    md_path = args.output.with_suffix(".md")
-    # A hand-written "## Analysis" section at the end of an earlier report survives a rerun.
-    kept = md_path.read_text().split("\n## Analysis", 1) if md_path.exists() else []
-    analysis = "\n## Analysis" + kept[1] if len(kept) == 2 else ""
-    md_path.write_text(markdown(results) + analysis)
+    write_keeping_analysis(args.output.with_suffix(".md"), markdown(results))
     print(markdown(results))
     return 0
 

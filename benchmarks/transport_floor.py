@@ -33,6 +33,7 @@ from typing import Any
 import grpc
 
 # benchmarks.external_env (torch, stable-baselines3) is imported where needed: the echo server child stays light.
+from benchmarks.common import write_keeping_analysis
 from rl_service_proto.v1 import environment_pb2 as pb
 from rl_service_proto.v1 import environment_pb2_grpc as pb_grpc
 
@@ -263,7 +264,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     results = run(args.repeats, args.exchanges, args.timesteps, lambda line: print(line, flush=True))
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
-    args.output.with_suffix(".md").write_text(markdown(results))
+    write_keeping_analysis(args.output.with_suffix(".md"), markdown(results))
     print(markdown(results))
     return 0
 
