@@ -25,6 +25,7 @@ from stable_baselines3.common.logger import KVWriter, Logger, TensorBoardOutputF
 from rl_service.core.algorithms import ALGORITHMS
 from rl_service.core.dto import Metrics
 from rl_service.core.envs import ExternalEnvironments, make_vec_env
+from rl_service.core.errors import EnvironmentUnavailable
 from rl_service.core.events import CheckpointSaved, Failed, Finished, Progress, Started, WorkerEvent
 from rl_service.core.hyperparams import HyperValue
 from rl_service.core.ports import ModelStore
@@ -79,6 +80,8 @@ def run_worker(job: WorkerJob, events: EventSink, stop: StopSignal) -> None:
         trainer.run()
     except BaseException as exc:  # report everything, including KeyboardInterrupt and SystemExit
         log.error("run failed", error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
+        if isinstance(exc, EnvironmentUnavailable):
+            trainer.save_progress()
         trainer.write_history()
         events.put(Failed(job.run_id, trainer.timesteps, f"{type(exc).__name__}: {exc}"))
 
@@ -103,6 +106,7 @@ class _Trainer:
         # training on for a run the restarted server has already marked INTERRUPTED.
         self.parent_pid = os.getppid()
         self.orphaned = False
+        self.model: Any = None  # set once built, for save_progress
 
     def run(self) -> None:
         """Build env and model, learn with callbacks, save the final checkpoint and model."""
@@ -115,6 +119,7 @@ class _Trainer:
             model = spec.cls("MlpPolicy", env, seed=job.seed, device="cpu", verbose=0,
                              **spec.constructor_kwargs(job.values))
             model.set_logger(logger)
+            self.model = model
             self.write_metadata(model, "running")
             self.events.put(Started(job.run_id, _pid()))
             self.log.info("run started", algorithm=spec.name, env_id=job.env_id, seed=job.seed,
@@ -136,6 +141,16 @@ class _Trainer:
                       model_path=str(job.model_path))
         self.events.put(Finished(job.run_id, self.timesteps, self.metrics(), str(job.model_path),
                                  self.last_checkpoint, stopped_early))
+
+    def save_progress(self) -> None:
+        """Checkpoint what was learnt before a simulation failed: the env broke, not the weights (they only change
+        in train(), and a failed rollout never reaches it), so the run keeps its last good policy."""
+        if self.model is None or self.timesteps <= max(self.last_checkpoint_steps, 0):
+            return
+        try:
+            self.checkpoint(self.model)
+        except Exception as exc:  # the failure being reported matters more than this save
+            self.log.error("could not save a checkpoint after the failure", error=f"{type(exc).__name__}: {exc}")
 
     def on_episode(self, reward: float, length: int) -> None:
         """Record one finished episode."""

@@ -341,6 +341,24 @@ def test_simulation_killed_mid_run_fails_the_run_and_keeps_its_checkpoints(train
     assert_healthy(training, cartpole)
 
 
+def test_a_failed_simulation_leaves_a_checkpoint_of_what_was_learnt(training: ServerHandle,
+                                                                     cartpole: EnvServerHandle) -> None:
+    with env_server_process() as (process, address):
+        # No periodic checkpoint is due before the simulation dies: the one found after is the failure's own.
+        run_id = training.start("PPO", env_id=address, total_timesteps=5_000_000, checkpoint_interval=1_000_000,
+                                hyperparameters=quick("ppo"))
+        training.wait_until(run_id, lambda s: s.timesteps_done >= 1200)
+        os.kill(process.pid, signal.SIGKILL)
+        final = training.wait_until(run_id, lambda s: s.is_done, timeout=30)
+    assert final.state == pb.FAILED and final.error.startswith("EnvironmentUnavailable")
+    kept = Path(final.last_checkpoint_path)
+    assert kept.is_file() and kept.name == f"checkpoint_{final.timesteps_done}_steps.zip"
+    reply = training.stub.Act(pb.ActRequest(run_id=run_id, observation=[0.0] * 4, deterministic=True))
+    # The failed run still serves the policy it had learnt when the simulation died.
+    assert list(reply.action) in ([0.0], [1.0]) and reply.model_timesteps == final.timesteps_done
+    assert_healthy(training, cartpole)
+
+
 def test_a_restarted_simulation_is_reconnected_and_the_run_goes_on(training: ServerHandle,
                                                                    env_servers: Callable[..., EnvServerHandle]) -> None:
     port = free_port()
