@@ -106,8 +106,6 @@ def _jobs(seeds: list[int], quick: bool) -> list[tuple[Config, int, int]]:
 def train(address: str, data: Path, seeds: list[int], quick: bool,
           only: list[str] | None = None) -> list[dict[str, Any]]:
     """Start every run through StartTraining on the server at `address`, wait for all, record them in runs.json."""
-    from rl_service_proto.v1 import training_pb2 as pb
-
     stub = training_stub(address)
     runs: list[dict[str, Any]] = []
     manifest = data / "runs.json"
@@ -119,28 +117,49 @@ def train(address: str, data: Path, seeds: list[int], quick: bool,
             hyper["learning_starts"] = "0"
         if quick and config.algorithm == "PPO":
             hyper.update(n_steps="32", batch_size="64", n_epochs="2")
-        request = pb.StartTrainingRequest(
-            experiment_id="benchmark-learning", algorithm=config.algorithm, env_id=config.env_id,
-            total_timesteps=timesteps, seed=seed, hyperparameters=hyper,
-            checkpoint_interval=max(100, timesteps // 2))
-        run_id = stub.StartTraining(request, timeout=60).run_id
+        run_id = _start_run(stub, config.algorithm, config.env_id, timesteps, seed, hyper)
         runs.append({"key": config.key, "algorithm": config.algorithm, "env_id": config.env_id, "seed": seed,
                      "timesteps": timesteps, "hyperparameters": hyper, "run_id": run_id})
     manifest.write_text(json.dumps({"address": address, "runs": runs}, indent=1))
 
     def record(final: dict[str, Any]) -> None:
-        for run in runs:
-            status = final.get(run["run_id"])
-            if status is not None and "state" not in run:
-                run.update(state=pb.RunState.Name(status.state), model_path=status.model_path,
-                           error=status.error, wall_seconds=status.finished_at - status.started_at,
-                           timesteps_done=status.timesteps_done)
-                manifest.write_text(json.dumps({"address": address, "runs": runs}, indent=1))
-                print(f"{time.strftime('%H:%M:%S')} {run['key']} seed {run['seed']}: {run['state']} "
-                      f"in {run['wall_seconds']:.0f} s", flush=True)
+        for run in _record_finished(runs, final):
+            manifest.write_text(json.dumps({"address": address, "runs": runs}, indent=1))
+            print(f"{time.strftime('%H:%M:%S')} {run['key']} seed {run['seed']}: {run['state']} "
+                  f"in {run['wall_seconds']:.0f} s", flush=True)
 
     wait_for_runs(stub, [r["run_id"] for r in runs], poll=5.0 if not quick else 0.2, on_poll=record)
     return runs
+
+
+def _start_run(stub: Any, algorithm: str, env_id: str, timesteps: int, seed: int,
+               hyperparameters: dict[str, str]) -> str:
+    """Start one learning run through the service (checkpoints at half-way and at the end); its run id."""
+    from rl_service_proto.v1 import training_pb2 as pb
+
+    return str(stub.StartTraining(pb.StartTrainingRequest(
+        experiment_id="benchmark-learning", algorithm=algorithm, env_id=env_id, total_timesteps=timesteps,
+        seed=seed, hyperparameters=hyperparameters, checkpoint_interval=max(100, timesteps // 2)),
+        timeout=60).run_id)
+
+
+def _final_record(status: Any) -> dict[str, Any]:
+    """What a run's record keeps of its final status."""
+    from rl_service_proto.v1 import training_pb2 as pb
+
+    return {"state": pb.RunState.Name(status.state), "model_path": status.model_path, "error": status.error,
+            "wall_seconds": status.finished_at - status.started_at, "timesteps_done": status.timesteps_done}
+
+
+def _record_finished(runs: list[dict[str, Any]], final: dict[str, Any]) -> list[dict[str, Any]]:
+    """Fill in the record of every run that `final` (run id -> final status) shows ended; those runs."""
+    recorded = []
+    for run in runs:
+        status = final.get(run["run_id"])
+        if status is not None and "state" not in run:
+            run.update(_final_record(status))
+            recorded.append(run)
+    return recorded
 
 
 def collect(data: Path) -> list[dict[str, Any]]:
@@ -165,13 +184,10 @@ def collect(data: Path) -> list[dict[str, Any]]:
         try:
             for run in pending:
                 status = stub.GetTrainingStatus(pb.RunRequest(run_id=run["run_id"]), timeout=5)
-                run["state"] = pb.RunState.Name(status.state)
                 if status.is_done:
-                    run.update(model_path=status.model_path, error=status.error,
-                               wall_seconds=status.finished_at - status.started_at,
-                               timesteps_done=status.timesteps_done)
+                    run.update(_final_record(status))
                 else:
-                    run["timesteps_done"] = status.timesteps_done
+                    run.update(state=pb.RunState.Name(status.state), timesteps_done=status.timesteps_done)
         except grpc.RpcError:
             pass  # the server has gone: those runs count as not finished
         finally:
@@ -314,8 +330,6 @@ def report(runs: list[dict[str, Any]], models_dir: Path, output: Path, quick: bo
 def resume(data: Path) -> None:
     """Restart the server on data/server, start again every recorded run that did not succeed (interrupted when
     a server stopped, cancelled), record them in data/runs_requeued.json and wait for them."""
-    from rl_service_proto.v1 import training_pb2 as pb
-
     server = start_server_process(data.resolve() / "server", "--max-concurrent-runs", "2",
                                   "--max-queued-runs", "100")
     try:
@@ -330,10 +344,8 @@ def resume(data: Path) -> None:
         again = [r for r in runs if r.get("state") != "SUCCEEDED"]
         started = []
         for run in again:
-            run_id = stub.StartTraining(pb.StartTrainingRequest(
-                experiment_id="benchmark-learning", algorithm=run["algorithm"], env_id=run["env_id"],
-                total_timesteps=run["timesteps"], seed=run["seed"], hyperparameters=run["hyperparameters"],
-                checkpoint_interval=max(100, run["timesteps"] // 2)), timeout=60).run_id
+            run_id = _start_run(stub, run["algorithm"], run["env_id"], run["timesteps"], run["seed"],
+                                run["hyperparameters"])
             print(f"{run['key']} seed {run['seed']}: was {run.get('state')}, started again as {run_id}", flush=True)
             started.append({key: run[key] for key in ("key", "algorithm", "env_id", "seed", "timesteps",
                                                       "hyperparameters")}
@@ -343,16 +355,10 @@ def resume(data: Path) -> None:
         path.write_text(json.dumps({"runs": requeued}, indent=1))
 
         def record(final: dict[str, Any]) -> None:
-            changed = False
-            for run in started:
-                status = final.get(run["run_id"])
-                if status is not None and "state" not in run:
-                    run.update(state=pb.RunState.Name(status.state), model_path=status.model_path,
-                               error=status.error, wall_seconds=status.finished_at - status.started_at,
-                               timesteps_done=status.timesteps_done)
-                    changed = True
-                    print(f"{time.strftime('%H:%M:%S')} {run['key']} seed {run['seed']}: {run['state']}", flush=True)
-            if changed:
+            recorded = _record_finished(started, final)
+            for run in recorded:
+                print(f"{time.strftime('%H:%M:%S')} {run['key']} seed {run['seed']}: {run['state']}", flush=True)
+            if recorded:
                 path.write_text(json.dumps({"runs": requeued}, indent=1))
 
         wait_for_runs(stub, [r["run_id"] for r in started], poll=5.0, on_poll=record)

@@ -141,3 +141,17 @@ def test_transport_floor_measures_real_round_trips(tmp_path: Path) -> None:
     echo = grpc_echo_us(f"unix:{tmp_path}/echo.sock", 50)
     assert set(echo) == {"stream", "unary"} and all(0 < us < 1e6 for us in echo.values())
     assert not (tmp_path / "echo.sock").exists()  # the echo server stopped and took its socket with it
+
+
+def test_learning_records_each_finished_run_once() -> None:
+    from benchmarks.learning import _record_finished
+    from rl_service_proto.v1 import training_pb2 as pb
+
+    runs = [{"run_id": "a"}, {"run_id": "b"}]
+    done = pb.TrainingStatus(run_id="a", state=pb.SUCCEEDED, model_path="m.zip", started_at=10.0, finished_at=25.0,
+                             timesteps_done=500)
+    assert _record_finished(runs, {"a": done}) == [runs[0]]
+    assert runs[0] == {"run_id": "a", "state": "SUCCEEDED", "model_path": "m.zip", "error": "",
+                       "wall_seconds": 15.0, "timesteps_done": 500}
+    assert "state" not in runs[1]
+    assert _record_finished(runs, {"a": done}) == []  # already recorded
