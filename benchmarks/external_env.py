@@ -27,7 +27,6 @@ import datetime
 import json
 import os
 import platform
-import socket
 import statistics
 import subprocess
 import sys
@@ -45,6 +44,7 @@ from stable_baselines3.common.vec_env import VecEnv, VecEnvWrapper, VecMonitor
 from stable_baselines3.common.vec_env.base_vec_env import VecEnvIndices, VecEnvObs, VecEnvStepReturn
 
 from benchmarks.common import write_keeping_analysis
+from benchmarks.transport_floor import EchoPeer
 from rl_service.core.algorithms import ALGORITHMS
 from rl_service.infra.external_env.address import parse_address
 from rl_service.infra.external_env.grpc_adapter import ConnectionOptions, GrpcExternalEnvAdapter
@@ -58,11 +58,6 @@ N_ENVS = 8
 ZOO_PPO = {"n_steps": "32", "batch_size": "256", "gae_lambda": "0.8", "gamma": "0.98", "n_epochs": "20",
            "ent_coef": "0.0", "learning_rate": "lin_0.001", "clip_range": "lin_0.2"}
 VARIANTS = ("inprocess", "grpc_stream", "grpc_stream_unix", "grpc_unary", "grpc_env_per_msg", "ipc_floor")
-# The echo peer of ipc_floor: answers each byte on the inherited socket until it is closed.
-_ECHO_PEER = ("import socket, sys\n"
-              "peer = socket.socket(fileno=int(sys.argv[1]))\n"
-              "while data := peer.recv(1):\n"
-              "    peer.send(data)\n")
 
 
 class SequentialVecEnv(VecEnv):
@@ -120,10 +115,7 @@ class ProcessBoundaryVecEnv(VecEnvWrapper):
 
     def __init__(self, venv: VecEnv) -> None:
         super().__init__(venv)
-        self._socket, theirs = socket.socketpair()
-        self._peer = subprocess.Popen([sys.executable, "-c", _ECHO_PEER, str(theirs.fileno())],
-                                      pass_fds=(theirs.fileno(),))
-        theirs.close()
+        self._peer = EchoPeer()
 
     def reset(self) -> VecEnvObs:
         """Reset the envs."""
@@ -131,15 +123,12 @@ class ProcessBoundaryVecEnv(VecEnvWrapper):
 
     def step_wait(self) -> VecEnvStepReturn:
         """Cross the process boundary once (send a byte, wait for it to come back), then step in-process."""
-        self._socket.send(b"x")
-        if self._socket.recv(1) != b"x":
-            raise RuntimeError("the echo peer of ipc_floor went away")
+        self._peer.exchange()
         return self.venv.step_wait()
 
     def close(self) -> None:
         """Close the envs and stop the echo peer."""
-        self._socket.close()
-        self._peer.wait(timeout=10)
+        self._peer.close()
         self.venv.close()
 
 

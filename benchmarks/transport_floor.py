@@ -23,7 +23,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent import futures
@@ -34,6 +33,7 @@ import grpc
 
 # benchmarks.external_env (torch, stable-baselines3) is imported where needed: the echo server child stays light.
 from benchmarks.common import write_keeping_analysis
+from rl_service.infra.external_env.grpc_adapter import SessionStream
 from rl_service_proto.v1 import environment_pb2 as pb
 from rl_service_proto.v1 import environment_pb2_grpc as pb_grpc
 
@@ -66,28 +66,44 @@ def serve_echo(target: str) -> None:
     server.stop(0)
 
 
+class EchoPeer:
+    """Another process that sends back each byte it gets over a socket pair: `exchange` is one round trip."""
+
+    _PROGRAM = ("import socket, sys\n"
+                "peer = socket.socket(fileno=int(sys.argv[1]))\n"
+                "while data := peer.recv(1):\n"
+                "    peer.send(data)\n")
+
+    def __init__(self) -> None:
+        self._socket, theirs = socket.socketpair()
+        self.process = subprocess.Popen([sys.executable, "-c", self._PROGRAM, str(theirs.fileno())],
+                                        pass_fds=(theirs.fileno(),))
+        theirs.close()
+
+    def exchange(self) -> None:
+        """Send a byte and wait for it to come back."""
+        self._socket.send(b"x")
+        if self._socket.recv(1) != b"x":
+            raise RuntimeError("the echo peer went away")
+
+    def close(self) -> None:
+        """Close the socket, which ends the peer, and wait for it."""
+        self._socket.close()
+        self.process.wait(timeout=10)
+
+
 def pingpong_us(exchanges: int) -> float:
     """Median microseconds of a 1-byte round trip over a socket pair to an echo process."""
-    from benchmarks.external_env import _ECHO_PEER
-
-    ours, theirs = socket.socketpair()
-    peer = subprocess.Popen([sys.executable, "-c", _ECHO_PEER, str(theirs.fileno())], pass_fds=(theirs.fileno(),))
-    theirs.close()
-    times = []
+    peer = EchoPeer()
     try:
-        for _ in range(exchanges + _warmup(exchanges)):
-            started = time.perf_counter()
-            ours.send(b"x")
-            ours.recv(1)
-            times.append(time.perf_counter() - started)
+        return _median_us(peer.exchange, exchanges)
     finally:
-        ours.close()
-        peer.wait(timeout=10)
-    return statistics.median(times[_warmup(exchanges):]) * 1e6
+        peer.close()
 
 
 def grpc_echo_us(target: str, exchanges: int) -> dict[str, float]:
-    """Median microseconds of an empty Step exchange on the Session stream and as a unary call."""
+    """Median microseconds of an empty Step exchange on the Session stream (driven as the adapter drives it) and
+    as a unary call."""
     server = subprocess.Popen([sys.executable, "-m", "benchmarks.transport_floor", "--serve", target],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
@@ -96,48 +112,29 @@ def grpc_echo_us(target: str, exchanges: int) -> dict[str, float]:
             raise RuntimeError(f"echo server on {target} did not start")
         with grpc.insecure_channel(target) as channel:
             stub = pb_grpc.EnvironmentServiceStub(channel)
-            return {"stream": _stream_us(stub, exchanges), "unary": _unary_us(stub, exchanges)}
+            session = SessionStream(stub, timeout=10.0)
+            message = pb.SessionRequest(step=pb.StepRequest())
+            try:
+                stream = _median_us(lambda: session.exchange(message), exchanges)
+            finally:
+                session.close()
+            request = pb.StepRequest()
+            return {"stream": stream, "unary": _median_us(lambda: stub.Step(request, timeout=10), exchanges)}
     finally:
         assert server.stdin is not None
         server.stdin.close()
         server.wait(timeout=10)
 
 
-def _stream_us(stub: pb_grpc.EnvironmentServiceStub, exchanges: int) -> float:
-    requests: list[pb.SessionRequest] = []
-    ready = threading.Condition()
-
-    def request_iterator() -> Iterator[pb.SessionRequest]:
-        while True:
-            with ready:
-                ready.wait_for(lambda: bool(requests))
-                request = requests.pop()
-            if request is None:
-                return
-            yield request
-
-    responses = stub.Session(request_iterator())
-    message = pb.SessionRequest(step=pb.StepRequest())
+def _median_us(exchange: Callable[[], object], exchanges: int) -> float:
+    """Median microseconds of `exchange`, after a warm-up (connection set-up, first-call costs) left out."""
+    warmup = min(WARMUP, exchanges)
     times = []
-    for _ in range(exchanges + _warmup(exchanges)):
+    for _ in range(warmup + exchanges):
         started = time.perf_counter()
-        with ready:
-            requests.append(message)
-            ready.notify()
-        next(responses)
+        exchange()
         times.append(time.perf_counter() - started)
-    responses.cancel()
-    return statistics.median(times[_warmup(exchanges):]) * 1e6
-
-
-def _unary_us(stub: pb_grpc.EnvironmentServiceStub, exchanges: int) -> float:
-    request = pb.StepRequest()
-    times = []
-    for _ in range(exchanges + _warmup(exchanges)):
-        started = time.perf_counter()
-        stub.Step(request, timeout=10)
-        times.append(time.perf_counter() - started)
-    return statistics.median(times[_warmup(exchanges):]) * 1e6
+    return statistics.median(times[warmup:]) * 1e6
 
 
 def blocking_penalty(timesteps: int, wait_seconds: float, how: str) -> dict[str, float]:
@@ -203,11 +200,6 @@ def run(repeats: int, exchanges: int, timesteps: int, progress: Callable[[str], 
             "round_trip_us": {k: round(median(v), 1) for k, v in raw.items()}, "raw": raw,
             "blocking": {how: {key: round(median([r[key] for r in runs]), 3) for key in runs[0]}
                          for how, runs in blocking.items()}, "blocking_runs": blocking}
-
-
-def _warmup(exchanges: int) -> int:
-    """Exchanges left out of the median at the start (connection set-up, first-call costs)."""
-    return min(WARMUP, exchanges)
 
 
 def _free_port() -> int:

@@ -121,7 +121,7 @@ def test_process_boundary_vec_env_steps_like_the_envs_it_wraps() -> None:
 
     plain = make_vec_env("CartPole-v1", n_envs=2, seed=3)
     crossing = ProcessBoundaryVecEnv(make_vec_env("CartPole-v1", n_envs=2, seed=3))
-    peer = crossing._peer
+    peer = crossing._peer.process
     try:
         assert (plain.reset() == crossing.reset()).all()
         for _ in range(30):

@@ -102,7 +102,7 @@ def _get_spec(stub: pb_grpc.EnvironmentServiceStub, address: ExternalAddress, op
         raise EnvironmentProtocolError(f"env {address} sent a malformed spec: {exc}", field="env_id") from None
 
 
-class _Session:
+class SessionStream:
     """The Session stream: one response per request; a watchdog cancels an exchange past its deadline."""
 
     def __init__(self, stub: pb_grpc.EnvironmentServiceStub, timeout: float) -> None:
@@ -156,7 +156,7 @@ class GrpcExternalEnvAdapter(ExternalEnvAdapter):
         self._log = get_logger("external_env").bind(env=address.url)
         self._channel: grpc.Channel | None = None
         self._stub: pb_grpc.EnvironmentServiceStub | None = None
-        self._session: _Session | None = None
+        self._session: SessionStream | None = None
         self._use_stream = options.use_stream
         self._last_observations: np.ndarray | None = None
         self.reconnects = 0
@@ -304,7 +304,7 @@ class GrpcExternalEnvAdapter(ExternalEnvAdapter):
                      ) -> pb.ResetResponse | pb.StepResponse:
         assert self._stub is not None
         if self._session is None:
-            self._session = _Session(self._stub, self._options.step_timeout)
+            self._session = SessionStream(self._stub, self._options.step_timeout)
         session = self._session
         message = pb.SessionRequest(reset=request) if isinstance(request, pb.ResetRequest) \
             else pb.SessionRequest(step=request)
