@@ -184,6 +184,7 @@ def run(repeats: int, exchanges: int, timesteps: int, progress: Callable[[str], 
     from benchmarks.external_env import machine_facts, median
 
     torch.set_num_threads(1)
+    machine = machine_facts()  # the date and load average at the start
     raw: dict[str, list[float]] = {}
     blocking: dict[str, list[dict[str, float]]] = {"none": [], "sleep": [], "spin": []}
     with tempfile.TemporaryDirectory(prefix="rlsvc-floor-") as folder:
@@ -196,7 +197,7 @@ def run(repeats: int, exchanges: int, timesteps: int, progress: Callable[[str], 
             for how in blocking:
                 blocking[how].append(blocking_penalty(timesteps, 0.0005, how))
             progress(f"repeat {repeat + 1}/{repeats}: " + ", ".join(f"{k} {v[-1]:.0f} us" for k, v in raw.items()))
-    return {"machine": machine_facts(), "repeats": repeats, "exchanges": exchanges, "timesteps": timesteps,
+    return {"machine": machine, "repeats": repeats, "exchanges": exchanges, "timesteps": timesteps,
             "round_trip_us": {k: round(median(v), 1) for k, v in raw.items()}, "raw": raw,
             "blocking": {how: {key: round(median([r[key] for r in runs]), 3) for key in runs[0]}
                          for how, runs in blocking.items()}, "blocking_runs": blocking}
