@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
+from rl_service.core.envs import is_external_env  # what the orchestrator routes on
 from rl_service.core.errors import InvalidRequest, PermissionDenied
 from rl_service.infra.external_env.address import (
     DEFAULT_ALLOWED_HOSTS,
@@ -17,7 +18,6 @@ from rl_service.infra.external_env.address import (
     ExternalAddress,
     HostAllowList,
     SocketDirectory,
-    is_external_address,
     parse_address,
 )
 from rl_service.infra.external_env.connector import GrpcExternalEnvironments
@@ -33,7 +33,7 @@ from rl_service.infra.settings import Settings, describe_validation_error
 def test_parse_valid_addresses(text: str, host: str, port: int, target: str) -> None:
     address = parse_address(text)
     assert (address.host, address.port, address.target) == (host, port, target)
-    assert is_external_address(text)
+    assert is_external_env(text)
 
 
 @pytest.mark.parametrize("text", [
@@ -49,8 +49,8 @@ def test_parse_refuses_anything_else(text: str) -> None:
 
 
 def test_gym_ids_are_not_addresses() -> None:
-    assert not is_external_address("CartPole-v1")
-    assert not is_external_address("rl_service/CrashAfter-v0")
+    assert not is_external_env("CartPole-v1")
+    assert not is_external_env("rl_service/CrashAfter-v0")
 
 
 def test_default_allow_list_is_loopback_only() -> None:
@@ -143,7 +143,7 @@ def test_parse_unix_addresses(text: str, path: str) -> None:
     address = parse_address(text)
     assert address.is_unix and address.socket_path == path and address.host == ""
     assert address.url == str(address) == text.strip()
-    assert is_external_address(text)
+    assert is_external_env(text)
 
 
 @pytest.mark.parametrize(("text", "message"), [

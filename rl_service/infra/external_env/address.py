@@ -65,11 +65,6 @@ def unix_target(path: str) -> str:
     return f"{UNIX_SCHEME}:{quote(path, safe='/')}"
 
 
-def is_external_address(env_id: str) -> bool:
-    """True when env_id names a simulation (grpc://... or unix:...) rather than a Gymnasium id."""
-    return env_id.strip().lower().startswith((f"{SCHEME}://", f"{UNIX_SCHEME}:"))
-
-
 def parse_address(text: str, field: str = "env_id") -> ExternalAddress:
     """grpc://host:port or unix:PATH -> ExternalAddress; InvalidRequest says what is wrong with anything else.
 
