@@ -8,15 +8,18 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
+from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_status import rpc_status
 
+from rl_service.healthcheck_main import unreachable_reason
 from rl_service_proto.v1 import training_pb2_grpc as pb_grpc
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 ADDRESS_VARIABLE = "RL_SERVICE_ADDRESS"
 EXIT_OK = 0
-EXIT_SERVER_ERROR = 1  # the server answered with an error, or the run did not succeed
-EXIT_UNREACHABLE = 2  # no server answers at the address
+EXIT_SERVER_ERROR = 1  # the server answered with an error, or the run did not succeed (health: not SERVING)
+EXIT_UNREACHABLE = 2  # no server answers at the address (except `health`, which exits 1 and says why)
 EXIT_USAGE = 2  # a wrong command line (argparse's code)
 EXIT_INTERRUPTED = 130  # Ctrl+C, the shell's convention for SIGINT
 CONNECT_TIMEOUT = 5.0
@@ -27,7 +30,8 @@ T = TypeVar("T")
 
 
 class CliError(Exception):
-    """A failure reported as one line on stderr, ending the command with `exit_code`."""
+    """A failure reported on stderr, ending the command with `exit_code`: one line, and for a server error that
+    names a request field, a second line `field: <path>`."""
 
     def __init__(self, message: str, exit_code: int) -> None:
         super().__init__(message)
@@ -40,23 +44,48 @@ def default_address() -> str:
     return os.environ.get(ADDRESS_VARIABLE, "").strip() or DEFAULT_ADDRESS
 
 
+def error_fields(exc: grpc.RpcError) -> list[str]:
+    """The request fields a server error names in its rich status (google.rpc.BadRequest), in order; [] if none.
+
+    The server sends one for INVALID_ARGUMENT; an error without details (or from an older server) gives [].
+    """
+    if not callable(getattr(exc, "trailing_metadata", None)):
+        return []
+    try:
+        status = rpc_status.from_call(exc)
+    except ValueError:  # a details trailer that contradicts the code or message: ignore it, keep the message
+        return []
+    fields: list[str] = []
+    for detail in status.details if status is not None else ():
+        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            if detail.Unpack(bad):
+                for violation in bad.field_violations:
+                    field = _printable(violation.field)
+                    if field and field not in fields:
+                        fields.append(field)
+    return fields
+
+
+def _printable(text: str) -> str:
+    """The text with control characters escaped (a field path can carry a client's map key as it was sent)."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def server_error(exc: grpc.RpcError) -> CliError:
-    """A gRPC error from the server as `ERROR <CODE>: <message>`, exit 1."""
+    """A gRPC error from the server as `ERROR <CODE>: <message>`, then `field: <path>` when it names one; exit 1."""
     code = exc.code()
     details = exc.details() or ""
-    return CliError(f"ERROR {code.name}: {details}".rstrip(": "), EXIT_SERVER_ERROR)
+    text = f"ERROR {code.name}: {details}".rstrip(": ")
+    fields = error_fields(exc)
+    if fields:
+        text += "\nfield: " + ", ".join(fields)
+    return CliError(text, EXIT_SERVER_ERROR)
 
 
 def unreachable(address: str, exc: grpc.RpcError, timeout: float) -> CliError:
     """One line naming the address and why it could not be reached, exit 2."""
-    if exc.code() is grpc.StatusCode.DEADLINE_EXCEEDED:
-        reason = f"no answer within {timeout:g}s"
-    else:
-        # e.g. "failed to connect to all addresses; last error: ...: Connection refused" -> "connection refused"
-        details = (exc.details() or exc.code().name).strip().rstrip("]")
-        reason = details.rsplit(": ", 1)[-1].strip()
-        reason = reason[:1].lower() + reason[1:]
-    return CliError(f"cannot reach the server at {address}: {reason}", EXIT_UNREACHABLE)
+    return CliError(f"cannot reach the server at {address}: {unreachable_reason(exc, timeout)}", EXIT_UNREACHABLE)
 
 
 @dataclass

@@ -43,14 +43,19 @@ USAGE_HINTS = {
 }
 
 
-@contextlib.contextmanager
-def connected(args: argparse.Namespace) -> Iterator[Client]:
-    """A client for --address; refuses the flags this server cannot honour yet, rather than ignoring them."""
+def refuse_unsupported(args: argparse.Namespace) -> None:
+    """Refuse the flags this server cannot honour yet (a usage error, exit 2), rather than ignoring them."""
     if args.tls:
         raise CliError("--tls is not supported yet: this server speaks plaintext gRPC only (keep it on 127.0.0.1 "
                        "or reach it through an SSH tunnel)", EXIT_USAGE)
     if args.token:
         raise CliError("--token is not supported yet: this server has no authentication", EXIT_USAGE)
+
+
+@contextlib.contextmanager
+def connected(args: argparse.Namespace) -> Iterator[Client]:
+    """A client for --address (CliError exit 2 when nothing answers there)."""
+    refuse_unsupported(args)
     client = Client.connect(args.address, args.timeout)
     try:
         yield client
@@ -331,14 +336,14 @@ def cmd_export(args: argparse.Namespace, output: Output) -> int:
 
 
 def cmd_health(args: argparse.Namespace, output: Output) -> int:
-    """The same check as healthcheck.py: exit 0 when SERVING, 1 otherwise (2 when nothing answers)."""
-    from rl_service.healthcheck_main import check
+    """The same probe as healthcheck.py: exit 0 when SERVING, 1 when not serving or unreachable; the line says why."""
+    from rl_service.healthcheck_main import DEFAULT_TIMEOUT, probe
 
-    with connected(args):
-        pass  # unreachable: one line naming the address, exit 2
-    ok, text = check(args.address, args.service, args.timeout or 3.0)
+    refuse_unsupported(args)
+    report = probe(args.address, args.service, args.timeout or DEFAULT_TIMEOUT)
     if args.json:
-        output.json({"address": args.address, "service": args.service, "serving": ok, "status": text})
+        output.json({"address": report.address, "service": report.service, "serving": report.serving,
+                     "status": report.text})
     else:
-        output.line(text)
-    return EXIT_OK if ok else EXIT_SERVER_ERROR
+        output.line(report.text)
+    return report.exit_code

@@ -1,8 +1,10 @@
 """`rl-service`: one console command for the service. `serve` starts a server; the others are gRPC clients.
 
-Exit codes: 0 success; 1 the server answered with an error (printed as `ERROR <CODE>: <message>`) or the run
-did not succeed; 2 the server cannot be reached (one line naming the address) or the command line is wrong
-(usage printed); 130 Ctrl+C detached from a run that keeps training.
+Exit codes: 0 success; 1 the server answered with an error (printed as `ERROR <CODE>: <message>`, and on a
+second line `field: <path>` when the error names a request field) or the run did not succeed; 2 the server cannot
+be reached (one line naming the address) or the command line is wrong (usage printed); 130 Ctrl+C detached from a
+run that keeps training. `health` is a probe: 0 SERVING, 1 not serving or unreachable (its line says why), 2 only
+for a wrong command line.
 """
 
 from __future__ import annotations
@@ -101,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG, description="Train reinforcement-learning policies on an rl-service server from the terminal.",
         epilog=f"Client commands talk to --address (default ${ADDRESS_VARIABLE} or 127.0.0.1:50051) over the "
                "public gRPC API. Exit codes: 0 ok, 1 server error or run not SUCCEEDED, 2 server unreachable or "
-               "bad usage, 130 detached with Ctrl+C.")
+               "bad usage, 130 detached with Ctrl+C (health: 0 SERVING, 1 not serving or unreachable, 2 bad usage).")
     parser.add_argument("--version", action="version", version=f"%(prog)s {rl_service.__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
 
@@ -177,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     export = sub.add_parser("export", parents=client, help="export the trained policy to a file",
                             description="torchscript: a TorchScript module, float32 observations [batch, ...] -> "
                                         "deterministic actions (torch.jit.load). onnx: the same program as ONNX "
-                                        "(input 'obs', output 'action'; needs the server's onnx extra). sb3: "
+                                        "(input 'obs', output 'action'). sb3: "
                                         "stable-baselines3's zip (PPO.load and friends).")
     export.add_argument("run_id", metavar="RUN")
     export.add_argument("--format", required=True, type=str.lower, choices=EXPORT_FORMATS)
@@ -185,7 +187,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="file to write (default: the server's suggestion, <RUN>.pt, .onnx or .zip)")
     export.set_defaults(handler=commands.cmd_export)
 
-    health = sub.add_parser("health", parents=client, help="check the server's health (as healthcheck.py)")
+    health = sub.add_parser("health", parents=client, help="check the server's health (as healthcheck.py)",
+                            description="Ask the health service once and print one line: the status, or why no "
+                                        "server answered. Exit 0 when SERVING, 1 when not serving or unreachable, "
+                                        "2 for a wrong command line.")
     health.add_argument("--service", default="", help="service name; empty for the whole server")
     health.set_defaults(handler=commands.cmd_health)
     return parser

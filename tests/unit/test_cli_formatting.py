@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import io
+import json
 import re
+import socket
+from collections.abc import Iterator
+from concurrent import futures
 
 import grpc
 import numpy as np
 import pytest
+from google.rpc import error_details_pb2, status_pb2
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_status import rpc_status
 from rich.console import Console
 
+from rl_service import healthcheck_main
 from rl_service.cli import client as cli_client
 from rl_service.cli.formatting import (
     Output,
@@ -19,7 +27,7 @@ from rl_service.cli.formatting import (
     status_table,
     status_to_dict,
 )
-from rl_service.cli.main import build_parser
+from rl_service.cli.main import build_parser, run
 from rl_service.cli.plotting import moving_average
 from rl_service.cli.progress import RunProgress, eta_seconds, plain_line
 from rl_service_proto.v1 import training_pb2 as pb
@@ -146,3 +154,139 @@ def test_tables_carry_no_trailing_padding(terminal: bool) -> None:
     assert any("loss_11=0.25" in line for line in lines)
     assert lines and all(line == line.rstrip() for line in lines)
     assert max(len(line) for line in lines) > 100 > len(next(line for line in lines if line.startswith("seed")))
+
+
+# ----------------------------------------------------------------------------------------------- field of an error
+
+
+class _RichRpcError(_FakeRpcError):
+    """A server error as grpc raises it on the client: code, message, and the trailers rich details travel in."""
+
+    def __init__(self, status: status_pb2.Status, details: str | None = None) -> None:
+        sent = rpc_status.to_status(status)
+        super().__init__(sent.code, status.message if details is None else details)
+        self._trailers = sent.trailing_metadata
+
+    def trailing_metadata(self) -> tuple[tuple[str, bytes], ...]:
+        return self._trailers
+
+
+def _bad_request(message: str, *fields: str, code: grpc.StatusCode = grpc.StatusCode.INVALID_ARGUMENT
+                 ) -> status_pb2.Status:
+    status = status_pb2.Status(code=code.value[0], message=message)
+    if fields:
+        status.details.add().Pack(error_details_pb2.BadRequest(field_violations=[
+            error_details_pb2.BadRequest.FieldViolation(field=f, description=message) for f in fields]))
+    return status
+
+
+def test_server_error_prints_the_field_on_a_second_line() -> None:
+    message = "hyperparameters['learning_rate']: cannot use 'abc'; expected a number > 0"
+    error = cli_client.server_error(_RichRpcError(_bad_request(message, "hyperparameters.learning_rate")))
+    assert error.exit_code == 1
+    assert error.message == f"ERROR INVALID_ARGUMENT: {message}\nfield: hyperparameters.learning_rate"
+    assert error.message.startswith(f"ERROR INVALID_ARGUMENT: {message}"), "the first line is as before"
+    two = cli_client.server_error(_RichRpcError(_bad_request("spec: bad", "spec.box.low", "spec.box.high")))
+    assert two.message == "ERROR INVALID_ARGUMENT: spec: bad\nfield: spec.box.low, spec.box.high"
+
+
+@pytest.mark.parametrize("error", [
+    _FakeRpcError(grpc.StatusCode.INVALID_ARGUMENT, "algorithm: unknown"),  # no trailers at all (older server)
+    _RichRpcError(_bad_request("algorithm: unknown")),  # a status without details
+    _RichRpcError(_bad_request("algorithm: unknown", "algorithm"), details="another message"),  # inconsistent
+    _RichRpcError(_bad_request("algorithm: unknown", "")),  # a violation without a field
+], ids=["no trailers", "no details", "inconsistent", "empty field"])
+def test_server_error_without_a_usable_field_is_one_line(error: grpc.RpcError) -> None:
+    message = cli_client.server_error(error).message
+    assert "\n" not in message and message.startswith("ERROR INVALID_ARGUMENT: ")
+
+
+def test_server_error_escapes_control_characters_in_the_field() -> None:
+    status = _bad_request("hyperparameters: unknown key", "hyperparameters.a\x1b[31m\nb")
+    error = cli_client.server_error(_RichRpcError(status))
+    assert error.message.endswith("\nfield: hyperparameters.a\\x1b[31m\\nb")
+    assert error.message.count("\n") == 1 and "\x1b" not in error.message
+
+
+# ----------------------------------------------------------------------------------------------- health exit codes
+
+
+def _closed_address() -> str:
+    """A loopback address nothing listens on."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{sock.getsockname()[1]}"
+
+
+@pytest.fixture(scope="module")
+def health_server() -> Iterator[tuple[str, health.HealthServicer]]:
+    """A bare gRPC server with only the standard health service (its statuses set by each test)."""
+    servicer = health.HealthServicer()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield f"127.0.0.1:{port}", servicer
+    server.stop(grace=None)
+
+
+def _cli(*argv: str) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    code = run(list(argv), Output(Console(file=out, width=200), Console(file=err, width=200)))
+    return code, out.getvalue(), err.getvalue()
+
+
+def _probe_script(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
+    """healthcheck.py's main: exit code and stdout (argparse's usage errors exit 2 through SystemExit)."""
+    try:
+        code = healthcheck_main.main(list(argv))
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 2
+    return code, capsys.readouterr().out
+
+
+def test_health_when_nothing_listens_exits_1_and_says_why(capsys: pytest.CaptureFixture[str]) -> None:
+    address = _closed_address()
+    expected = f"cannot reach the server at {address}: connection refused (UNAVAILABLE)\n"
+    assert _probe_script(capsys, "--address", address, "--timeout", "5") == (1, expected)
+    assert _cli("health", "--address", address) == (1, expected, "")
+    code, out, _ = _cli("health", "--address", address, "--json")
+    assert code == 1 and json.loads(out) == {"address": address, "service": "", "serving": False,
+                                             "status": expected.strip()}
+
+
+def test_health_when_no_answer_comes_in_time_exits_1_and_says_why(capsys: pytest.CaptureFixture[str]) -> None:
+    with socket.socket() as silent:  # accepts connections (the kernel does) but never speaks HTTP/2
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        address = f"127.0.0.1:{silent.getsockname()[1]}"
+        expected = f"cannot reach the server at {address}: no answer within 0.5s (DEADLINE_EXCEEDED)\n"
+        assert _probe_script(capsys, "--address", address, "--timeout", "0.5") == (1, expected)
+        assert _cli("health", "--address", address, "--timeout", "0.5") == (1, expected, "")
+
+
+@pytest.mark.parametrize(("serving", "service", "code", "status"), [
+    (health_pb2.HealthCheckResponse.SERVING, "", 0, "SERVING"),
+    (health_pb2.HealthCheckResponse.NOT_SERVING, "", 1, "NOT_SERVING"),
+    (health_pb2.HealthCheckResponse.SERVING, "no.such.Service", 1, "NOT_FOUND"),
+])
+def test_health_entry_points_agree(health_server: tuple[str, health.HealthServicer],
+                                   capsys: pytest.CaptureFixture[str], serving: int, service: str, code: int,
+                                   status: str) -> None:
+    address, servicer = health_server
+    servicer.set("", serving)
+    script_code, script_out = _probe_script(capsys, "--address", address, "--service", service)
+    cli_code, cli_out, cli_err = _cli("health", "--address", address, "--service", service)
+    assert script_code == cli_code == code and script_out == cli_out and not cli_err
+    assert cli_out.startswith(f"{address}: {status}") and cli_out.endswith("\n") and cli_out.count("\n") == 1
+    report = healthcheck_main.probe(address, service)
+    assert report.exit_code == code and report.serving is (code == 0) and report.text == cli_out.strip()
+
+
+def test_health_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    for argv in (["--timeout", "0"], ["--timeout", "soon"], ["--address", ""], ["--bogus"]):
+        assert _probe_script(capsys, *argv)[0] == 2, argv
+    address = _closed_address()
+    for argv in (["--timeout", "-1"], ["--tls"], ["--token", "t"], ["--bogus"]):
+        code, out, _ = _cli("health", "--address", address, *argv)
+        assert code == 2 and not out, argv
