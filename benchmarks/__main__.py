@@ -34,6 +34,11 @@ class Context:
         self._tmp = tempfile.TemporaryDirectory(prefix="bench-server-")
         self._server: ServerProcess | None = None
 
+    @property
+    def scratch(self) -> Path:
+        """The run's temporary directory (the shared server's data lives in scratch/server)."""
+        return Path(self._tmp.name)
+
     def server(self) -> ServerProcess:
         """The shared server (MAX_CONCURRENT_RUNS=2), started on first use."""
         if self._server is None:
@@ -84,11 +89,11 @@ def _learning(ctx: Context) -> Section:
         section.notes.append(f"Trained with `python -m benchmarks.learning train --data {data.name}` through a "
                              "server in a subprocess (MAX_CONCURRENT_RUNS=2) and collected by the runner.")
     else:
-        data = Path(ctx._tmp.name) / "learning"
+        data = ctx.scratch / "learning"
         data.mkdir(parents=True, exist_ok=True)
         runs = learning.train(ctx.server().address, data, [0] if ctx.quick else ctx.seeds, ctx.quick,
                               ["PPO/CartPole-v1"] if ctx.quick else None)
-        section = learning.report(runs, Path(ctx._tmp.name) / "server" / "models", ctx.output / "results",
+        section = learning.report(runs, ctx.scratch / "server" / "models", ctx.output / "results",
                                   ctx.quick)
     return section
 

@@ -7,8 +7,8 @@ per repeat:
 - grpc: PolicyService.SendTrainingBatch to the server on 127.0.0.1 (serialisation, transport, validation, episode
   split, the update, and the policy's state persisted to disk before the reply);
 - manager: the service's PolicyManager.send_batch called in-process (everything above but gRPC);
-- bare: rl_service.core.reinforce.reinforce_update on the same episodes with the same network and Adam (the
-  library call alone).
+- bare: rl_service.core.algorithms.reinforce_update.reinforce_update on the same episodes with the same network
+  and Adam (the library call alone).
 
 Goal: grpc >= 0.8 x bare.
 """
@@ -47,8 +47,10 @@ def run(server: ServerProcess, quick: bool, repeats: int, output: Path = BENCHMA
     import structlog
     import torch
 
-    from rl_service.core.named_policies import PolicyConfig, PolicyManager, PolicySpecRequest, _new_net
-    from rl_service.core.reinforce import Episode, reinforce_update
+    from rl_service.core.algorithms.reinforce_update import Episode, reinforce_update
+    from rl_service.core.policies.manager import PolicyManager
+    from rl_service.core.policies.records import PolicyConfig
+    from rl_service.core.policies.spec import PolicySpecRequest, new_net
     from rl_service.infra.policy_store import FilePolicyStore
     from rl_service_proto.v1 import policy_pb2 as pb
     from rl_service_proto.v1 import policy_pb2_grpc
@@ -77,7 +79,7 @@ def run(server: ServerProcess, quick: bool, repeats: int, output: Path = BENCHMA
                                        actions=batch["actions"].tolist(), rewards=batch["rewards"].tolist(),
                                        dones=batch["dones"].tolist())
             # The bare variant: the same network (class, sizes, seed) and optimiser the manager builds.
-            net = _new_net(manager._get(name).spec)
+            net = new_net(manager.get(name).spec)
             optimizer = torch.optim.Adam(net.parameters(), lr=0.002)
             ends = np.flatnonzero(batch["dones"]) + 1
             starts = np.concatenate([[0], ends[:-1]])

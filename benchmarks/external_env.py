@@ -45,7 +45,7 @@ from stable_baselines3.common.vec_env.base_vec_env import VecEnvIndices, VecEnvO
 
 from benchmarks.common import write_keeping_analysis
 from benchmarks.transport_floor import EchoPeer
-from rl_service.core.algorithms import ALGORITHMS
+from rl_service.core.algorithms.registry import ALGORITHMS
 from rl_service.infra.external_env.address import parse_address
 from rl_service.infra.external_env.grpc_adapter import ConnectionOptions, GrpcExternalEnvAdapter
 from rl_service.infra.external_env.vec_env import ExternalVecEnv

@@ -201,7 +201,7 @@ def evaluate(model_path: str, algorithm: str, env_id: str, episodes: int = 10, s
     told otherwise."""
     import gymnasium as gym
 
-    from rl_service.core.algorithms import get_algorithm
+    from rl_service.core.algorithms.registry import get_algorithm
 
     model = get_algorithm(algorithm).cls.load(model_path, device="cpu")
     env = gym.make(env_id)

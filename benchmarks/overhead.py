@@ -61,8 +61,8 @@ print(json.dumps({"imports": t1 - t0, "learn": t2 - t1}))
 def bare_spec(algorithm: str, env_id: str, hyper: dict[str, str], timesteps: int, seed: int, save: str
               ) -> dict[str, Any]:
     """The script's arguments: the same values the service's schema parses the strings into."""
-    from rl_service.core.algorithms import get_algorithm
-    from rl_service.core.hyperparams import LinearSchedule
+    from rl_service.core.algorithms.hyperparams import LinearSchedule
+    from rl_service.core.algorithms.registry import get_algorithm
 
     spec = get_algorithm(algorithm)
     values = spec.schema.parse(hyper)
@@ -106,26 +106,21 @@ def run_service(stub: Any, algorithm: str, env_id: str, hyper: dict[str, str], t
 def profile_worker(algorithm: str, env_id: str, hyper: dict[str, str], timesteps: int, seed: int, root: Path
                    ) -> str:
     """cProfile of the service's worker code (run_worker) in this process: where a run's time goes."""
-    import multiprocessing
-
-    from rl_service.core.algorithms import get_algorithm
-    from rl_service.core.worker import WorkerJob, run_worker
+    from rl_service.core.algorithms.hyperparams import format_value
+    from rl_service.core.algorithms.registry import get_algorithm
+    from rl_service.core.runs.jobs import RunJob
+    from rl_service.core.runs.worker import WorkerServices, run_worker
     from rl_service.infra.model_store import FileModelStore
 
     spec = get_algorithm(algorithm)
-    values = spec.schema.parse(hyper)
+    effective = {key: format_value(value) for key, value in spec.schema.parse(hyper).items()}
     store = FileModelStore(root / "models", root / "checkpoints")
-    job = WorkerJob(run_id="run-profile", experiment_id="profile", algorithm=algorithm.lower(), env_id=env_id,
-                    total_timesteps=timesteps, seed=seed, values=values, effective_hyperparameters={},
-                    checkpoint_interval=10_000, model_path=store.run_dir("run-profile") / "model.zip", store=store)
-
-    class Sink:
-        def put(self, item: Any) -> None:
-            pass
-
+    job = RunJob(run_id="run-profile", experiment_id="profile", algorithm=algorithm.lower(), env_id=env_id,
+                 total_timesteps=timesteps, seed=seed, hyperparameters=effective, checkpoint_interval=10_000,
+                 model_path=str(store.run_dir("run-profile") / "model.zip"))
     profiler = cProfile.Profile()
     profiler.enable()
-    run_worker(job, Sink(), multiprocessing.Event())
+    run_worker(job, WorkerServices(store), lambda event: None, lambda: False)
     profiler.disable()
     text = io.StringIO()
     stats = pstats.Stats(profiler, stream=text)

@@ -40,7 +40,7 @@ def train_one(args: tuple[str, dict[str, float], int, int]) -> dict[str, Any]:
     from stable_baselines3.common.callbacks import BaseCallback
     from stable_baselines3.common.env_util import make_vec_env
 
-    from rl_service.core.reinforce_algorithm import Reinforce
+    from rl_service.core.algorithms.reinforce import Reinforce
 
     torch.set_num_threads(1)
     returns: list[float] = []

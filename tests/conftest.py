@@ -18,6 +18,7 @@ from rl_service.transport.server_factory import RunningServer, build_server
 from rl_service_proto.v1 import training_pb2 as pb
 from rl_service_proto.v1 import training_pb2_grpc as pb_grpc
 
+TEST_GYM_PACKAGES = "tests.support.envs"
 # Small enough to train in a second or two on one core, large enough to checkpoint and finish episodes.
 FAST_PPO = {"n_steps": "128", "batch_size": "64", "n_epochs": "2"}
 
@@ -80,6 +81,8 @@ def make_settings(root: Path, **overrides: Any) -> Settings:
         "stop_timeout_seconds": 30,
         "log_format": "console",
         "log_level": "WARNING",
+        # The suite's own environments (rl_service/CrashAfter-v0): registered by the server and its workers.
+        "gym_packages": TEST_GYM_PACKAGES,
     }
     values.update(overrides)
     return Settings(_env_file=None, **values)  # type: ignore[call-arg]

@@ -17,16 +17,14 @@ import numpy as np
 from stable_baselines3.common.env_util import make_vec_env as sb3_make_vec_env
 from stable_baselines3.common.vec_env import VecEnv
 
-from rl_service.core import test_envs
 from rl_service.core.errors import (
     InvalidObservation,
     InvalidRequest,
     PermissionDenied,
     UnknownEnvironment,
     UnsupportedSpace,
+    quoted,
 )
-
-test_envs.register()
 
 _OBSERVATION_SPACES = (gym.spaces.Box, gym.spaces.Discrete, gym.spaces.MultiDiscrete, gym.spaces.MultiBinary)
 # A simulation's address: grpc://host:port, or unix:PATH (a unix domain socket, gRPC's naming).
@@ -75,13 +73,13 @@ def check_env_id(env_id: str) -> None:
     # "module:Env-v0" makes gym.make import an arbitrary module: that would execute code a client chose.
     if ":" in env_id:
         raise UnknownEnvironment(
-            f"env_id: {env_id!r} names a module to import; only registered Gymnasium ids are accepted",
+            f"env_id: {quoted(env_id)} names a module to import; only registered Gymnasium ids are accepted",
             field="env_id",
         )
     if env_id not in gym.registry:
         close = difflib.get_close_matches(env_id, list(gym.registry.keys()), n=3)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise UnknownEnvironment(f"env_id: {env_id!r} is not a registered Gymnasium environment{hint}",
+        raise UnknownEnvironment(f"env_id: {quoted(env_id)} is not a registered Gymnasium environment{hint}",
                                  field="env_id")
 
 
@@ -102,7 +100,7 @@ def _registered_env_spaces(env_id: str) -> EnvSpaces:
         env = gym.make(env_id)
     except Exception as exc:  # a missing optional dependency (box2d, mujoco, ...) surfaces here
         raise UnknownEnvironment(
-            f"env_id: {env_id!r} is registered but cannot be created on this server: {exc}", field="env_id"
+            f"env_id: {quoted(env_id)} is registered but cannot be created on this server: {exc}", field="env_id"
         ) from None
     try:
         spaces = EnvSpaces(env.observation_space, env.action_space)

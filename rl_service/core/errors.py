@@ -5,6 +5,19 @@ Transport maps each class to a gRPC status code in one table (rl_service.transpo
 
 from __future__ import annotations
 
+MAX_QUOTED = 64  # characters of a client's value repeated in an error message
+
+
+def quoted(value: str, limit: int = MAX_QUOTED) -> str:
+    """A client's value for an error message: repr of at most `limit` characters, marked when cut.
+
+    Messages travel in gRPC trailers (8 KiB by default): a long value repeated in full would cost the client the
+    real status code, and an error should never echo megabytes back.
+    """
+    if len(value) <= limit:
+        return repr(value)
+    return repr(value[:limit]) + f"... ({len(value)} characters)"
+
 
 class ServiceError(Exception):
     """Base of every error a client may see; `field` names the request field at fault, when there is one."""

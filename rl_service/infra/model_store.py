@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from rl_service.core.errors import AlreadyExists, InvalidRequest, PathOutsideRoot
+from rl_service.core.models.checkpoints import checkpoint_name, checkpoint_timesteps
 from rl_service.infra.atomic import atomic_write_json, atomic_write_with
 
-_CHECKPOINT_RE = re.compile(r"^checkpoint_(\d+)_steps\.zip$")
 MAX_PATH_LENGTH = 1024
 
 
@@ -64,7 +63,7 @@ class FileModelStore:
 
     def save_checkpoint(self, run_id: str, model: Any, timesteps: int) -> Path:
         """Write checkpoint_<timesteps>_steps.zip, then drop all but the newest keep_checkpoints."""
-        path = self.checkpoint_run_dir(run_id) / f"checkpoint_{timesteps}_steps.zip"
+        path = self.checkpoint_run_dir(run_id) / checkpoint_name(timesteps)
         self.save_model(model, path)
         self._prune(run_id)
         return path
@@ -76,9 +75,9 @@ class FileModelStore:
             return []
         found = []
         for entry in directory.iterdir():
-            match = _CHECKPOINT_RE.match(entry.name)
-            if match:
-                found.append((int(match.group(1)), entry))
+            steps = checkpoint_timesteps(entry)
+            if steps is not None:
+                found.append((steps, entry))
         return [path for _, path in sorted(found)]
 
     def latest_checkpoint(self, run_id: str) -> Path | None:

@@ -1,21 +1,33 @@
 """Runs each training job in its own OS process (multiprocessing), so runs use every core, a crash cannot take
-the server down, and a stuck run can always be killed."""
+the server down, and a stuck run can always be killed.
+
+Jobs go to a worker and events come back as plain versioned dicts (RunJob.to_dict, event_to_dict); the worker
+learns it must stop through a should-stop callable built here from a stop flag and the parent's liveness.
+"""
 
 from __future__ import annotations
 
+import importlib
 import multiprocessing
+import os
 import queue
+import signal
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from rl_service.infra.logging_setup import configure_logging
+from rl_service.core.runs.events import WorkerEvent, event_from_dict, event_to_dict
+from rl_service.core.runs.jobs import RunJob
+from rl_service.infra.logging_setup import configure_logging, get_logger
+
+# target(job, services, emit, should_stop): rl_service.core.runs.worker.run_worker in production.
+WorkerTarget = Callable[[RunJob, Any, Callable[[WorkerEvent], None], Callable[[], bool]], None]
 
 
 class LocalProcessExecutor:
     """One process per job; events from all workers arrive on one queue."""
 
-    def __init__(self, target: Callable[..., None], start_method: str = "forkserver",
+    def __init__(self, target: WorkerTarget, services: Any, start_method: str = "forkserver",
                  preload: Sequence[str] = (), log_level: str = "INFO", log_format: str = "json") -> None:
         self._ctx: Any = multiprocessing.get_context(start_method)
         if start_method == "forkserver" and preload:
@@ -26,24 +38,27 @@ class LocalProcessExecutor:
 
             forkserver.ensure_running()
         self._target = target
+        self._services = services  # server configuration (stores, env settings), the same for every worker
+        self._preload = tuple(preload)  # imported again by each worker: a no-op under forkserver, needed by spawn
         self._logging = (log_level, log_format)
         self._events: Any = self._ctx.Queue()
         self._lock = threading.Lock()
         self._processes: dict[str, Any] = {}
         self._stops: dict[str, Any] = {}
 
-    def launch(self, run_id: str, job: Any) -> None:
-        """Start a process running target(job, events, stop_event)."""
+    def launch(self, run_id: str, job: RunJob) -> None:
+        """Start a process training `job`."""
         stop = self._ctx.Event()
-        process = self._ctx.Process(target=_bootstrap, args=(self._target, self._logging, job, self._events, stop),
-                                    name=f"rl-run-{run_id}", daemon=True)
+        process = self._ctx.Process(
+            target=_bootstrap, name=f"rl-run-{run_id}", daemon=True,
+            args=(self._target, self._services, self._preload, self._logging, job.to_dict(), self._events, stop))
         process.start()
         with self._lock:
             self._processes[run_id] = process
             self._stops[run_id] = stop
 
     def request_stop(self, run_id: str) -> None:
-        """Ask the worker to checkpoint and stop at its next step."""
+        """Ask the worker to checkpoint and stop at its next progress report."""
         with self._lock:
             stop = self._stops.get(run_id)
         if stop is not None:
@@ -57,11 +72,16 @@ class LocalProcessExecutor:
             process.kill()
             process.join(timeout=5)
 
-    def next_event(self, timeout: float) -> Any | None:
-        """The next worker event, or None after `timeout` seconds."""
+    def next_event(self, timeout: float) -> WorkerEvent | None:
+        """The next worker event, or None after `timeout` seconds; a malformed one is logged and dropped."""
         try:
-            return self._events.get(timeout=timeout) if timeout > 0 else self._events.get_nowait()
+            data = self._events.get(timeout=timeout) if timeout > 0 else self._events.get_nowait()
         except queue.Empty:
+            return None
+        try:
+            return event_from_dict(data)
+        except ValueError as exc:
+            get_logger("executor").error("dropped a malformed worker event", error=str(exc))
             return None
 
     def reap(self) -> list[tuple[str, int]]:
@@ -93,7 +113,34 @@ class LocalProcessExecutor:
         self._events.join_thread()
 
 
-def _bootstrap(target: Callable[..., None], logging: tuple[str, str], job: Any, events: Any, stop: Any) -> None:
-    """Child-process entry: configure logging like the server's, then run the job."""
+class _StopFlag:
+    """The worker's should-stop callable: a stop request, or a server that is gone."""
+
+    def __init__(self, stop: Any) -> None:
+        self._stop = stop
+        # The process that started this one (the fork server under forkserver): it exits with the server.
+        self._parent_pid = os.getppid()
+        self._orphaned = False
+
+    def __call__(self) -> bool:
+        # A worker whose server died (SIGKILL, OOM) is re-parented; it then saves and stops instead of training on
+        # for a run the restarted server has already marked INTERRUPTED.
+        if not self._orphaned and os.getppid() != self._parent_pid:
+            self._orphaned = True
+            get_logger("executor").warning("server process is gone; saving and stopping")
+        return self._orphaned or bool(self._stop.is_set())
+
+
+def _bootstrap(target: WorkerTarget, services: Any, preload: Sequence[str], logging: tuple[str, str],
+               job: dict[str, Any], events: Any, stop: Any) -> None:
+    """Child-process entry: logging like the server's, SIGINT left to the server, then the job."""
+    # Ctrl+C in a terminal reaches the whole process group; the server decides how its runs stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     configure_logging(*logging)
-    target(job, events, stop)
+    for module in preload:
+        importlib.import_module(module)
+
+    def emit(event: WorkerEvent) -> None:
+        events.put(event_to_dict(event))
+
+    target(RunJob.from_dict(job), services, emit, _StopFlag(stop))

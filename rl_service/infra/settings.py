@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import multiprocessing
 import os
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -16,6 +17,8 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from rl_service.infra.external_env.address import DEFAULT_ALLOWED_HOSTS, MAX_SOCKET_PATH_BYTES, HostAllowList
+
+_MODULE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
 
 
 class Settings(BaseSettings):
@@ -68,6 +71,23 @@ class Settings(BaseSettings):
     env_connect_retries: int = Field(5, ge=0, le=100, description="reconnects to a lost env before the run fails")
     env_retry_backoff_seconds: float = Field(1.0, ge=0, le=600, description="first reconnect wait, doubled each try")
     env_transport: Literal["stream", "unary"] = Field("stream", description="env calls on the Session stream or unary")
+    gym_packages: str = Field(
+        "", description="comma-separated modules imported by the server and every worker at start-up, so the "
+                        "Gymnasium environments they register can be trained (as rl-baselines3-zoo's --gym-packages)")
+
+    @field_validator("gym_packages")
+    @classmethod
+    def _check_gym_packages(cls, value: str) -> str:
+        for name in split_modules(value):
+            if not _MODULE_NAME.fullmatch(name):
+                raise ValueError(f"{name[:40]!r} is not a module name")
+            try:
+                found = importlib.util.find_spec(name) is not None
+            except ModuleNotFoundError:  # a parent package is missing
+                found = False
+            if not found:
+                raise ValueError(f"module {name!r} is not installed")
+        return value
 
     @field_validator("external_env_allowed_hosts")
     @classmethod
@@ -136,6 +156,11 @@ class Settings(BaseSettings):
         return self.policies_dir
 
     @property
+    def gym_modules(self) -> tuple[str, ...]:
+        """GYM_PACKAGES as module names."""
+        return split_modules(self.gym_packages)
+
+    @property
     def registry_path(self) -> Path:
         """The SQLite file of the run registry."""
         return self.data_dir / "runs.sqlite3"
@@ -145,6 +170,11 @@ class Settings(BaseSettings):
         """host:port to bind."""
         host = f"[{self.grpc_host}]" if ":" in self.grpc_host else self.grpc_host
         return f"{host}:{self.grpc_port}"
+
+
+def split_modules(value: str) -> tuple[str, ...]:
+    """Module names out of a comma-separated list (blanks ignored)."""
+    return tuple(part.strip() for part in value.split(",") if part.strip())
 
 
 def tensorboard_installed() -> bool:

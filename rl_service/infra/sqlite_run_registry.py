@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from rl_service.core.dto import Metrics, RunFilter, RunRecord, RunState
+from rl_service.core.runs.records import Metrics, RunFilter, RunRecord, RunState
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from rl_service.core.dto import ActResult, Metrics, RunFilter, RunRecord, RunState, TrainingRequest
 from rl_service.core.errors import InvalidRequest
-from rl_service.core.exporters import ExportedModel
-from rl_service.core.run_history import Episode, HistoryPage
+from rl_service.core.models.run_exporters import ExportedModel
+from rl_service.core.runs.history import Episode, HistoryPage
+from rl_service.core.runs.records import ActResult, Metrics, RunFilter, RunRecord, RunState, TrainingRequest
 from rl_service_proto.v1 import training_pb2 as pb
 
 

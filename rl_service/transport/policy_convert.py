@@ -4,15 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from rl_service.core.named_policies import (
-    BatchOutcome,
-    CheckpointInfo,
-    ModelUpdate,
-    PolicySnapshot,
-    PolicySpec,
-    PolicySpecRequest,
-)
-from rl_service.core.reinforce import UpdateStats
+from rl_service.core.algorithms.reinforce_update import UpdateStats
+from rl_service.core.policies.records import BatchOutcome, CheckpointInfo, ModelUpdate, PolicySnapshot
+from rl_service.core.policies.spec import PolicySpec, PolicySpecRequest
 from rl_service_proto.v1 import policy_pb2 as pb
 
 

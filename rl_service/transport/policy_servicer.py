@@ -7,8 +7,8 @@ from collections.abc import Iterator
 import grpc
 import numpy as np
 
-from rl_service.core.errors import CapacityExceeded, InvalidRequest
-from rl_service.core.named_policies import PolicyManager
+from rl_service.core.errors import CapacityExceeded, InvalidRequest, quoted
+from rl_service.core.policies.manager import PolicyManager
 from rl_service.transport import policy_convert as convert
 from rl_service.transport.error_mapping import guarded
 from rl_service.transport.stream_slots import StreamSlots
@@ -60,7 +60,7 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):  # type: ignore[misc]
         size = 0
         for chunk in request_iterator:
             if chunks and chunk.policy_id and chunk.policy_id != chunks[0].policy_id:
-                raise InvalidRequest(f"policy_id: chunk {len(chunks)} names {chunk.policy_id!r}, the stream "
+                raise InvalidRequest(f"policy_id: chunk {len(chunks)} names {quoted(chunk.policy_id)}, the stream "
                                      f"started with {chunks[0].policy_id!r}", field="policy_id")
             size += _FLOAT_BYTES * (len(chunk.states) + len(chunk.actions) + len(chunk.rewards)) + len(chunk.dones)
             if size > self._max_batch_bytes:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import threading
 from concurrent import futures
 from dataclasses import dataclass
@@ -10,9 +11,10 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from rl_service.core.named_policies import PolicyConfig, PolicyManager
-from rl_service.core.orchestrator import Orchestrator, OrchestratorConfig
-from rl_service.core.worker import run_worker
+from rl_service.core.policies.manager import PolicyManager
+from rl_service.core.policies.records import PolicyConfig
+from rl_service.core.runs.orchestrator import Orchestrator, OrchestratorConfig
+from rl_service.core.runs.worker import WorkerServices, run_worker
 from rl_service.infra.external_env.connector import GrpcExternalEnvironments
 from rl_service.infra.logging_setup import get_logger
 from rl_service.infra.model_store import FileModelStore
@@ -29,7 +31,7 @@ TRAINING_SERVICE = training_pb2.DESCRIPTOR.services_by_name["TrainingService"].f
 POLICY_SERVICE = policy_pb2.DESCRIPTOR.services_by_name["PolicyService"].full_name
 HEALTH_SERVICES = ("", TRAINING_SERVICE, POLICY_SERVICE)
 # Modules the fork server imports once so every worker starts without re-importing torch.
-WORKER_PRELOAD = ("rl_service.core.worker",)
+WORKER_PRELOAD = ("rl_service.core.runs.worker",)
 
 
 @dataclass
@@ -89,9 +91,13 @@ def build_server(settings: Settings) -> RunningServer:
     log = get_logger("server")
     store = FileModelStore(settings.models_root, settings.checkpoint_root, settings.keep_checkpoints)
     registry = SqliteRunRegistry(settings.registry_path)
-    executor = LocalProcessExecutor(run_worker, settings.worker_start_method, WORKER_PRELOAD,
+    for module in settings.gym_modules:  # their Gymnasium registrations, here for validation and Act
+        importlib.import_module(module)
+    config = orchestrator_config(settings)
+    executor = LocalProcessExecutor(run_worker, WorkerServices(store, config.external_envs),
+                                    settings.worker_start_method, (*WORKER_PRELOAD, *settings.gym_modules),
                                     log_level=settings.log_level, log_format=settings.log_format)
-    orchestrator = Orchestrator(orchestrator_config(settings), registry, store, executor, log)
+    orchestrator = Orchestrator(config, registry, store, executor, log)
     policies = PolicyManager(FilePolicyStore(settings.policies_root),
                              PolicyConfig(versions_kept=settings.policy_versions_kept,
                                           max_pending_steps=settings.max_pending_steps), log)

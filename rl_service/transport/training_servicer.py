@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import grpc
 import numpy as np
 
-from rl_service.core.orchestrator import Orchestrator
+from rl_service.core.runs.orchestrator import Orchestrator
 from rl_service.transport import convert
 from rl_service.transport.error_mapping import guarded
 from rl_service.transport.stream_slots import StreamSlots

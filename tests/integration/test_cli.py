@@ -141,7 +141,7 @@ def test_train_detach_then_watch_as_text_and_json(server: ServerHandle) -> None:
 
 
 def test_train_reports_failed_runs_and_bad_requests(server: ServerHandle) -> None:
-    from rl_service.core.test_envs import CRASH_ENV_ID
+    from tests.support.envs import CRASH_ENV_ID
 
     failed = at(server, "train", "--algo", "PPO", "--env", CRASH_ENV_ID, "--timesteps", "5000",
                 "--hp", "n_steps=64", "batch_size=32", "n_epochs=1")
@@ -398,13 +398,17 @@ def test_server_errors_print_code_and_message(server: ServerHandle) -> None:
         assert not result.out
 
 
-def test_unreachable_server_is_one_line_and_exit_2() -> None:
+def test_unreachable_server_is_one_line_and_exit_2_except_health() -> None:
     address = f"127.0.0.1:{closed_port()}"
-    for argv in (("list",), ("status", "run-x"), ("health",), ("train", "--algo", "PPO", "--env", "CartPole-v1",
-                                                              "--timesteps", "100")):
+    for argv in (("list",), ("status", "run-x"), ("train", "--algo", "PPO", "--env", "CartPole-v1",
+                                                "--timesteps", "100")):
         result = cli(argv[0], "--address", address, *argv[1:])
         assert result.code == 2, argv
         assert result.err == f"cannot reach the server at {address}: connection refused\n", result.err
+    # health is a probe: "not serving" is its answer (exit 1, as healthcheck.py), not a usage error.
+    health = cli("health", "--address", address)
+    assert health.code == 1 and not health.err
+    assert health.out == f"cannot reach the server at {address}: connection refused (UNAVAILABLE)\n"
 
 
 def test_tls_and_token_flags_are_refused_until_the_server_supports_them(server: ServerHandle) -> None:

@@ -22,7 +22,7 @@ import gymnasium as gym
 import pytest
 from grpc_health.v1 import health_pb2
 
-from rl_service.core.algorithms import ALGORITHMS
+from rl_service.core.algorithms.registry import ALGORITHMS
 from rl_service.envserver.faults import Fault, FaultyEnvironmentServicer
 from rl_service.envserver.reference_server import (
     EnvServerHandle,

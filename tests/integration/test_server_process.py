@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("GRPC_", "LOG_", "MAX_", "MODELS_"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GRPC_", "LOG_", "MAX_", "MODELS_", "GYM_"))}
     env.update({"DATA_DIR": str(tmp_path / "data"), "GRPC_HOST": "127.0.0.1", "GRPC_PORT": "0"})
     env.update(extra)
     return env
@@ -33,6 +33,8 @@ def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
     ("KEEP_CHECKPOINTS", "0"),
     ("WORKER_START_METHOD", "threads"),
     ("EXTERNAL_ENV_SOCKET_DIR", "/dev/null"),
+    ("GYM_PACKAGES", "no_such_module_xyz"),
+    ("GYM_PACKAGES", "os;rm"),
 ])
 def test_invalid_configuration_exits_nonzero_naming_the_variable(tmp_path: Path, variable: str, value: str) -> None:
     result = subprocess.run([sys.executable, str(ROOT / "server.py")], cwd=tmp_path,
@@ -99,6 +101,12 @@ def test_sigterm_checkpoints_runs_and_exits_zero_and_healthcheck_follows(tmp_pat
 
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = pb_grpc.TrainingServiceStub(channel)
+            # The suite's own environments exist only where GYM_PACKAGES names them, never on a default server.
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.StartTraining(pb.StartTrainingRequest(algorithm="PPO", env_id="rl_service/CrashAfter-v0",
+                                                           total_timesteps=1000))
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "'rl_service/CrashAfter-v0' is not a registered Gymnasium environment" in refused.value.details()
             run_id = stub.StartTraining(pb.StartTrainingRequest(
                 algorithm="PPO", env_id="CartPole-v1", total_timesteps=5_000_000, checkpoint_interval=100_000,
                 hyperparameters={"n_steps": "128", "batch_size": "64", "n_epochs": "2"})).run_id

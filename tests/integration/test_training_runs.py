@@ -13,10 +13,10 @@ import pytest
 from grpc_health.v1 import health_pb2
 from stable_baselines3 import PPO
 
-from rl_service.core.algorithms import ALGORITHMS, get_algorithm
-from rl_service.core.test_envs import CRASH_ENV_ID
+from rl_service.core.algorithms.registry import ALGORITHMS, get_algorithm
 from rl_service_proto.v1 import training_pb2 as pb
 from tests.conftest import FAST_PPO, ServerHandle
+from tests.support.envs import CRASH_ENV_ID
 
 # Per registry entry: a budget that finishes in a few seconds and still completes episodes and checkpoints.
 QUICK_RUNS = {

@@ -1,4 +1,4 @@
-"""rl_service.core.algorithms: the registry against stable-baselines3, kwargs building and space checks.
+"""rl_service.core.algorithms.registry: the registry against stable-baselines3, kwargs building and space checks.
 
 Tests parametrised over ALGORITHMS cover any entry added to the registry without changes here.
 """
@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from rl_service.core.algorithms import (
+from rl_service.core.algorithms.hyperparams import LinearSchedule, format_value
+from rl_service.core.algorithms.registry import (
     ACTIVATIONS,
     ALGORITHMS,
     SERVICE_KEYS,
@@ -22,7 +23,6 @@ from rl_service.core.algorithms import (
     to_sb3_value,
 )
 from rl_service.core.errors import InvalidHyperparameter, UnknownAlgorithm, UnsupportedSpace
-from rl_service.core.hyperparams import LinearSchedule, format_value
 
 KEYS = sorted(ALGORITHMS)
 # Defaults the service deliberately sets differently from stable-baselines3 (documented in algorithms.py).

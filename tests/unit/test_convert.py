@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from rl_service.core.dto import ActResult, Metrics, RunFilter, RunRecord, RunState, TrainingRequest
 from rl_service.core.errors import InvalidRequest
+from rl_service.core.runs.records import ActResult, Metrics, RunFilter, RunRecord, RunState, TrainingRequest
 from rl_service.transport.convert import (
     act_batch_response_to_proto,
     act_response_to_proto,

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from rl_service.core.exporters import ExportedModel
-from rl_service.core.run_history import Episode, HistoryPage
+from rl_service.core.models.run_exporters import ExportedModel
+from rl_service.core.runs.history import Episode, HistoryPage
 from rl_service.transport import convert
 
 

@@ -28,7 +28,7 @@ from rl_service.core.errors import (
     UnknownEnvironment,
     UnsupportedSpace,
 )
-from rl_service.core.test_envs import CRASH_ENV_ID
+from tests.support.envs import CRASH_ENV_ID
 
 BOX4 = gym.spaces.Box(-1.0, 1.0, shape=(4,), dtype=np.float32)
 

@@ -13,10 +13,16 @@ import pytest
 import torch
 from stable_baselines3 import A2C, DQN, PPO
 
-from rl_service.core import exporters
+from rl_service.core.algorithms.reinforce import Reinforce
 from rl_service.core.errors import ExportUnavailable, UnknownExportFormat
-from rl_service.core.exporters import ExportFormat, ExportSource, export_model, get_export_format, timesteps_of
-from rl_service.core.reinforce_algorithm import Reinforce
+from rl_service.core.models import run_exporters as exporters
+from rl_service.core.models.checkpoints import checkpoint_name, checkpoint_timesteps
+from rl_service.core.models.run_exporters import (
+    ExportFormat,
+    ExportSource,
+    export_model,
+    get_export_format,
+)
 
 
 class _SpacesEnv(gym.Env[Any, Any]):
@@ -62,7 +68,7 @@ def _saved_model(tmp_path: Path, cls: type[Any], env: Any, kwargs: dict[str, Any
     path = tmp_path / "checkpoint_640_steps.zip"
     model.save(path)
     source = ExportSource(run_id="run-0123456789ab", algorithm=cls.__name__, algorithm_cls=cls,
-                          env_id=str(env), path=path, timesteps=timesteps_of(path, 0))
+                          env_id=str(env), path=path, timesteps=checkpoint_timesteps(path) or 0)
     return model, source
 
 
@@ -124,9 +130,8 @@ def test_unknown_format_lists_the_valid_ones() -> None:
 
 def test_missing_packages_and_unsupported_policies_are_unavailable(tmp_path: Path) -> None:
     _, source = _saved_model(tmp_path, PPO, "CartPole-v1", {})
-    needs = ExportFormat("future", ".x", lambda s: (b"", ""), requires=("no_such_module_for_rl_service",),
-                         extra="future")
-    with pytest.raises(ExportUnavailable, match=r"no_such_module_for_rl_service.*rl-service\[future\]"):
+    needs = ExportFormat("future", ".x", lambda s: (b"", ""), requires=("no_such_module_for_rl_service",))
+    with pytest.raises(ExportUnavailable, match=r"no_such_module_for_rl_service on the server"):
         export_model(needs, source)
     with pytest.raises(ExportUnavailable, match="cannot be exported"):
         exporters.DeterministicPolicy(torch.nn.Linear(2, 2), gym.spaces.Discrete(2))
@@ -138,6 +143,8 @@ def test_a_program_that_does_not_act_as_the_policy_is_refused(tmp_path: Path) ->
         exporters.check_equivalent(lambda obs: torch.zeros(len(obs), dtype=torch.int64) + 7, model, "a constant")
 
 
-def test_timesteps_of() -> None:
-    assert timesteps_of(Path("/x/checkpoint_1024_steps.zip"), 7) == 1024
-    assert timesteps_of(Path("/x/model.zip"), 7) == 7
+def test_checkpoint_names_round_trip() -> None:
+    assert checkpoint_timesteps(Path("/x") / checkpoint_name(1024)) == 1024
+    assert checkpoint_timesteps("/x/checkpoint_1024_steps.zip") == 1024
+    assert checkpoint_timesteps(Path("/x/model.zip")) is None
+    assert checkpoint_timesteps("/x/checkpoint_12_steps.zip.tmp") is None

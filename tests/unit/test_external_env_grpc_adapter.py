@@ -28,6 +28,7 @@ from rl_service.infra.external_env.connector import GrpcExternalEnvironments
 from rl_service.infra.external_env.env_batch import EnvBatch
 from rl_service.infra.external_env.grpc_adapter import ConnectionOptions, GrpcExternalEnvAdapter, fetch_spec
 from rl_service_proto.v1 import environment_pb2 as pb
+from tests.support.envs import CRASH_ENV_ID
 
 FAST = ConnectionOptions(step_timeout=0.5, connect_timeout=1.0, retries=2, backoff=0.05)
 
@@ -211,7 +212,7 @@ def test_a_simulation_error_is_reported_not_retried(servers: Callable[..., EnvSe
 
 
 def test_step_after_a_failure_needs_a_reset(servers: Callable[..., EnvServerHandle]) -> None:
-    handle = servers(ReferenceEnvironmentServicer(EnvBatch.from_gym_id("rl_service/CrashAfter-v0", 2)))
+    handle = servers(ReferenceEnvironmentServicer(EnvBatch.from_gym_id(CRASH_ENV_ID, 2)))
     adapter = adapter_for(handle, ConnectionOptions(use_stream=False))
     adapter.reset()
     with pytest.raises(EnvironmentUnavailable, match="INTERNAL: step failed: RuntimeError"):

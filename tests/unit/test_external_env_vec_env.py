@@ -12,6 +12,7 @@ from rl_service.core.errors import EnvironmentUnavailable
 from rl_service.infra.external_env.adapter import FakeExternalEnvAdapter
 from rl_service.infra.external_env.env_batch import EnvBatch, ResetNeeded
 from rl_service.infra.external_env.vec_env import ExternalVecEnv
+from tests.support.envs import CRASH_ENV_ID
 
 
 def short_cartpole() -> gym.Env:  # type: ignore[type-arg]
@@ -91,7 +92,7 @@ def test_adapter_errors_reach_the_learner() -> None:
 
 
 def test_env_batch_needs_a_reset_before_stepping_and_after_a_failure() -> None:
-    batch = EnvBatch.from_gym_id("rl_service/CrashAfter-v0", 2)
+    batch = EnvBatch.from_gym_id(CRASH_ENV_ID, 2)
     with pytest.raises(ResetNeeded):
         batch.step(np.zeros(2, dtype=np.int64))
     batch.reset(seed=1)

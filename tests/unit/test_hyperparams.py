@@ -1,4 +1,4 @@
-"""rl_service.core.hyperparams: string parsing, range checks, error messages, canonical formatting."""
+"""rl_service.core.algorithms.hyperparams: string parsing, range checks, error messages, canonical formatting."""
 
 from __future__ import annotations
 
@@ -6,8 +6,7 @@ import math
 
 import pytest
 
-from rl_service.core.errors import InvalidHyperparameter, InvalidRequest
-from rl_service.core.hyperparams import (
+from rl_service.core.algorithms.hyperparams import (
     MAX_LAYER_WIDTH,
     MAX_LAYERS,
     LinearSchedule,
@@ -16,6 +15,7 @@ from rl_service.core.hyperparams import (
     format_value,
     merge,
 )
+from rl_service.core.errors import InvalidHyperparameter, InvalidRequest
 
 LR = Param("learning_rate", "float", 3e-4, 0.0, 1.0, low_exclusive=True, schedule=True)
 GAMMA = Param("gamma", "float", 0.99, 0.0, 1.0)

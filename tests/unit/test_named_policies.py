@@ -10,7 +10,9 @@ import structlog
 import torch
 
 from rl_service.core.errors import InvalidRequest
-from rl_service.core.named_policies import PolicyConfig, PolicyManager, PolicySpecRequest, check_name
+from rl_service.core.policies.manager import PolicyManager
+from rl_service.core.policies.records import PolicyConfig
+from rl_service.core.policies.spec import PolicySpecRequest, check_name
 
 
 class MemoryStore:

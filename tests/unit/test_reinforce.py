@@ -9,11 +9,16 @@ import numpy as np
 import pytest
 import torch
 
+from rl_service.core.algorithms.networks import CategoricalPolicyNet, GaussianPolicyNet, build_policy_net
+from rl_service.core.algorithms.reinforce import Reinforce
+from rl_service.core.algorithms.reinforce_update import (
+    Episode,
+    discounted_returns,
+    normalized_returns,
+    reinforce_update,
+)
 from rl_service.core.errors import InvalidRequest, NonFiniteUpdate
-from rl_service.core.experience import SpaceShape, Transitions, split_episodes, validate_batch
-from rl_service.core.policy_networks import CategoricalPolicyNet, GaussianPolicyNet, build_policy_net
-from rl_service.core.reinforce import Episode, discounted_returns, normalized_returns, reinforce_update
-from rl_service.core.reinforce_algorithm import Reinforce
+from rl_service.core.policies.experience import SpaceShape, Transitions, split_episodes, validate_batch
 
 
 def test_discounted_returns_by_hand() -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from rl_service.core.errors import InvalidRequest
-from rl_service.core.run_history import MAX_HISTORY_PAGE, Episode, read_history
+from rl_service.core.runs.history import MAX_HISTORY_PAGE, Episode, read_history
 
 
 def _write(path: Path, count: int) -> None:

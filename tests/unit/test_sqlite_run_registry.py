@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from rl_service.core.dto import Metrics, RunFilter, RunRecord, RunState
+from rl_service.core.runs.records import Metrics, RunFilter, RunRecord, RunState
 from rl_service.infra.sqlite_run_registry import SqliteRunRegistry
 
 

@@ -1,11 +1,9 @@
-"""rl_service.core.worker.run_worker, called in-process with tiny training budgets."""
+"""rl_service.core.runs.worker.run_worker, called in-process with tiny training budgets."""
 
 from __future__ import annotations
 
 import json
-import logging
 import os
-import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,13 +13,22 @@ import pytest
 import structlog
 from stable_baselines3 import PPO
 
-from rl_service.core.algorithms import ALGORITHMS
-from rl_service.core.dto import Metrics
-from rl_service.core.events import CheckpointSaved, Failed, Finished, Progress, Started
-from rl_service.core.hyperparams import format_value
-from rl_service.core.test_envs import CRASH_ENV_ID
-from rl_service.core.worker import WorkerJob, library_versions, run_worker
+from rl_service.core.algorithms.hyperparams import format_value
+from rl_service.core.algorithms.registry import ALGORITHMS
+from rl_service.core.runs.events import (
+    CheckpointSaved,
+    Failed,
+    Finished,
+    Progress,
+    Started,
+    event_from_dict,
+    event_to_dict,
+)
+from rl_service.core.runs.jobs import RunJob
+from rl_service.core.runs.records import Metrics
+from rl_service.core.runs.worker import WorkerServices, library_versions, run_worker
 from rl_service.infra.model_store import FileModelStore
+from tests.support.envs import CRASH_ENV_ID
 
 PPO_RAW = {"n_steps": "64", "batch_size": "32", "n_epochs": "2", "net_arch": "16,16"}
 # Tiny settings for every registry entry (keys a schema lacks are dropped).
@@ -30,10 +37,10 @@ TINY_RAW = {"n_steps": "32", "batch_size": "16", "n_epochs": "1", "net_arch": "1
 
 
 class Sink(list[Any]):
-    """A list with the put() of a multiprocessing queue."""
+    """The worker's emit(): keeps events, each after a round trip through its JSON form (what executors carry)."""
 
-    def put(self, item: Any) -> None:
-        self.append(item)
+    def __call__(self, event: Any) -> None:
+        self.append(event_from_dict(json.loads(json.dumps(event_to_dict(event)))))
 
     def of(self, kind: type) -> list[Any]:
         return [e for e in self if isinstance(e, kind)]
@@ -44,21 +51,25 @@ class Sink(list[Any]):
 
 @dataclass
 class Stop:
-    """is_set() turns True after `after` calls (never for None)."""
+    """The worker's should_stop(): True after `after` calls (never for None)."""
 
     after: int | None = None
     calls: int = 0
 
-    def is_set(self) -> bool:
+    def __call__(self) -> bool:
         self.calls += 1
         return self.after is not None and self.calls > self.after
 
 
 @dataclass
 class Outcome:
-    job: WorkerJob
+    job: RunJob
     events: Sink
     store: FileModelStore
+
+    @property
+    def model_path(self) -> Path:
+        return Path(self.job.model_path)
 
     def metadata(self) -> dict[str, Any]:
         return json.loads((self.store.run_dir(self.job.run_id) / "metadata.json").read_text())
@@ -69,38 +80,35 @@ class Outcome:
 
 @pytest.fixture(scope="module", autouse=True)
 def restore_process_state() -> Iterator[None]:
-    """run_worker ignores SIGINT and reconfigures logging for the whole process: put both back afterwards."""
-    sigint = signal.getsignal(signal.SIGINT)
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
+    """run_worker binds run_id into structlog's context for the whole process: clear it afterwards."""
     yield
-    signal.signal(signal.SIGINT, sigint)
-    root.handlers[:] = handlers
-    root.setLevel(level)
-    structlog.reset_defaults()
+    structlog.contextvars.clear_contextvars()
 
 
 def make_job(tmp: Path, *, algorithm: str = "ppo", env_id: str = "CartPole-v1", total_timesteps: int = 256,
              raw: dict[str, str] | None = None, checkpoint_interval: int = 100, run_id: str = "run-test",
-             seed: int = 123) -> WorkerJob:
+             seed: int = 123) -> tuple[RunJob, FileModelStore]:
     spec = ALGORITHMS[algorithm]
     raw = PPO_RAW if raw is None else raw
     values = spec.schema.parse({k: v for k, v in raw.items() if k in spec.schema.names})
     spec.validate(values)
     store = FileModelStore(tmp / "models", tmp / "checkpoints", keep_checkpoints=5)
-    return WorkerJob(
+    job = RunJob(
         run_id=run_id, experiment_id="exp-unit", algorithm=algorithm, env_id=env_id,
-        total_timesteps=total_timesteps, seed=seed, values=values,
-        effective_hyperparameters={k: format_value(v) for k, v in sorted(values.items())},
-        checkpoint_interval=checkpoint_interval, model_path=store.resolve_model_path(run_id, ""), store=store,
+        total_timesteps=total_timesteps, seed=seed,
+        hyperparameters={k: format_value(v) for k, v in sorted(values.items())},
+        checkpoint_interval=checkpoint_interval, model_path=str(store.resolve_model_path(run_id, "")),
         progress_interval=0.0, created_at=1234.5,
     )
+    return job, store
 
 
-def run(job: WorkerJob, stop: Stop | None = None) -> Outcome:
+def run(made: tuple[RunJob, FileModelStore], stop: Stop | None = None) -> Outcome:
+    job, store = made
     events = Sink()
-    run_worker(job, events, stop or Stop())
-    return Outcome(job, events, job.store)  # type: ignore[arg-type]
+    run_worker(RunJob.from_dict(json.loads(json.dumps(job.to_dict()))), WorkerServices(store), events,
+               stop or Stop())
+    return Outcome(job, events, store)
 
 
 @pytest.fixture(scope="module")
@@ -141,7 +149,7 @@ def test_finished_event(completed: Outcome) -> None:
     assert isinstance(finished, Finished)
     assert finished.stopped_early is False
     assert finished.timesteps == 256
-    assert finished.model_path == str(completed.job.model_path)
+    assert finished.model_path == str(completed.model_path)
     last = completed.store.latest_checkpoint("run-test")
     assert last is not None
     assert finished.checkpoint_path == str(last)
@@ -163,7 +171,7 @@ def test_checkpoints_on_disk(completed: Outcome) -> None:
 
 
 def test_model_loads_with_ppo(completed: Outcome) -> None:
-    path = completed.job.model_path
+    path = completed.model_path
     assert path == completed.store.run_dir("run-test") / "model.zip"
     model = PPO.load(path, device="cpu")
     assert model.num_timesteps == 256
@@ -187,14 +195,14 @@ def test_metadata(completed: Outcome) -> None:
     assert meta["algorithm"] == "PPO"
     assert meta["env_id"] == "CartPole-v1"
     assert meta["seed"] == 123
-    assert meta["hyperparameters"] == dict(completed.job.effective_hyperparameters)
+    assert meta["hyperparameters"] == dict(completed.job.hyperparameters)
     assert meta["hyperparameters"]["n_steps"] == "64"
     assert meta["hyperparameters"]["net_arch"] == "16,16"
     assert meta["total_timesteps"] == 256
     assert meta["timesteps_done"] == 256
     assert meta["checkpoint_interval"] == 100
     assert meta["training"] == "completed"
-    assert meta["model_path"] == str(completed.job.model_path)
+    assert meta["model_path"] == str(completed.model_path)
     assert meta["created_at"] == 1234.5
     assert "Discrete(2)" in meta["action_space"]
     assert "Box" in meta["observation_space"]
@@ -217,8 +225,12 @@ def test_history(completed: Outcome) -> None:
     assert timesteps == sorted(timesteps)
 
 
-def test_worker_ignores_sigint(completed: Outcome) -> None:
-    assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+def test_every_log_line_of_the_worker_names_the_run(tmp_path: Path) -> None:
+    # The environment adapters log from infra with loggers of their own: the run comes from structlog's context.
+    structlog.contextvars.clear_contextvars()
+    run(make_job(tmp_path, total_timesteps=64, checkpoint_interval=100))
+    other = structlog.contextvars.merge_contextvars(None, "info", {"event": "x"})
+    assert other["run_id"] == "run-test" and other["experiment_id"] == "exp-unit"
 
 
 # ------------------------------------------------------------------ stop requests
@@ -231,7 +243,7 @@ def test_stop_requested_immediately(tmp_path: Path) -> None:
     assert finished.stopped_early is True
     assert 0 < finished.timesteps < 256
     assert not outcome.events.of(Failed)
-    model = PPO.load(outcome.job.model_path, device="cpu")
+    model = PPO.load(outcome.model_path, device="cpu")
     assert model.num_timesteps == finished.timesteps
     assert finished.checkpoint_path
     assert Path(finished.checkpoint_path).is_file()
@@ -246,7 +258,7 @@ def test_stop_requested_midway(tmp_path: Path) -> None:
     assert finished.stopped_early is True
     assert 100 <= finished.timesteps < 256
     assert [e.timesteps for e in outcome.events.of(CheckpointSaved)] == [100, finished.timesteps]
-    assert outcome.job.model_path.is_file()
+    assert outcome.model_path.is_file()
 
 
 def test_no_duplicate_checkpoint_on_a_boundary(tmp_path: Path) -> None:
@@ -269,7 +281,7 @@ def test_crashing_env_gives_failed_event(tmp_path: Path) -> None:
     assert not outcome.events.of(Finished)
     assert isinstance(outcome.events[0], Started)
     assert [e.timesteps for e in outcome.events.of(CheckpointSaved)] == [100, 200, 300]
-    assert not outcome.job.model_path.exists()
+    assert not outcome.model_path.exists()
     assert outcome.store.latest_checkpoint("run-test") is not None
     assert outcome.history()["episodes"], "history is written on failure"
     assert outcome.metadata()["training"] == "running"
@@ -290,14 +302,14 @@ def test_unknown_env_gives_failed_event_without_started(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("key", sorted(ALGORITHMS))
 def test_each_algorithm_trains_and_saves(key: str, tmp_path: Path) -> None:
-    job = make_job(tmp_path, algorithm=key, raw=TINY_RAW, total_timesteps=64, checkpoint_interval=100,
-                   run_id=f"run-{key}")
-    outcome = run(job)
+    made = make_job(tmp_path, algorithm=key, raw=TINY_RAW, total_timesteps=64, checkpoint_interval=100,
+                    run_id=f"run-{key}")
+    outcome = run(made)
     finished = outcome.events[-1]
     assert isinstance(finished, Finished), outcome.events.milestones()
     assert finished.stopped_early is False
     assert finished.timesteps == 64
     assert [e.timesteps for e in outcome.events.of(CheckpointSaved)] == [64]
-    model = ALGORITHMS[key].cls.load(job.model_path, device="cpu")
+    model = ALGORITHMS[key].cls.load(outcome.model_path, device="cpu")
     assert model.num_timesteps == 64
     assert outcome.metadata()["algorithm"] == ALGORITHMS[key].name

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from rl_service.core.algorithms.reinforce_update import Episode
 from rl_service.core.errors import InvalidRequest
-from rl_service.core.reinforce import Episode
 
 
 @dataclass(frozen=True)

@@ -16,9 +16,9 @@ import torch
 from stable_baselines3 import A2C, DQN, PPO
 from stable_baselines3.common.utils import LinearSchedule as SB3LinearSchedule
 
-from rl_service.core.errors import InvalidHyperparameter, UnknownAlgorithm, UnsupportedSpace
-from rl_service.core.hyperparams import HyperValue, LinearSchedule, Param, Schema, merge
-from rl_service.core.reinforce_algorithm import Reinforce
+from rl_service.core.algorithms.hyperparams import HyperValue, LinearSchedule, Param, Schema, merge
+from rl_service.core.algorithms.reinforce import Reinforce
+from rl_service.core.errors import InvalidHyperparameter, UnknownAlgorithm, UnsupportedSpace, quoted
 
 ACTIVATIONS: dict[str, type[torch.nn.Module]] = {"tanh": torch.nn.Tanh, "relu": torch.nn.ReLU}
 
@@ -219,6 +219,6 @@ def get_algorithm(name: str) -> AlgorithmSpec:
     if spec is None:
         valid = ", ".join(s.name for s in ALGORITHMS.values())
         raise UnknownAlgorithm(
-            f"algorithm: unknown algorithm {name!r}; choose one of {valid}", field="algorithm"
+            f"algorithm: unknown algorithm {quoted(name)}; choose one of {valid}", field="algorithm"
         )
     return spec

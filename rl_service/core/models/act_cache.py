@@ -1,16 +1,14 @@
-"""Trained policies loaded for Act, reloaded when a newer checkpoint or the final model lands."""
+"""Trained run policies loaded for Act, reloaded when a newer checkpoint or the final model lands."""
 
 from __future__ import annotations
 
-import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rl_service.core.algorithms import get_algorithm
-
-_STEPS_RE = re.compile(r"checkpoint_(\d+)_steps\.zip$")
+from rl_service.core.algorithms.registry import get_algorithm
+from rl_service.core.models.checkpoints import checkpoint_timesteps
 
 
 @dataclass(frozen=True)
@@ -22,7 +20,7 @@ class LoadedPolicy:
     model: Any
 
 
-class PolicyCache:
+class ActCache:
     """run_id -> LoadedPolicy; loads lazily, reloads when the run serves a new file, bounded in size.
 
     Checkpoint and model files are written once under unique names (checkpoint_<timesteps>_steps.zip, a model
@@ -42,8 +40,8 @@ class PolicyCache:
                 return entry
         Path(path).stat()  # FileNotFoundError (-> FAILED_PRECONDITION) before a library error from load
         model = get_algorithm(algorithm).cls.load(path, device="cpu")
-        match = _STEPS_RE.search(path)
-        loaded = LoadedPolicy(path, int(match.group(1)) if match else timesteps, model)
+        steps = checkpoint_timesteps(path)
+        loaded = LoadedPolicy(path, timesteps if steps is None else steps, model)
         with self._lock:
             self._entries.pop(run_id, None)
             self._entries[run_id] = loaded

@@ -1,5 +1,6 @@
-"""Tiny deterministic environments inside the package, for tests and for checking a deployment's failure paths.
+"""The test suite's own environments, registered on import; a server loads them with GYM_PACKAGES=tests.support.envs.
 
+Production servers never see them (a default server refuses rl_service/CrashAfter-v0 like any unknown id).
 Registered under the "rl_service/" namespace so they can never shadow a real Gymnasium id.
 """
 
@@ -43,3 +44,6 @@ def register() -> None:
     """Register the test environments with Gymnasium (idempotent)."""
     if CRASH_ENV_ID not in gym.registry:
         gym.register(id=CRASH_ENV_ID, entry_point=CrashAfterEnv, max_episode_steps=10)  # type: ignore[arg-type]
+
+
+register()

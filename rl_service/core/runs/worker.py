@@ -1,81 +1,57 @@
-"""The training worker: runs in its own process, trains one run, reports over a queue, checkpoints via the store.
+"""The training worker: trains one run, reports through `emit`, checkpoints through the model store.
 
-Cancellation and progress are stable-baselines3 callbacks (returning False from `_on_step` ends `learn`), not
-threads poking at the model.
+It runs wherever the executor puts it (a local process now). The executor supplies the two ways out: `emit` for
+events and `should_stop` for a stop request (polled at each progress report, so a remote executor needs no call
+per environment step); signals and orphan detection are the executor's business. Cancellation and progress are
+stable-baselines3 callbacks (returning False from `_on_step` ends `learn`), not threads poking at the model.
 """
 
 from __future__ import annotations
 
 import os
 import platform
-import signal
 import time
 import traceback
 from collections import deque
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import structlog
 import torch
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.logger import KVWriter, Logger, TensorBoardOutputFormat
 
-from rl_service.core.algorithms import ALGORITHMS
-from rl_service.core.dto import Metrics
+from rl_service.core.algorithms.hyperparams import HyperValue
+from rl_service.core.algorithms.registry import ALGORITHMS
 from rl_service.core.envs import ExternalEnvironments, make_vec_env
 from rl_service.core.errors import EnvironmentUnavailable
-from rl_service.core.events import CheckpointSaved, Failed, Finished, Progress, Started, WorkerEvent
-from rl_service.core.hyperparams import HyperValue
-from rl_service.core.ports import ModelStore
+from rl_service.core.models.ports import ModelStore
+from rl_service.core.runs.events import CheckpointSaved, Failed, Finished, Progress, Started, WorkerEvent
+from rl_service.core.runs.jobs import RunJob
+from rl_service.core.runs.records import Metrics
 
 METRICS_WINDOW = 100  # episodes in the moving averages, as stable-baselines3's ep_info_buffer
 
-
-class EventSink(Protocol):
-    """Where the worker sends events (a multiprocessing queue in production)."""
-
-    def put(self, item: WorkerEvent) -> None:
-        """Deliver one event."""
-
-
-class StopSignal(Protocol):
-    """Set by the server to ask the worker to stop (a multiprocessing Event in production)."""
-
-    def is_set(self) -> bool:
-        """True once a stop was requested."""
+Emit = Callable[[WorkerEvent], None]
+ShouldStop = Callable[[], bool]
 
 
 @dataclass(frozen=True)
-class WorkerJob:
-    """Everything a worker needs, already validated by the orchestrator."""
+class WorkerServices:
+    """Server-wide things every worker uses, built once by the composition root (never from a client)."""
 
-    run_id: str
-    experiment_id: str
-    algorithm: str  # registry key
-    env_id: str
-    total_timesteps: int
-    seed: int
-    values: Mapping[str, HyperValue]
-    effective_hyperparameters: Mapping[str, str]
-    checkpoint_interval: int
-    model_path: Path
     store: ModelStore
-    progress_interval: float = 1.0
-    torch_threads: int = 1
-    tensorboard_dir: Path | None = None  # also log to <tensorboard_dir>/<run_id> (stable-baselines3's writer)
-    external_envs: ExternalEnvironments | None = None  # reaches grpc:// simulations (settings included)
-    created_at: float = field(default_factory=time.time)
+    external_envs: ExternalEnvironments | None = None  # reaches grpc:// and unix: simulations (None: refused)
 
 
-def run_worker(job: WorkerJob, events: EventSink, stop: StopSignal) -> None:
-    """Process entry point: train, save, report. Never raises; failures become a Failed event."""
-    # Ctrl+C in a terminal reaches the whole process group; the server decides how its runs stop.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    # Logging was configured by the executor that started this process (infra's job, not core's).
-    log = structlog.get_logger().bind(logger="worker", run_id=job.run_id, experiment_id=job.experiment_id)
-    trainer = _Trainer(job, events, stop, log)
+def run_worker(job: RunJob, services: WorkerServices, emit: Emit, should_stop: ShouldStop) -> None:
+    """Train, save, report. Never raises; failures become a Failed event."""
+    # Every log line of this process, the environment adapters' included, names the run.
+    structlog.contextvars.bind_contextvars(run_id=job.run_id, experiment_id=job.experiment_id)
+    log = structlog.get_logger().bind(logger="worker")
+    trainer = _Trainer(job, services, emit, should_stop, log)
     try:
         trainer.run()
     except BaseException as exc:  # report everything, including KeyboardInterrupt and SystemExit
@@ -83,16 +59,19 @@ def run_worker(job: WorkerJob, events: EventSink, stop: StopSignal) -> None:
         if isinstance(exc, EnvironmentUnavailable):
             trainer.save_progress()
         trainer.write_history()
-        events.put(Failed(job.run_id, trainer.timesteps, f"{type(exc).__name__}: {exc}"))
+        emit(Failed(job.run_id, trainer.timesteps, f"{type(exc).__name__}: {exc}"))
 
 
 class _Trainer:
     """One run's training, with the episode bookkeeping the callback fills in."""
 
-    def __init__(self, job: WorkerJob, events: EventSink, stop: StopSignal, log: Any) -> None:
+    def __init__(self, job: RunJob, services: WorkerServices, emit: Emit, should_stop: ShouldStop, log: Any) -> None:
         self.job = job
-        self.events = events
-        self.stop = stop
+        self.store = services.store
+        self.external_envs = services.external_envs
+        self.emit = emit
+        self.should_stop = should_stop
+        self.stopping = False
         self.log = log
         self.history: list[dict[str, float]] = []
         self.rewards: deque[float] = deque(maxlen=METRICS_WINDOW)
@@ -102,10 +81,6 @@ class _Trainer:
         self.started = time.monotonic()
         self.last_checkpoint = ""
         self.last_checkpoint_steps = -1
-        # A worker whose server died (SIGKILL, OOM) is re-parented; it then saves and stops instead of
-        # training on for a run the restarted server has already marked INTERRUPTED.
-        self.parent_pid = os.getppid()
-        self.orphaned = False
         self.model: Any = None  # set once built, for save_progress
 
     def run(self) -> None:
@@ -113,15 +88,17 @@ class _Trainer:
         torch.set_num_threads(self.job.torch_threads)
         job = self.job
         spec = ALGORITHMS[job.algorithm]
-        logger = _capturing_logger(self.losses, job.tensorboard_dir / job.run_id if job.tensorboard_dir else None)
-        env = make_vec_env(job.env_id, _int_value(job.values, "n_envs", 1), job.seed, job.external_envs)
+        values = spec.schema.parse(job.hyperparameters)
+        tensorboard = Path(job.tensorboard_dir) / job.run_id if job.tensorboard_dir else None
+        logger = _capturing_logger(self.losses, tensorboard)
+        env = make_vec_env(job.env_id, _int_value(values, "n_envs", 1), job.seed, self.external_envs)
         try:
             model = spec.cls("MlpPolicy", env, seed=job.seed, device="cpu", verbose=0,
-                             **spec.constructor_kwargs(job.values))
+                             **spec.constructor_kwargs(values))
             model.set_logger(logger)
             self.model = model
             self.write_metadata(model, "running")
-            self.events.put(Started(job.run_id, _pid()))
+            self.emit(Started(job.run_id, os.getpid()))
             self.log.info("run started", algorithm=spec.name, env_id=job.env_id, seed=job.seed,
                           total_timesteps=job.total_timesteps)
             self.started = time.monotonic()
@@ -131,16 +108,16 @@ class _Trainer:
             stopped_early = self.timesteps < job.total_timesteps
             if self.last_checkpoint_steps != self.timesteps:
                 self.checkpoint(model)
-            job.store.save_model(model, job.model_path)
+            self.store.save_model(model, Path(job.model_path))
             self.write_metadata(model, "stopped early" if stopped_early else "completed")
             self.write_history()
         finally:
             env.close()
             logger.close()
         self.log.info("run finished", timesteps=self.timesteps, stopped_early=stopped_early,
-                      model_path=str(job.model_path))
-        self.events.put(Finished(job.run_id, self.timesteps, self.metrics(), str(job.model_path),
-                                 self.last_checkpoint, stopped_early))
+                      model_path=job.model_path)
+        self.emit(Finished(job.run_id, self.timesteps, self.metrics(), job.model_path, self.last_checkpoint,
+                           stopped_early))
 
     def save_progress(self) -> None:
         """Checkpoint what was learnt before a simulation failed: the env broke, not the weights (they only change
@@ -176,11 +153,11 @@ class _Trainer:
 
     def checkpoint(self, model: Any) -> None:
         """Save a checkpoint and tell the server."""
-        path = self.job.store.save_checkpoint(self.job.run_id, model, self.timesteps)
+        path = self.store.save_checkpoint(self.job.run_id, model, self.timesteps)
         self.last_checkpoint = str(path)
         self.last_checkpoint_steps = self.timesteps
         self.write_history()
-        self.events.put(CheckpointSaved(self.job.run_id, self.timesteps, str(path)))
+        self.emit(CheckpointSaved(self.job.run_id, self.timesteps, str(path)))
         self.log.info("checkpoint saved", timesteps=self.timesteps, path=str(path))
 
     def write_metadata(self, model: Any, training: str) -> None:
@@ -190,18 +167,18 @@ class _Trainer:
         StopTraining or a server shutdown) is the run registry's business, reported by GetTrainingStatus.
         """
         job = self.job
-        job.store.write_json(job.store.run_dir(job.run_id) / "metadata.json", {
+        self.store.write_json(self.store.run_dir(job.run_id) / "metadata.json", {
             "run_id": job.run_id,
             "experiment_id": job.experiment_id,
             "algorithm": job.algorithm.upper(),
             "env_id": job.env_id,
             "seed": job.seed,
-            "hyperparameters": dict(job.effective_hyperparameters),
+            "hyperparameters": dict(job.hyperparameters),
             "total_timesteps": job.total_timesteps,
             "timesteps_done": self.timesteps,
             "checkpoint_interval": job.checkpoint_interval,
             "training": training,
-            "model_path": str(job.model_path),
+            "model_path": job.model_path,
             "observation_space": repr(model.observation_space),
             "action_space": repr(model.action_space),
             "created_at": job.created_at,
@@ -211,17 +188,13 @@ class _Trainer:
 
     def write_history(self) -> None:
         """history.json: one entry per finished episode (reward, length, seconds since start, timesteps)."""
-        self.job.store.write_json(self.job.store.run_dir(self.job.run_id) / "history.json",
+        self.store.write_json(self.store.run_dir(self.job.run_id) / "history.json",
                                   {"run_id": self.job.run_id, "episodes": self.history})
 
 
 def _int_value(values: Mapping[str, HyperValue], key: str, default: int) -> int:
     value = values.get(key)
     return value if isinstance(value, int) else default
-
-
-def _pid() -> int:
-    return os.getpid()
 
 
 def library_versions() -> dict[str, str]:
@@ -283,8 +256,7 @@ class _ServiceCallback(BaseCallback):
         now = time.monotonic()
         if now >= self.next_report:
             self.next_report = now + trainer.job.progress_interval
-            trainer.events.put(Progress(trainer.job.run_id, trainer.timesteps, trainer.metrics()))
-            if os.getppid() != trainer.parent_pid:
-                trainer.orphaned = True
-                trainer.log.warning("server process is gone; saving and stopping", timesteps=trainer.timesteps)
-        return not (trainer.stop.is_set() or trainer.orphaned)
+            trainer.emit(Progress(trainer.job.run_id, trainer.timesteps, trainer.metrics()))
+            # Polled with each report, not each step: asking may cost a remote call under another executor.
+            trainer.stopping = trainer.stopping or trainer.should_stop()
+        return not trainer.stopping

@@ -12,7 +12,6 @@ import importlib.util
 import io
 import json
 import logging
-import re
 import threading
 import warnings
 from collections.abc import Callable, Iterator
@@ -30,7 +29,6 @@ from stable_baselines3.dqn.policies import DQNPolicy
 from rl_service.core.errors import ExportUnavailable, UnknownExportFormat
 
 METADATA_NAME = "rl_service.json"  # TorchScript extra file / ONNX metadata key holding what was exported
-_STEPS_RE = re.compile(r"checkpoint_(\d+)_steps\.zip$")
 # Tracing and exporting are CPU-heavy and torch.export keeps global state: one export at a time.
 _EXPORT_LOCK = threading.Lock()
 
@@ -66,7 +64,6 @@ class ExportFormat:
     suffix: str
     build: Callable[[ExportSource], tuple[bytes, str]]
     requires: tuple[str, ...] = ()
-    extra: str = ""
 
 
 def get_export_format(name: str) -> ExportFormat:
@@ -84,17 +81,11 @@ def export_model(fmt: ExportFormat, source: ExportSource) -> ExportedModel:
     missing = [module for module in fmt.requires if importlib.util.find_spec(module) is None]
     if missing:
         raise ExportUnavailable(
-            f"format: {fmt.name} export needs {' and '.join(missing)} on the server; install them with "
-            f"pip install 'rl-service[{fmt.extra}]'", field="format")
+            f"format: {fmt.name} export needs {' and '.join(missing)} on the server, which a default install "
+            "includes; reinstall the server (pip install rl-service)", field="format")
     data, signature = fmt.build(source)
     return ExportedModel(data=data, filename=f"{source.run_id}{fmt.suffix}", format=fmt.name,
                          model_timesteps=source.timesteps, signature=signature)
-
-
-def timesteps_of(path: Path, default: int) -> int:
-    """The timesteps a checkpoint's name records, else `default` (the final model's)."""
-    match = _STEPS_RE.search(path.name)
-    return int(match.group(1)) if match else default
 
 
 class DeterministicPolicy(torch.nn.Module):
@@ -282,6 +273,6 @@ def _build_onnx(source: ExportSource) -> tuple[bytes, str]:
 
 EXPORT_FORMATS: dict[str, ExportFormat] = {
     "torchscript": ExportFormat("torchscript", ".pt", _build_torchscript),
-    "onnx": ExportFormat("onnx", ".onnx", _build_onnx, requires=("onnx", "onnxscript"), extra="onnx"),
+    "onnx": ExportFormat("onnx", ".onnx", _build_onnx, requires=("onnx", "onnxscript")),
     "sb3": ExportFormat("sb3", ".zip", _build_sb3),
 }

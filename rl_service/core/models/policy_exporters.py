@@ -11,8 +11,8 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
+from rl_service.core.algorithms.networks import CategoricalPolicyNet, GaussianPolicyNet, PolicyNet
 from rl_service.core.errors import InvalidRequest
-from rl_service.core.policy_networks import CategoricalPolicyNet, GaussianPolicyNet, PolicyNet
 
 # Magic numbers of formats that can run code when loaded: refused by name so the client learns why.
 _CODE_CARRYING = ((b"PK\x03\x04", "a zip archive (TorchScript or an SB3 model)"), (b"\x80", "a pickle"))

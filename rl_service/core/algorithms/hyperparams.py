@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from rl_service.core.errors import InvalidHyperparameter
+from rl_service.core.errors import MAX_QUOTED, InvalidHyperparameter, quoted
 
 Kind = Literal["float", "int", "bool", "choice", "net_arch"]
 
@@ -99,7 +99,7 @@ class Param:
             return number
         except (ValueError, OverflowError):
             raise InvalidHyperparameter(
-                f"hyperparameters[{self.name!r}]: cannot use {raw!r}; expected {self.describe_range()}",
+                f"hyperparameters[{self.name!r}]: cannot use {quoted(raw)}; expected {self.describe_range()}",
                 field=f"hyperparameters.{self.name}",
             ) from None
 
@@ -163,8 +163,8 @@ class Schema:
             param = by_name.get(key.strip().lower())
             if param is None:
                 raise InvalidHyperparameter(
-                    f"hyperparameters: unknown key {key!r}; accepted keys: {', '.join(self.names)}",
-                    field=f"hyperparameters.{key}",
+                    f"hyperparameters: unknown key {quoted(key)}; accepted keys: {', '.join(self.names)}",
+                    field=f"hyperparameters.{key[:MAX_QUOTED]}",
                 )
             values[param.name] = param.parse(text)
         return values

@@ -2,7 +2,7 @@
 
 Returns are discounted per episode and normalised within each episode (zero mean, unit variance), the loss is
 `-mean(log_prob * normalised_return) - beta * mean(entropy)`, and Adam takes one step per update. Used both by
-managed runs (rl_service.core.reinforce_algorithm) and by named policies fed with client experience.
+managed runs (rl_service.core.algorithms.reinforce) and by named policies fed with client experience.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from rl_service.core.algorithms.networks import PolicyNet, action_distribution
 from rl_service.core.errors import NonFiniteUpdate
-from rl_service.core.policy_networks import PolicyNet, action_distribution
 
 RETURN_EPS = 1e-8
 

@@ -3,7 +3,7 @@
 It subclasses SB3's BaseAlgorithm: `learn` (with callbacks, so progress, checkpoints and stop requests work),
 `predict`, `save` and `load` all behave as for the library's own algorithms. Each vectorised env's transitions
 are collected until its episode ends; every `episodes_per_update` complete episodes, one REINFORCE update
-(rl_service.core.reinforce) runs.
+(rl_service.core.algorithms.reinforce_update) runs.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from stable_baselines3.common.utils import obs_as_tensor
 from torch import nn
 from torch.distributions import Distribution
 
-from rl_service.core.policy_networks import PolicyNet, action_distribution, build_policy_net, greedy_actions
-from rl_service.core.reinforce import Episode, reinforce_update
+from rl_service.core.algorithms.networks import PolicyNet, action_distribution, build_policy_net, greedy_actions
+from rl_service.core.algorithms.reinforce_update import Episode, reinforce_update
 
 
 class ReinforcePolicy(BasePolicy):

@@ -1,0 +1,20 @@
+"""Checkpoint file names, in one place: checkpoint_<timesteps>_steps.zip (stable-baselines3's CheckpointCallback
+naming), written by the model store and read back by serving and export."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+_CHECKPOINT_NAME = re.compile(r"^checkpoint_(\d+)_steps\.zip$")
+
+
+def checkpoint_name(timesteps: int) -> str:
+    """The file name of the checkpoint taken at `timesteps`."""
+    return f"checkpoint_{timesteps}_steps.zip"
+
+
+def checkpoint_timesteps(path: str | Path) -> int | None:
+    """The timesteps a checkpoint file was taken at, or None when `path` is not a checkpoint."""
+    match = _CHECKPOINT_NAME.match(Path(path).name)
+    return int(match.group(1)) if match else None

@@ -1,0 +1,4 @@
+"""Named policies trained from client-collected experience (PolicyService): spec.py validates a client's spec,
+experience.py checks batches and splits episodes, live_policy.py holds a policy's state in memory,
+state_codec.py is its on-disk format, transactions.py rolls a failed change back, manager.py ties them together,
+records.py is what the service answers, ports.py the store infra provides."""

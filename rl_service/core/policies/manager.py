@@ -1,0 +1,315 @@
+"""Named policies trained from client-collected experience: the core of PolicyService.
+
+A client creates a policy under its own id, sends batches of (state, action, reward, done), and each batch that
+completes at least one episode runs one REINFORCE update. Every accepted change bumps the version by one, is
+saved atomically (so policies survive a restart at their last accepted state) and wakes the subscribers of
+WatchModelUpdates, who always read the newest version and so never hold training up.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import torch
+
+from rl_service.core.algorithms.hyperparams import HyperValue
+from rl_service.core.algorithms.networks import PolicyNet, action_distribution
+from rl_service.core.algorithms.reinforce_update import reinforce_update
+from rl_service.core.errors import (
+    AlreadyExists,
+    CapacityExceeded,
+    CheckpointNotFound,
+    InvalidRequest,
+    PolicyNotFound,
+    VersionConflict,
+)
+from rl_service.core.models.policy_exporters import state_dict_bytes, weights_from_safetensors
+from rl_service.core.policies.experience import Transitions, split_episodes, validate_batch
+from rl_service.core.policies.live_policy import LivePolicy
+from rl_service.core.policies.ports import PolicyStore
+from rl_service.core.policies.records import BatchOutcome, CheckpointInfo, ModelUpdate, PolicyConfig, PolicySnapshot
+from rl_service.core.policies.spec import PolicySpecRequest, build_spec, check_name, new_net, with_seed
+from rl_service.core.policies.state_codec import apply_state, encode, net_weights, restore
+from rl_service.core.policies.transactions import Rollback
+from rl_service.core.watching import ChangeFeed
+
+
+class PolicyManager:
+    """All named policies of this server."""
+
+    def __init__(self, store: PolicyStore, config: PolicyConfig, logger: Any) -> None:
+        self._store = store
+        self._config = config
+        self._log = logger
+        self._policies: dict[str, LivePolicy] = {}
+        self._lock = threading.Lock()  # guards the dict; each policy has its own lock for its state
+        self._feed = ChangeFeed()  # a revision per policy id, bumped after each change is saved
+        for policy_id in store.policy_ids():
+            try:
+                tensors, metadata = store.load_state(policy_id)
+                self._policies[policy_id] = restore(policy_id, tensors, metadata, config.versions_kept)
+                self._feed.bump(policy_id)
+            except Exception as exc:  # one unreadable file must not keep the server (or other policies) down
+                self._log.error("cannot load named policy; skipped", policy_id=policy_id, error=str(exc))
+
+    # ----------------------------------------------------------------- lifecycle
+
+    def create(self, policy_id: str, request: PolicySpecRequest, initial_weights: bytes = b"") -> PolicySnapshot:
+        """Create a policy; the same spec again is a no-op, a different one ALREADY_EXISTS."""
+        check_name(policy_id, "policy_id")
+        spec = build_spec(request)
+        with self._lock:
+            existing = self._policies.get(policy_id)
+            if existing is not None:
+                with existing.lock:
+                    wanted = spec if request.seed is not None else with_seed(spec, existing.spec.seed)
+                    if wanted.to_json() == existing.spec.to_json() and not initial_weights:
+                        return existing.snapshot(created=False)
+                raise AlreadyExists(f"policy_id: {policy_id!r} already exists with a different spec (or initial "
+                                    "weights were given); delete it first or choose another id", field="policy_id")
+            policy = LivePolicy(policy_id, spec, new_net(spec), time.time())
+            if initial_weights:
+                policy.net.load_state_dict(weights_from_safetensors(initial_weights, policy.net, "initial_weights"))
+            policy.remember_version(self._config.versions_kept)
+            self._persist(policy)  # on disk before anyone can see it
+            self._policies[policy_id] = policy
+            self._feed.bump(policy_id)
+        self._log.info("policy created", policy_id=policy_id, observation_shape=list(spec.observation_shape),
+                       discrete_actions=spec.discrete_actions)
+        return policy.snapshot(created=True)
+
+    def get(self, policy_id: str) -> PolicySnapshot:
+        """One policy's state."""
+        policy = self._get(policy_id)
+        with policy.lock:
+            return policy.snapshot()
+
+    def list_policies(self) -> list[PolicySnapshot]:
+        """Every policy, by id."""
+        with self._lock:
+            policies = sorted(self._policies.values(), key=lambda p: p.policy_id)
+        snapshots = []
+        for policy in policies:
+            with policy.lock:
+                snapshots.append(policy.snapshot())
+        return snapshots
+
+    def delete(self, policy_id: str) -> None:
+        """Remove a policy, its files and checkpoints; its watchers' streams end."""
+        policy = self._get(policy_id)
+        with self._lock:  # lock order everywhere: the dict's lock, then a policy's
+            with policy.lock:
+                self._check_live(policy, None)
+                policy.deleted = True
+                self._store.delete(policy_id)
+            self._policies.pop(policy_id, None)
+        self._feed.forget(policy_id)
+        self._log.info("policy deleted", policy_id=policy_id)
+
+    # ----------------------------------------------------------------- training
+
+    def send_batch(self, policy_id: str, states: np.ndarray, actions: np.ndarray, rewards: np.ndarray,
+                   dones: np.ndarray, expected_version: int | None = None, flush: bool = False,
+                   return_model: bool = False) -> BatchOutcome:
+        """Validate, join to the held tail, split into episodes, update once; nothing changes on any error."""
+        policy = self._get(policy_id)
+        batch = validate_batch(policy.shape, states, actions, rewards, dones)
+        with policy.lock:
+            self._check_live(policy, expected_version)
+            joined = policy.tail.concat(batch) if len(policy.tail) else batch
+            episodes, tail = split_episodes(joined)
+            if len(tail) > self._config.max_pending_steps:
+                raise CapacityExceeded(
+                    f"dones: the unfinished episode would hold {len(tail)} transitions, over the limit of "
+                    f"{self._config.max_pending_steps}; end episodes with done=true", field="dones")
+            if not episodes:
+                if flush:
+                    raise InvalidRequest(
+                        f"dones: flush was asked but the batch (after {len(policy.tail)} held transitions) "
+                        "completes no episode; mark the episode's last transition done", field="dones")
+                with Rollback(policy):
+                    # The model did not change: no new revision, so subscribers are not told of it again.
+                    policy.tail = tail
+                    policy.updated_at = time.time()
+                    self._persist(policy)
+                return BatchOutcome(policy_id, policy.version, False, None, len(tail))
+            with Rollback(policy):
+                stats = reinforce_update(policy.net, policy.optimizer, episodes, float(policy.values["gamma"]),  # type: ignore[arg-type]
+                                         float(policy.values["beta"]), _optional_float(policy.values["max_grad_norm"]))  # type: ignore[arg-type]
+                policy.tail = tail
+                policy.episodes_trained += stats.episodes
+                policy.steps_trained += stats.steps
+                policy.last_update = stats
+                self._commit(policy, new_version=True)
+            outcome = BatchOutcome(policy_id, policy.version, True, stats, len(tail),
+                                   policy.torchscript_now() if return_model else b"")
+        self._feed.bump(policy_id)
+        return outcome
+
+    def set_weights(self, policy_id: str, data: bytes, expected_version: int | None = None) -> PolicySnapshot:
+        """Replace the weights with a safetensors state dict (the optimizer restarts); version + 1."""
+        policy = self._get(policy_id)
+        with policy.lock:
+            self._check_live(policy, expected_version)
+            weights = weights_from_safetensors(data, policy.net, "safetensors")
+            with Rollback(policy):
+                policy.net.load_state_dict(weights)
+                policy.optimizer = policy.new_optimizer()
+                self._commit(policy, new_version=True)
+            snapshot = policy.snapshot()
+        self._feed.bump(policy_id)
+        return snapshot
+
+    # ----------------------------------------------------------------- reading the policy
+
+    def log_prob(self, policy_id: str, states: np.ndarray, actions: np.ndarray, version: int | None = None,
+                 checkpoint: str | None = None) -> tuple[np.ndarray, np.ndarray, int]:
+        """Log-probabilities and entropies of actions in states, under the current, a kept or a saved version."""
+        policy = self._get(policy_id)
+        shape = policy.shape
+        count = actions.size // shape.action_size if actions.size % shape.action_size == 0 else -1
+        if count < 1:
+            raise InvalidRequest(f"actions: {actions.size} values is not a whole number of actions of size "
+                                 f"{shape.action_size}", field="actions")
+        batch = validate_batch(shape, states, actions, np.zeros(count), np.zeros(count, dtype=bool))
+        with policy.lock:
+            self._check_live(policy, None)
+            if checkpoint is not None:
+                tensors, metadata = self._checkpoint(policy, checkpoint)
+                net, used = new_net(policy.spec), int(metadata["version"])
+                net.load_state_dict(net_weights(tensors))
+            elif version is not None and version != policy.version:
+                if version not in policy.recent:
+                    raise CheckpointNotFound(
+                        f"version: {version} is not kept; kept versions are {sorted(policy.recent)}", field="version")
+                net, used = new_net(policy.spec), version
+                net.load_state_dict(policy.recent[version])
+            else:
+                # The current version: evaluate the live network under the lock rather than copy it.
+                return (*_log_probs(policy.net, batch), policy.version)
+        return (*_log_probs(net, batch), used)
+
+    def model(self, policy_id: str, torchscript: bool) -> tuple[int, bytes]:
+        """The current version as TorchScript or as a safetensors state dict."""
+        policy = self._get(policy_id)
+        with policy.lock:
+            self._check_live(policy, None)
+            return policy.version, policy.torchscript_now() if torchscript else state_dict_bytes(policy.net)
+
+    def watch(self, policy_id: str, from_version: int, include_model: bool, is_active: Callable[[], bool],
+              poll_seconds: float = 0.5) -> Iterator[ModelUpdate]:
+        """Versions after `from_version`: the newest at once if already newer, then each change as it lands."""
+        policy = self._get(policy_id)
+        since = self._feed.revision(policy_id)
+        with policy.lock:
+            seen = policy.revision
+            first = self._update_message(policy, include_model) if policy.version > from_version else None
+        if first is not None:
+            yield first
+        for _ in self._feed.changes(policy_id, since, is_active, poll_seconds):
+            if policy.deleted:
+                return
+            with policy.lock:
+                if policy.revision == seen:  # already sent as `first`
+                    continue
+                seen = policy.revision
+                message = self._update_message(policy, include_model)
+            yield message
+
+    # ----------------------------------------------------------------- checkpoints
+
+    def save_checkpoint(self, policy_id: str, name: str) -> CheckpointInfo:
+        """Save weights, optimizer state, version and the held tail under a name (replacing one of that name)."""
+        check_name(name, "name")
+        policy = self._get(policy_id)
+        with policy.lock:
+            self._check_live(policy, None)
+            tensors, metadata = encode(policy)
+            self._store.save_checkpoint(policy_id, name, tensors, metadata)
+            return CheckpointInfo(name, policy.version, float(metadata["saved_at"]))
+
+    def load_checkpoint(self, policy_id: str, name: str) -> PolicySnapshot:
+        """Restore a named checkpoint: weights, optimizer, version and held tail."""
+        check_name(name, "name")
+        policy = self._get(policy_id)
+        with policy.lock:
+            self._check_live(policy, None)
+            tensors, metadata = self._checkpoint(policy, name)
+            with Rollback(policy):
+                apply_state(policy, tensors, metadata)
+                self._commit(policy, new_version=False)  # the checkpoint's own version is restored
+            snapshot = policy.snapshot()
+        self._feed.bump(policy_id)
+        return snapshot
+
+    def list_checkpoints(self, policy_id: str) -> list[CheckpointInfo]:
+        """The policy's named checkpoints."""
+        policy = self._get(policy_id)
+        with policy.lock:
+            self._check_live(policy, None)
+            return [CheckpointInfo(name, int(meta.get("version", 0)), float(meta.get("saved_at", 0.0)))
+                    for name, meta in self._store.checkpoints(policy_id)]
+
+    def close(self) -> None:
+        """End every watch stream."""
+        self._feed.close()
+
+    # ----------------------------------------------------------------- internals
+
+    def _get(self, policy_id: str) -> LivePolicy:
+        if not policy_id:
+            raise InvalidRequest("policy_id is required", field="policy_id")
+        with self._lock:
+            policy = self._policies.get(policy_id)
+        if policy is None:
+            check_name(policy_id, "policy_id")
+            raise PolicyNotFound(f"policy_id: no policy {policy_id!r}", field="policy_id")
+        return policy
+
+    def _check_live(self, policy: LivePolicy, expected_version: int | None) -> None:
+        if policy.deleted:
+            raise PolicyNotFound(f"policy_id: policy {policy.policy_id!r} was deleted", field="policy_id")
+        if expected_version is not None and expected_version != policy.version:
+            raise VersionConflict(f"expected_version: policy {policy.policy_id!r} is at version {policy.version}, "
+                                  f"not {expected_version}", field="expected_version")
+
+    def _checkpoint(self, policy: LivePolicy, name: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        found = self._store.load_checkpoint(policy.policy_id, name)
+        if found is None:
+            raise CheckpointNotFound(f"checkpoint: policy {policy.policy_id!r} has no checkpoint {name!r}",
+                                     field="checkpoint")
+        return found
+
+    def _commit(self, policy: LivePolicy, new_version: bool) -> None:
+        """Record a state change: a new revision (and version), its weights kept for ComputeLogProb, saved."""
+        if new_version:
+            policy.version += 1
+        policy.revision += 1
+        policy.updated_at = time.time()
+        policy.remember_version(self._config.versions_kept)
+        self._persist(policy)
+
+    def _persist(self, policy: LivePolicy) -> None:
+        tensors, metadata = encode(policy)
+        self._store.save_state(policy.policy_id, tensors, metadata)
+
+
+    def _update_message(self, policy: LivePolicy, include_model: bool) -> ModelUpdate:
+        return ModelUpdate(policy.policy_id, policy.version, policy.last_update,
+                           policy.torchscript_now() if include_model else b"")
+
+
+def _log_probs(net: PolicyNet, batch: Transitions) -> tuple[np.ndarray, np.ndarray]:
+    """Log-probabilities of the batch's actions and the policy's entropies in its states."""
+    with torch.no_grad():
+        distribution = action_distribution(net, torch.as_tensor(batch.states))
+        return (distribution.log_prob(torch.as_tensor(batch.actions)).numpy(),
+                distribution.entropy().numpy())
+
+
+def _optional_float(value: HyperValue) -> float | None:
+    return None if value is None else float(value)  # type: ignore[arg-type]

@@ -1,0 +1,63 @@
+"""What PolicyService answers: policies' public state, batch outcomes, updates and checkpoints, and the limits."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from rl_service.core.algorithms.reinforce_update import UpdateStats
+from rl_service.core.policies.spec import PolicySpec
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    """Limits for named policies."""
+
+    versions_kept: int = 4  # recent versions whose weights ComputeLogProb can still use
+    max_pending_steps: int = 1_000_000  # transitions an unfinished episode may hold between batches
+
+
+@dataclass(frozen=True)
+class PolicySnapshot:
+    """A policy's public state (PolicyInfo)."""
+
+    policy_id: str
+    spec: PolicySpec
+    version: int
+    pending_steps: int
+    episodes_trained: int
+    steps_trained: int
+    last_update: UpdateStats | None
+    created_at: float
+    updated_at: float
+    created: bool = False
+
+
+@dataclass(frozen=True)
+class BatchOutcome:
+    """What SendTrainingBatch did."""
+
+    policy_id: str
+    version: int
+    updated: bool
+    metrics: UpdateStats | None
+    pending_steps: int
+    torchscript: bytes = b""
+
+
+@dataclass(frozen=True)
+class ModelUpdate:
+    """One WatchModelUpdates message."""
+
+    policy_id: str
+    version: int
+    metrics: UpdateStats | None
+    torchscript: bytes = b""
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """A named checkpoint."""
+
+    name: str
+    version: int
+    saved_at: float

@@ -1,0 +1,155 @@
+"""A named policy's spec: what a client asks for (observation shape, action space, hyperparameters, seed),
+validated into the spec the service keeps, and the network it builds."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+
+from rl_service.core.algorithms.hyperparams import HyperValue, Param, format_value, merge
+from rl_service.core.algorithms.networks import PolicyNet, build_policy_net
+from rl_service.core.algorithms.registry import ACTIVATIONS
+from rl_service.core.errors import InvalidHyperparameter, InvalidRequest, quoted
+from rl_service.core.policies.experience import SpaceShape
+from rl_service.core.seeds import seed_or_random
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+MAX_OBSERVATION_SIZE = 1_000_000
+MAX_ACTION_SIZE = 10_000
+
+NAMED_POLICY_SCHEMA = merge((
+    Param("learning_rate", "float", 1e-3, 0.0, 1.0, low_exclusive=True, help="Adam step size"),
+    Param("gamma", "float", 0.99, 0.0, 1.0, help="discount factor of the Monte-Carlo returns"),
+    Param("beta", "float", 0.1, 0.0, 10.0, help="entropy bonus weight"),
+    Param("net_arch", "net_arch", (64, 64), help="hidden layer widths"),
+    Param("activation_fn", "choice", "tanh", choices=("tanh", "relu"), help="hidden layer activation"),
+    Param("max_grad_norm", "float", None, 0.0, 1e6, low_exclusive=True, optional=True,
+          help="gradient clipping norm (none: no clipping)"),
+    Param("log_std_init", "float", 0.0, -20.0, 2.0, help="initial log standard deviation (Box actions)"),
+))
+
+
+def check_name(value: str, field_name: str) -> str:
+    """A policy id or checkpoint name that is safe as a file name; InvalidRequest otherwise."""
+    if not NAME_RE.fullmatch(value) or value in (".", ".."):
+        raise InvalidRequest(
+            f"{field_name}: {quoted(value)} is not a safe name; use 1 to 64 letters, digits, '_', '.' or '-', "
+            "starting with a letter or digit", field=field_name)
+    return value
+
+
+@dataclass(frozen=True)
+class PolicySpecRequest:
+    """A client's spec, before validation."""
+
+    observation_shape: tuple[int, ...]
+    discrete_actions: int | None = None
+    box_shape: tuple[int, ...] = ()
+    box_low: tuple[float, ...] = ()
+    box_high: tuple[float, ...] = ()
+    hyperparameters: Mapping[str, str] = field(default_factory=dict)
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class PolicySpec:
+    """A validated spec with effective hyperparameters (defaults filled in) and the seed used."""
+
+    observation_shape: tuple[int, ...]
+    discrete_actions: int | None
+    action_shape: tuple[int, ...]
+    action_low: tuple[float, ...]
+    action_high: tuple[float, ...]
+    hyperparameters: Mapping[str, str]
+    seed: int
+
+    @property
+    def shape(self) -> SpaceShape:
+        """Sizes and bounds for batch validation."""
+        size = int(np.prod(self.action_shape)) if self.discrete_actions is None else 1
+        low = np.asarray(self.action_low, dtype=np.float64) if self.action_low else np.full(size, -np.inf)
+        high = np.asarray(self.action_high, dtype=np.float64) if self.action_high else np.full(size, np.inf)
+        return SpaceShape(int(np.prod(self.observation_shape)), self.discrete_actions, size, low, high)
+
+    def values(self) -> dict[str, HyperValue]:
+        """The hyperparameters parsed back into typed values."""
+        return NAMED_POLICY_SCHEMA.parse(self.hyperparameters)
+
+    def to_json(self) -> str:
+        """Canonical JSON (also the identity compared by idempotent creation)."""
+        data = asdict(self)
+        data["hyperparameters"] = dict(sorted(self.hyperparameters.items()))
+        return json.dumps(data, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> PolicySpec:
+        """The inverse of to_json."""
+        data = json.loads(text)
+        return cls(tuple(data["observation_shape"]), data["discrete_actions"], tuple(data["action_shape"]),
+                   tuple(data["action_low"]), tuple(data["action_high"]), dict(data["hyperparameters"]),
+                   int(data["seed"]))
+
+
+def build_spec(request: PolicySpecRequest) -> PolicySpec:
+    """Validate a client's spec; InvalidRequest names the field at fault."""
+    obs_shape = tuple(int(d) for d in request.observation_shape)
+    if not obs_shape or any(d < 1 for d in obs_shape) or int(np.prod(obs_shape)) > MAX_OBSERVATION_SIZE:
+        raise InvalidRequest(f"spec.observation_shape: {list(obs_shape)} must be non-empty positive dimensions "
+                             f"of at most {MAX_OBSERVATION_SIZE} values in all", field="spec.observation_shape")
+    if request.discrete_actions is not None:
+        if not 2 <= request.discrete_actions <= MAX_ACTION_SIZE:
+            raise InvalidRequest(f"spec.discrete_n: {request.discrete_actions} must be in [2, {MAX_ACTION_SIZE}]",
+                                 field="spec.discrete_n")
+        action_shape: tuple[int, ...] = ()
+        low: tuple[float, ...] = ()
+        high: tuple[float, ...] = ()
+    else:
+        action_shape = tuple(int(d) for d in request.box_shape)
+        if not action_shape or any(d < 1 for d in action_shape) or int(np.prod(action_shape)) > MAX_ACTION_SIZE:
+            raise InvalidRequest("spec: give discrete_n, or box with a non-empty positive shape "
+                                 f"of at most {MAX_ACTION_SIZE} values", field="spec.box.shape")
+        size = int(np.prod(action_shape))
+        low, high = tuple(float(v) for v in request.box_low), tuple(float(v) for v in request.box_high)
+        for name, bound in (("low", low), ("high", high)):
+            if bound and (len(bound) != size or any(np.isnan(bound))):
+                raise InvalidRequest(f"spec.box.{name}: {len(bound)} values, expected {size} (or none for "
+                                     "unbounded), without NaN", field=f"spec.box.{name}")
+        if low and high and any(lo > hi for lo, hi in zip(low, high, strict=True)):
+            raise InvalidRequest("spec.box: every low must be <= its high", field="spec.box.low")
+    seed = seed_or_random(request.seed, "spec.seed")
+    try:
+        values = NAMED_POLICY_SCHEMA.parse(request.hyperparameters)
+    except InvalidHyperparameter as exc:  # the hyperparameters sit inside the spec in PolicyService's requests
+        raise InvalidHyperparameter(f"spec.{exc.message}", field=f"spec.{exc.field}") from None
+    effective = {key: format_value(value) for key, value in sorted(values.items())}
+    return PolicySpec(obs_shape, request.discrete_actions, action_shape, low, high, effective, seed)
+
+
+def with_seed(spec: PolicySpec, seed: int) -> PolicySpec:
+    """The same spec with another seed."""
+    return replace(spec, seed=seed)
+
+
+def new_net(spec: PolicySpec) -> PolicyNet:
+    """A fresh network for the spec, its initial weights fixed by the spec's seed."""
+    values = spec.values()
+    action_space = _action_space(spec)
+    # A private RNG stream: the seed fixes the initial weights without touching the process's global RNG.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec.seed)
+        net = build_policy_net(spec.shape.observation_size, action_space, values["net_arch"],  # type: ignore[arg-type]
+                               ACTIVATIONS[str(values["activation_fn"])], float(values["log_std_init"]))  # type: ignore[arg-type]
+    return net
+
+
+def _action_space(spec: PolicySpec) -> Any:
+    if spec.discrete_actions is not None:
+        return gym.spaces.Discrete(spec.discrete_actions)
+    return gym.spaces.Box(-np.inf, np.inf, shape=spec.action_shape, dtype=np.float32)

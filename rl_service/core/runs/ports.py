@@ -1,0 +1,54 @@
+"""What the run orchestrator needs from infra: a persistent registry and an executor of workers."""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from rl_service.core.runs.records import RunFilter, RunRecord
+
+
+class RunRegistry(Protocol):
+    """Persistent run records; survives server restarts."""
+
+    def insert(self, record: RunRecord) -> None:
+        """Add a new run; the run_id must be new."""
+
+    def update(self, record: RunRecord) -> None:
+        """Replace a run's record."""
+
+    def get(self, run_id: str) -> RunRecord | None:
+        """One run, or None."""
+
+    def find(self, run_filter: RunFilter) -> list[RunRecord]:
+        """Matching runs, newest first."""
+
+    def mark_interrupted(self, reason: str) -> list[RunRecord]:
+        """Move every PENDING or RUNNING run to INTERRUPTED (at start-up); returns the runs changed."""
+
+    def close(self) -> None:
+        """Release the underlying connection."""
+
+
+class Executor(Protocol):
+    """Starts and stops training workers; a local process pool now, a Ray cluster later."""
+
+    def launch(self, run_id: str, job: Any) -> None:
+        """Start training `job` in the background."""
+
+    def request_stop(self, run_id: str) -> None:
+        """Ask a worker to checkpoint and stop."""
+
+    def kill(self, run_id: str) -> None:
+        """End a worker at once."""
+
+    def next_event(self, timeout: float) -> Any | None:
+        """The next event from any worker, or None after `timeout` seconds (0: do not wait)."""
+
+    def reap(self) -> list[tuple[str, int]]:
+        """Workers that exited since the last call, with exit codes."""
+
+    def active(self) -> set[str]:
+        """Run ids with a live worker."""
+
+    def close(self) -> None:
+        """Stop everything and release resources."""

@@ -1,0 +1,85 @@
+"""StartTraining's semantic validation: every field checked before anything is recorded or written."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from rl_service.core.algorithms.hyperparams import HyperValue, format_value
+from rl_service.core.algorithms.registry import AlgorithmSpec, get_algorithm
+from rl_service.core.envs import ExternalEnvironments, env_spaces, is_external_env
+from rl_service.core.errors import InvalidHyperparameter, InvalidRequest
+from rl_service.core.runs.records import TrainingRequest
+from rl_service.core.seeds import seed_or_random
+
+MIN_CHECKPOINT_INTERVAL = 100
+MAX_EXPERIMENT_ID = 128
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """The server's caps on a run request (from settings)."""
+
+    max_total_timesteps: int = 100_000_000
+    default_checkpoint_interval: int = 10_000
+
+
+@dataclass(frozen=True)
+class ValidatedRequest:
+    """A request that passed every check, with defaults filled in."""
+
+    experiment_id: str
+    spec: AlgorithmSpec
+    hyperparameters: Mapping[str, str]  # effective values (defaults included), formatted by the schema
+    checkpoint_interval: int
+    seed: int
+
+
+def validate_request(request: TrainingRequest, limits: RequestLimits,
+                     external_envs: ExternalEnvironments | None) -> ValidatedRequest:
+    """Check a StartTraining request; the first error names its field (InvalidRequest and subclasses)."""
+    experiment_id = check_experiment_id(request.experiment_id)
+    spec = get_algorithm(request.algorithm)
+    if request.total_timesteps <= 0:
+        raise InvalidRequest(f"total_timesteps: must be positive, got {request.total_timesteps}",
+                             field="total_timesteps")
+    if request.total_timesteps > limits.max_total_timesteps:
+        raise InvalidRequest(
+            f"total_timesteps: {request.total_timesteps} exceeds this server's cap of "
+            f"{limits.max_total_timesteps} (MAX_TOTAL_TIMESTEPS)", field="total_timesteps")
+    interval = request.checkpoint_interval or limits.default_checkpoint_interval
+    if interval < MIN_CHECKPOINT_INTERVAL:
+        raise InvalidRequest(
+            f"checkpoint_interval: must be 0 (server default) or at least {MIN_CHECKPOINT_INTERVAL}, "
+            f"got {request.checkpoint_interval}", field="checkpoint_interval")
+    seed = seed_or_random(request.seed, "seed")
+    values = spec.schema.parse(request.hyperparameters)
+    external = is_external_env(request.env_id)
+    if not external:  # a simulation's n_envs is known only from its spec
+        spec.validate(values)
+    spaces = env_spaces(request.env_id, external_envs)
+    if external and spaces.num_envs is not None:
+        values = _simulation_n_envs(request, values, spaces.num_envs)
+        spec.validate(values)
+    spec.check_spaces(spaces.action_space, values)
+    effective = {key: format_value(value) for key, value in sorted(values.items())}
+    return ValidatedRequest(experiment_id, spec, effective, interval, seed)
+
+
+def check_experiment_id(experiment_id: str) -> str:
+    """The experiment id, "default" when blank; InvalidRequest when too long or unprintable."""
+    value = experiment_id.strip() or "default"
+    if len(value) > MAX_EXPERIMENT_ID or not value.isprintable():
+        raise InvalidRequest(
+            f"experiment_id: at most {MAX_EXPERIMENT_ID} printable characters", field="experiment_id")
+    return value
+
+
+def _simulation_n_envs(request: TrainingRequest, values: dict[str, HyperValue], hosted: int
+                       ) -> dict[str, HyperValue]:
+    """An external simulation decides how many envs step together; a client's different n_envs is refused."""
+    if any(key.strip().lower() == "n_envs" for key in request.hyperparameters) and values.get("n_envs") != hosted:
+        raise InvalidHyperparameter(
+            f"hyperparameters['n_envs']: the simulation at {request.env_id} hosts {hosted} envs; omit n_envs or "
+            f"set it to {hosted}", field="hyperparameters.n_envs")
+    return {**values, "n_envs": hosted}

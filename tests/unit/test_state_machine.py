@@ -1,0 +1,167 @@
+"""The run state machine: every state x every event, allowed or refused, and what each allowed one does."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import pytest
+
+from rl_service.core.runs.events import CheckpointSaved, Failed, Finished, Progress, Started
+from rl_service.core.runs.records import Metrics, RunRecord, RunState
+from rl_service.core.runs.state_machine import (
+    EVENT_TYPES,
+    TRANSITIONS,
+    InvalidTransition,
+    Killed,
+    Launched,
+    LaunchFailed,
+    Resumed,
+    ShutdownRequested,
+    StopRequested,
+    WorkerExited,
+    apply,
+)
+
+NOW = 1_000.0
+METRICS = Metrics(mean_episode_reward=12.5, episodes_completed=3)
+EVENTS: dict[type, Any] = {
+    Launched: Launched(),
+    LaunchFailed: LaunchFailed("no memory"),
+    StopRequested: StopRequested(),
+    ShutdownRequested: ShutdownRequested(),
+    Killed: Killed("did not stop in 30s"),
+    WorkerExited: WorkerExited(-9),
+    Resumed: Resumed(),
+    Started: Started("run-1", 4242),
+    Progress: Progress("run-1", 300, METRICS),
+    CheckpointSaved: CheckpointSaved("run-1", 400, "/c/checkpoint_400_steps.zip"),
+    Finished: Finished("run-1", 512, METRICS, "/m/model.zip", "/c/checkpoint_512_steps.zip", stopped_early=False),
+    Failed: Failed("run-1", 350, "RuntimeError: boom"),
+}
+# (state, event) -> the state it leads to; every pair not listed must raise.
+EXPECTED: dict[tuple[RunState, type], RunState] = {
+    (RunState.PENDING, Launched): RunState.RUNNING,
+    (RunState.PENDING, LaunchFailed): RunState.FAILED,
+    (RunState.PENDING, StopRequested): RunState.CANCELLED,
+    (RunState.PENDING, ShutdownRequested): RunState.INTERRUPTED,
+    (RunState.RUNNING, StopRequested): RunState.RUNNING,
+    (RunState.RUNNING, ShutdownRequested): RunState.RUNNING,
+    (RunState.RUNNING, Started): RunState.RUNNING,
+    (RunState.RUNNING, Progress): RunState.RUNNING,
+    (RunState.RUNNING, CheckpointSaved): RunState.RUNNING,
+    (RunState.RUNNING, Finished): RunState.SUCCEEDED,
+    (RunState.RUNNING, Failed): RunState.FAILED,
+    (RunState.RUNNING, Killed): RunState.INTERRUPTED,
+    (RunState.RUNNING, WorkerExited): RunState.FAILED,
+    (RunState.INTERRUPTED, Resumed): RunState.PENDING,
+    (RunState.FAILED, Resumed): RunState.PENDING,
+    (RunState.CANCELLED, Resumed): RunState.PENDING,
+}
+
+
+def record(state: RunState, **changes: Any) -> RunRecord:
+    base = RunRecord(run_id="run-1", experiment_id="e", algorithm="PPO", env_id="CartPole-v1", state=state,
+                     total_timesteps=512, seed=1, hyperparameters={}, checkpoint_interval=100,
+                     model_path="/m/model.zip", timesteps_done=200, created_at=1.0, started_at=2.0)
+    return base.evolve(**changes)
+
+
+def test_every_event_type_is_covered_by_these_tests() -> None:
+    assert set(EVENTS) == set(EVENT_TYPES)
+    assert {event for _, event in TRANSITIONS} <= set(EVENT_TYPES)
+
+
+@pytest.mark.parametrize(("state", "event_type"), list(itertools.product(RunState, EVENT_TYPES)),
+                         ids=lambda v: v.name if isinstance(v, RunState) else v.__name__)
+def test_every_state_and_event(state: RunState, event_type: type) -> None:
+    before = record(state, finished_at=5.0 if state.is_terminal else 0.0,
+                    timesteps_done=512 if state is RunState.SUCCEEDED else 200)
+    event = EVENTS[event_type]
+    if (state, event_type) == (RunState.SUCCEEDED, Resumed):
+        with pytest.raises(InvalidTransition, match="larger total_timesteps"):
+            apply(before, event, NOW)  # a finished budget resumes only when extended (see below)
+        return
+    expected = EXPECTED.get((state, event_type))
+    if expected is None:
+        with pytest.raises(InvalidTransition, match=f"{event_type.__name__} is not allowed in state {state.name}"):
+            apply(before, event, NOW)
+        return
+    after = apply(before, event, NOW)
+    assert after.state is expected
+    assert after.run_id == before.run_id and after.created_at == before.created_at
+    assert (after.finished_at == NOW) == (expected.is_terminal and not state.is_terminal)
+    assert before.state is state, "records are immutable"
+
+
+def test_table_and_expectations_agree() -> None:
+    assert set(TRANSITIONS) == {*EXPECTED, (RunState.SUCCEEDED, Resumed)}
+
+
+def test_launch_starts_the_clock_and_a_failed_launch_says_why() -> None:
+    assert apply(record(RunState.PENDING, started_at=0.0), Launched(), NOW).started_at == NOW
+    failed = apply(record(RunState.PENDING), LaunchFailed("no memory"), NOW)
+    assert failed.error == "could not start a worker: no memory"
+
+
+def test_stop_cancels_a_pending_run_and_marks_a_running_one() -> None:
+    cancelled = apply(record(RunState.PENDING), StopRequested(), NOW)
+    assert cancelled.stop_requested and cancelled.error == ""
+    marked = apply(record(RunState.RUNNING), StopRequested(), NOW)
+    assert marked.stop_requested and marked.state is RunState.RUNNING and marked.finished_at == 0.0
+
+
+def test_progress_and_checkpoints_move_the_counters() -> None:
+    progressed = apply(record(RunState.RUNNING), EVENTS[Progress], NOW)
+    assert progressed.timesteps_done == 300 and progressed.metrics == METRICS
+    saved = apply(progressed, EVENTS[CheckpointSaved], NOW)
+    assert saved.timesteps_done == 400 and saved.last_checkpoint_path == "/c/checkpoint_400_steps.zip"
+
+
+@pytest.mark.parametrize(("stopped_early", "stop_requested", "state", "error"), [
+    (False, False, RunState.SUCCEEDED, ""),
+    (False, True, RunState.SUCCEEDED, ""),  # finished its budget before the stop landed
+    (True, True, RunState.CANCELLED, ""),
+    (True, False, RunState.INTERRUPTED, "interrupted: the server shut down; the final checkpoint and model are kept"),
+])
+def test_finished_decides_between_succeeded_cancelled_and_interrupted(
+        stopped_early: bool, stop_requested: bool, state: RunState, error: str) -> None:
+    event = Finished("run-1", 300, METRICS, "/m/model.zip", "", stopped_early=stopped_early)
+    after = apply(record(RunState.RUNNING, stop_requested=stop_requested, last_checkpoint_path="/c/old.zip"),
+                  event, NOW)
+    assert (after.state, after.error) == (state, error)
+    assert after.model_saved and after.model_path == "/m/model.zip" and after.timesteps_done == 300
+    assert after.last_checkpoint_path == "/c/old.zip", "an empty checkpoint path keeps the last known one"
+
+
+def test_failures_keep_the_furthest_timesteps_and_the_reason() -> None:
+    failed = apply(record(RunState.RUNNING, timesteps_done=400), Failed("run-1", 350, "RuntimeError: boom"), NOW)
+    assert failed.timesteps_done == 400 and failed.error == "RuntimeError: boom"
+    exited = apply(record(RunState.RUNNING), WorkerExited(-9), NOW)
+    assert exited.error == "the worker process exited with code -9 without reporting a result"
+
+
+@pytest.mark.parametrize(("stop_requested", "state"), [(True, RunState.CANCELLED), (False, RunState.INTERRUPTED)])
+def test_a_kill_ends_the_run_as_the_stop_that_asked_for_it(stop_requested: bool, state: RunState) -> None:
+    after = apply(record(RunState.RUNNING, stop_requested=stop_requested), Killed("did not stop in 30s"), NOW)
+    assert after.state is state and after.error == "did not stop in 30s"
+
+
+def test_shutdown_interrupts_a_pending_run_and_leaves_a_running_one_to_its_worker() -> None:
+    pending = apply(record(RunState.PENDING), ShutdownRequested(), NOW)
+    assert pending.error == "interrupted: the server shut down before the run started"
+    running = record(RunState.RUNNING)
+    assert apply(running, ShutdownRequested(), NOW) == running
+
+
+def test_resume_clears_the_end_and_can_extend_the_budget() -> None:
+    ended = record(RunState.INTERRUPTED, error="interrupted", finished_at=5.0, stop_requested=True, model_saved=True)
+    resumed = apply(ended, Resumed(), NOW)
+    assert (resumed.state, resumed.error, resumed.finished_at, resumed.stop_requested, resumed.model_saved) == (
+        RunState.PENDING, "", 0.0, False, False)
+    assert resumed.timesteps_done == ended.timesteps_done and resumed.total_timesteps == 512
+    assert apply(ended, Resumed(total_timesteps=2048), NOW).total_timesteps == 2048
+    succeeded = record(RunState.SUCCEEDED, timesteps_done=512, model_saved=True)
+    assert apply(succeeded, Resumed(total_timesteps=1024), NOW).state is RunState.PENDING
+    with pytest.raises(InvalidTransition):
+        apply(succeeded, Resumed(total_timesteps=512), NOW)
