@@ -4,7 +4,14 @@ It needs only grpcio, the stubs compiled from proto/, torch and gymnasium (it ne
 with the TorchScript model the service hands back, sends each batch of episodes with SendTrainingBatch, takes the
 updated model from the answer, and finally evaluates the greedy policy.
 
-    python scripts/cartpole_experience_client.py --address 127.0.0.1:50051 --batches 50
+REINFORCE on CartPole does not stay at 500: the greedy policy gets there and, as updates go on, falls back and
+climbs again (seed 0 passes 500 at batches 11, 12 and 24 to 32, and ends a fixed 50 batches at 191.5; a smaller
+learning rate only slows the swings). So after every update the client checks the greedy policy on
+--check-episodes fresh episodes and stops once every one of them reaches --target on --stop-after consecutive
+batches; --batches is only the most it will send (--stop-after 0 sends all of them, the old behaviour). The
+final evaluation runs on other episodes (reset seeds 10000 onwards), never seen by a check.
+
+    python scripts/cartpole_experience_client.py --address 127.0.0.1:50051 --batches 150
 """
 
 from __future__ import annotations
@@ -59,8 +66,12 @@ def collect(env: gym.Env, model: torch.jit.ScriptModule, min_steps: int, rng: np
             obs, _ = env.reset()
 
 
-def evaluate(model: torch.jit.ScriptModule, episodes: int, seed: int) -> list[float]:
-    """Greedy (most probable action) returns on fresh episodes."""
+def evaluate(model: torch.jit.ScriptModule, episodes: int, seed: int,
+             stop_below: float | None = None) -> list[float]:
+    """Greedy (most probable action) returns on fresh episodes (reset seeds seed, seed + 1, ...).
+
+    With `stop_below`, stops after the first episode that returns less (the check has failed already).
+    """
     env = gym.make("CartPole-v1")
     results = []
     for i in range(episodes):
@@ -73,30 +84,51 @@ def evaluate(model: torch.jit.ScriptModule, episodes: int, seed: int) -> list[fl
             total += float(reward)
             done = terminated or truncated
         results.append(total)
+        if stop_below is not None and total < stop_below:
+            break
     return results
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Create (or reuse) the policy, train it for --batches batches, print a JSON summary."""
+    """Create (or reuse) the policy, train it until the stopping rule holds or --batches, print a JSON summary."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--address", default="127.0.0.1:50051")
     parser.add_argument("--policy-id", default="cartpole-client")
-    parser.add_argument("--batches", type=int, default=50)
+    parser.add_argument("--batches", type=int, default=150, help="the most batches to send")
     parser.add_argument("--steps-per-batch", type=int, default=2000, help="at least this many transitions a batch")
     parser.add_argument("--learning-rate", default="0.005")
     parser.add_argument("--beta", default="0.01")
     parser.add_argument("--hp", action="append", default=[], metavar="KEY=VALUE", help="another hyperparameter")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--target", type=float, default=500.0, help="greedy return the checks ask for")
+    parser.add_argument("--stop-after", type=int, default=3,
+                        help="stop once the check passes on this many consecutive batches (0: never stop early)")
+    parser.add_argument("--check-episodes", type=int, default=10,
+                        help="greedy episodes per check; each must reach --target")
+    parser.add_argument("--eval-episodes", type=int, default=10, help="greedy episodes of the final evaluation")
+    parser.add_argument("--fresh", action="store_true",
+                        help="delete --policy-id first if it exists (otherwise an identical policy is reused and "
+                             "trained further)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     stub = pb_grpc.PolicyServiceStub(grpc.insecure_channel(args.address))
     spec = pb.PolicySpec(observation_shape=[4], discrete_n=2, seed=args.seed,
                          hyperparameters={"learning_rate": args.learning_rate, "beta": args.beta,
                                           **dict(item.split("=", 1) for item in args.hp)})
-    stub.CreatePolicy(pb.CreatePolicyRequest(policy_id=args.policy_id, spec=spec))
+    if args.fresh:
+        try:
+            stub.DeletePolicy(pb.PolicyRequest(policy_id=args.policy_id))
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.NOT_FOUND:
+                raise
+    info = stub.CreatePolicy(pb.CreatePolicyRequest(policy_id=args.policy_id, spec=spec))
+    if not info.created:
+        sys.stderr.write(f"policy {args.policy_id!r} already existed (version {info.version}); training it further "
+                         "(--fresh starts over)\n")
     model = load_model(stub.GetModel(pb.GetModelRequest(policy_id=args.policy_id)).data)
     env, rng = gym.make("CartPole-v1"), np.random.default_rng(args.seed)
     history = []
+    streak = 0
     started = time.perf_counter()
     for index in range(args.batches):
         states, actions, rewards, dones, returns = collect(env, model, args.steps_per_batch, rng,
@@ -104,14 +136,27 @@ def main(argv: list[str] | None = None) -> int:
         result = stub.SendTrainingBatch(pb.TrainingBatch(policy_id=args.policy_id, states=states, actions=actions,
                                                          rewards=rewards, dones=dones, return_model=True))
         model = load_model(result.torchscript)
+        check: list[float] = []
+        if args.stop_after > 0:
+            # Seeds 20000 + 10 * batch onwards: other episodes at every check, none of the final evaluation's.
+            check = evaluate(model, args.check_episodes, seed=20_000 + 10 * index, stop_below=args.target)
+            passed = len(check) == args.check_episodes and min(check) >= args.target
+            streak = streak + 1 if passed else 0
         history.append({"batch": index + 1, "version": result.version, "episodes": len(returns),
-                        "mean_return": float(np.mean(returns)), "loss": result.metrics.loss})
+                        "mean_return": float(np.mean(returns)), "loss": result.metrics.loss,
+                        "check_min_return": min(check) if check else None, "streak": streak})
         sys.stderr.write(f"batch {index + 1:3d}  version {result.version:3d}  episodes {len(returns):3d}  "
-                         f"mean return {np.mean(returns):6.1f}\n")
-    greedy = evaluate(model, 10, seed=10_000)
-    print(json.dumps({"policy_id": args.policy_id, "batches": args.batches, "seconds": round(
-        time.perf_counter() - started, 1), "final_version": history[-1]["version"] if history else 0,
-        "greedy_mean_return": float(np.mean(greedy)), "greedy_returns": greedy, "history": history}))
+                         f"mean return {np.mean(returns):6.1f}"
+                         + (f"  check {min(check):5.0f}  streak {streak}" if check else "") + "\n")
+        if args.stop_after > 0 and streak >= args.stop_after:
+            break
+    greedy = evaluate(model, args.eval_episodes, seed=10_000)
+    seconds = time.perf_counter() - started
+    print(json.dumps({"policy_id": args.policy_id, "batches": len(history),
+                      "stopped_early": args.stop_after > 0 and streak >= args.stop_after,
+                      "episodes": sum(h["episodes"] for h in history), "seconds": round(seconds, 1),
+                      "final_version": history[-1]["version"] if history else 0,
+                      "greedy_mean_return": float(np.mean(greedy)), "greedy_returns": greedy, "history": history}))
     return 0
 
 
