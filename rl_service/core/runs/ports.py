@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Protocol
 
+from rl_service.core.runs.events import WorkerEvent
+from rl_service.core.runs.jobs import RunJob
 from rl_service.core.runs.records import RunFilter, RunRecord
 
 
@@ -32,16 +34,16 @@ class RunRegistry(Protocol):
 class Executor(Protocol):
     """Starts and stops training workers; a local process pool now, a Ray cluster later."""
 
-    def launch(self, run_id: str, job: Any) -> None:
-        """Start training `job` in the background."""
+    def launch(self, run_id: str, job: RunJob) -> None:
+        """Start training `job` in the background (carried to the worker as job.to_dict(), never pickled)."""
 
     def request_stop(self, run_id: str) -> None:
-        """Ask a worker to checkpoint and stop."""
+        """Ask a worker to checkpoint and stop; it sees the request at its next progress report."""
 
     def kill(self, run_id: str) -> None:
         """End a worker at once."""
 
-    def next_event(self, timeout: float) -> Any | None:
+    def next_event(self, timeout: float) -> WorkerEvent | None:
         """The next event from any worker, or None after `timeout` seconds (0: do not wait)."""
 
     def reap(self) -> list[tuple[str, int]]:

@@ -1,4 +1,5 @@
-"""Data transfer objects shared by the layers: frozen dataclasses, no behaviour beyond small helpers."""
+"""Managed runs as data: the request, the record the registry keeps, its state, metrics, filters and Act results
+(frozen dataclasses, no behaviour beyond small helpers)."""
 
 from __future__ import annotations
 
