@@ -57,6 +57,7 @@ def snapshot_to_proto(snapshot: PolicySnapshot) -> pb.PolicyInfo:
         pending_steps=snapshot.pending_steps, episodes_trained=snapshot.episodes_trained,
         steps_trained=snapshot.steps_trained, last_update=metrics_to_proto(snapshot.last_update),
         created_at=snapshot.created_at, updated_at=snapshot.updated_at, created=snapshot.created,
+        durable_version=snapshot.durable_version,
     )
 
 
@@ -64,13 +65,14 @@ def outcome_to_proto(outcome: BatchOutcome) -> pb.TrainingBatchResult:
     """BatchOutcome -> TrainingBatchResult."""
     return pb.TrainingBatchResult(policy_id=outcome.policy_id, version=outcome.version, updated=outcome.updated,
                                   metrics=metrics_to_proto(outcome.metrics), pending_steps=outcome.pending_steps,
-                                  torchscript=outcome.torchscript)
+                                  torchscript=outcome.torchscript, durable_version=outcome.durable_version)
 
 
 def update_to_proto(update: ModelUpdate) -> pb.ModelUpdate:
     """ModelUpdate -> proto."""
     return pb.ModelUpdate(policy_id=update.policy_id, version=update.version,
-                          metrics=metrics_to_proto(update.metrics), torchscript=update.torchscript)
+                          metrics=metrics_to_proto(update.metrics), torchscript=update.torchscript,
+                          durable_version=update.durable_version)
 
 
 def checkpoint_to_proto(info: CheckpointInfo) -> pb.CheckpointInfo:

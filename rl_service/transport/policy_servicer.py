@@ -80,7 +80,7 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):  # type: ignore[misc]
             head.policy_id, joined("states", np.float32), joined("actions", np.float64),
             joined("rewards", np.float64), joined("dones", np.bool_),
             expected_version=head.expected_version if head.HasField("expected_version") else None,
-            flush=head.flush, return_model=head.return_model)
+            flush=head.flush, return_model=head.return_model, sync=head.sync)
         return convert.outcome_to_proto(outcome)
 
     @guarded
@@ -100,7 +100,8 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):  # type: ignore[misc]
         torchscript = request.format != pb.SAFETENSORS
         version, data = self._manager.model(request.policy_id, torchscript)
         return pb.ModelBlob(policy_id=request.policy_id, version=version, data=data,
-                            format=pb.TORCHSCRIPT if torchscript else pb.SAFETENSORS)
+                            format=pb.TORCHSCRIPT if torchscript else pb.SAFETENSORS,
+                            durable_version=self._manager.durable_version(request.policy_id))
 
     @guarded
     def SetWeights(self, request: pb.SetWeightsRequest, context: grpc.ServicerContext) -> pb.PolicyInfo:

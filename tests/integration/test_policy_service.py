@@ -1,4 +1,7 @@
-"""PolicyService over real gRPC: lifecycle, experience batches, held tails, streams, exports, concurrency."""
+"""PolicyService over real gRPC: lifecycle, experience batches, held tails, streams, exports, concurrency.
+
+Every test on the module's server runs twice, once per POLICY_SYNC mode (background, the default, and always).
+"""
 
 from __future__ import annotations
 
@@ -18,9 +21,18 @@ from safetensors.torch import load as load_safetensors
 
 from rl_service_proto.v1 import policy_pb2 as pb
 from rl_service_proto.v1 import policy_pb2_grpc as pb_grpc
-from tests.conftest import ServerHandle
+from tests.conftest import ServerHandle, start_server
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
+SYNC_MODES = ["background", "always"]
+
+
+@pytest.fixture(scope="module", params=SYNC_MODES)
+def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerHandle]:
+    """The module's server, once per POLICY_SYNC mode: what this module checks holds in both."""
+    handle = start_server(tmp_path_factory.mktemp("server"), policy_sync=request.param)
+    yield handle
+    handle.stop()
 
 
 @pytest.fixture(scope="module")
@@ -294,7 +306,8 @@ BAD_BATCHES: list[tuple[str, dict[str, Any], str]] = [
 def test_bad_batch_is_invalid_and_changes_nothing(stub: pb_grpc.PolicyServiceStub, server: ServerHandle,
                                                   changes: dict[str, Any], word: str) -> None:
     policy_id = create(stub)
-    stub.SendTrainingBatch(batch(policy_id, episode(2, seed=9, done=False)))  # a held tail that must survive
+    # A held tail that must survive; sync: on disk before the reply, so no background write moves the file later.
+    stub.SendTrainingBatch(batch(policy_id, episode(2, seed=9, done=False), sync=True))
     state_file = Path(server.settings.policies_root) / policy_id / "state.safetensors"
     before = (state_file.stat().st_mtime_ns, weights(stub, policy_id))
     request = {**episode(3), **changes}
@@ -411,8 +424,10 @@ def test_checkpoints_save_load_and_log_probs_of_old_versions(stub: pb_grpc.Polic
     assert gone.value.code() == grpc.StatusCode.NOT_FOUND and "version" in gone.value.details()
 
 
-def test_policies_survive_a_restart_at_their_last_state(server_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    first = server_factory(tmp_path)
+@pytest.mark.parametrize("mode", SYNC_MODES)
+def test_policies_survive_a_restart_at_their_last_state(server_factory, tmp_path: Path, mode: str) -> None:  # type: ignore[no-untyped-def]
+    # A long interval in background mode: only the graceful stop's flush can have saved the last batch.
+    first = server_factory(tmp_path, policy_sync=mode, policy_sync_interval_seconds=3600)
     stub = pb_grpc.PolicyServiceStub(first.channel)
     policy_id = create(stub, discrete_spec(seed=4, learning_rate="0.01"))
     stub.SendTrainingBatch(batch(policy_id, episode(5), episode(3, seed=1, done=False)))
@@ -420,10 +435,11 @@ def test_policies_survive_a_restart_at_their_last_state(server_factory, tmp_path
     before = weights(stub, policy_id)
     first.stop()
 
-    second = server_factory(tmp_path)
+    second = server_factory(tmp_path, policy_sync=mode)
     stub = pb_grpc.PolicyServiceStub(second.channel)
     info = stub.GetPolicy(pb.PolicyRequest(policy_id=policy_id))
-    assert info.version == 1 and info.pending_steps == 3 and info.spec.hyperparameters["learning_rate"] == "0.01"
+    assert info.version == info.durable_version == 1 and info.pending_steps == 3
+    assert info.spec.hyperparameters["learning_rate"] == "0.01"
     assert_same_weights(weights(stub, policy_id), before)
     # The held tail and the optimizer state came back too: training carries on from where it was.
     result = stub.SendTrainingBatch(batch(policy_id, episode(2, seed=8)))

@@ -246,6 +246,7 @@ class PolicyInfo(_message.Message):
     CREATED_AT_FIELD_NUMBER: _builtins.int
     UPDATED_AT_FIELD_NUMBER: _builtins.int
     CREATED_FIELD_NUMBER: _builtins.int
+    DURABLE_VERSION_FIELD_NUMBER: _builtins.int
     policy_id: _builtins.str
     version: _builtins.int
     """+1 per accepted update (batch or weights)"""
@@ -257,6 +258,8 @@ class PolicyInfo(_message.Message):
     updated_at: _builtins.float
     created: _builtins.bool
     """CreatePolicy: false when an identical policy already existed"""
+    durable_version: _builtins.int
+    """The newest version known to be on disk (POLICY_SYNC=background saves behind the reply; `always`: = version)."""
     @_builtins.property
     def spec(self) -> Global___PolicySpec:
         """hyperparameters with every default filled in, and the seed used"""
@@ -276,10 +279,11 @@ class PolicyInfo(_message.Message):
         created_at: _builtins.float = ...,
         updated_at: _builtins.float = ...,
         created: _builtins.bool = ...,
+        durable_version: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["last_update", b"last_update", "spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "created_at", b"created_at", "episodes_trained", b"episodes_trained", "last_update", b"last_update", "pending_steps", b"pending_steps", "policy_id", b"policy_id", "spec", b"spec", "steps_trained", b"steps_trained", "updated_at", b"updated_at", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "created_at", b"created_at", "durable_version", b"durable_version", "episodes_trained", b"episodes_trained", "last_update", b"last_update", "pending_steps", b"pending_steps", "policy_id", b"policy_id", "spec", b"spec", "steps_trained", b"steps_trained", "updated_at", b"updated_at", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -351,6 +355,7 @@ class TrainingBatch(_message.Message):
     EXPECTED_VERSION_FIELD_NUMBER: _builtins.int
     RETURN_MODEL_FIELD_NUMBER: _builtins.int
     FLUSH_FIELD_NUMBER: _builtins.int
+    SYNC_FIELD_NUMBER: _builtins.int
     policy_id: _builtins.str
     expected_version: _builtins.int
     """ABORTED unless the policy is at this version"""
@@ -358,6 +363,10 @@ class TrainingBatch(_message.Message):
     """include the updated policy as TorchScript in the result"""
     flush: _builtins.bool
     """require an update now: a batch completing no episode is refused"""
+    sync: _builtins.bool
+    """Reply only once this batch's state is on disk (POLICY_SYNC=background; always mode saves every batch before
+    replying). If that save fails the batch stays applied and the call fails INTERNAL: do not resend it.
+    """
     @_builtins.property
     def states(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
         """n x prod(observation_shape)"""
@@ -385,10 +394,11 @@ class TrainingBatch(_message.Message):
         expected_version: _builtins.int | None = ...,
         return_model: _builtins.bool = ...,
         flush: _builtins.bool = ...,
+        sync: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_expected_version", b"_expected_version", "expected_version", b"expected_version"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_expected_version", b"_expected_version", "actions", b"actions", "dones", b"dones", "expected_version", b"expected_version", "flush", b"flush", "policy_id", b"policy_id", "return_model", b"return_model", "rewards", b"rewards", "states", b"states"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_expected_version", b"_expected_version", "actions", b"actions", "dones", b"dones", "expected_version", b"expected_version", "flush", b"flush", "policy_id", b"policy_id", "return_model", b"return_model", "rewards", b"rewards", "states", b"states", "sync", b"sync"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__expected_version: _TypeAlias = _typing.Literal["expected_version"]  # noqa: Y015
     _WhichOneofArgType__expected_version: _TypeAlias = _typing.Literal["_expected_version", b"_expected_version"]  # noqa: Y015
@@ -406,12 +416,15 @@ class TrainingBatchResult(_message.Message):
     METRICS_FIELD_NUMBER: _builtins.int
     PENDING_STEPS_FIELD_NUMBER: _builtins.int
     TORCHSCRIPT_FIELD_NUMBER: _builtins.int
+    DURABLE_VERSION_FIELD_NUMBER: _builtins.int
     policy_id: _builtins.str
     version: _builtins.int
     updated: _builtins.bool
     """false when the batch completed no episode and was only held"""
     pending_steps: _builtins.int
     torchscript: _builtins.bytes
+    durable_version: _builtins.int
+    """the newest version on disk; a restart comes back at this one or newer"""
     @_builtins.property
     def metrics(self) -> Global___UpdateMetrics: ...
     def __init__(
@@ -423,10 +436,11 @@ class TrainingBatchResult(_message.Message):
         metrics: Global___UpdateMetrics | None = ...,
         pending_steps: _builtins.int = ...,
         torchscript: _builtins.bytes = ...,
+        durable_version: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["metrics", b"metrics"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["metrics", b"metrics", "pending_steps", b"pending_steps", "policy_id", b"policy_id", "torchscript", b"torchscript", "updated", b"updated", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["durable_version", b"durable_version", "metrics", b"metrics", "pending_steps", b"pending_steps", "policy_id", b"policy_id", "torchscript", b"torchscript", "updated", b"updated", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -526,10 +540,13 @@ class ModelBlob(_message.Message):
     VERSION_FIELD_NUMBER: _builtins.int
     FORMAT_FIELD_NUMBER: _builtins.int
     DATA_FIELD_NUMBER: _builtins.int
+    DURABLE_VERSION_FIELD_NUMBER: _builtins.int
     policy_id: _builtins.str
     version: _builtins.int
     format: Global___ModelFormat.ValueType
     data: _builtins.bytes
+    durable_version: _builtins.int
+    """the newest version on disk"""
     def __init__(
         self,
         *,
@@ -537,10 +554,11 @@ class ModelBlob(_message.Message):
         version: _builtins.int = ...,
         format: Global___ModelFormat.ValueType = ...,
         data: _builtins.bytes = ...,
+        durable_version: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "format", b"format", "policy_id", b"policy_id", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "durable_version", b"durable_version", "format", b"format", "policy_id", b"policy_id", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -609,9 +627,12 @@ class ModelUpdate(_message.Message):
     VERSION_FIELD_NUMBER: _builtins.int
     METRICS_FIELD_NUMBER: _builtins.int
     TORCHSCRIPT_FIELD_NUMBER: _builtins.int
+    DURABLE_VERSION_FIELD_NUMBER: _builtins.int
     policy_id: _builtins.str
     version: _builtins.int
     torchscript: _builtins.bytes
+    durable_version: _builtins.int
+    """the newest version on disk when this message was read"""
     @_builtins.property
     def metrics(self) -> Global___UpdateMetrics: ...
     def __init__(
@@ -621,10 +642,11 @@ class ModelUpdate(_message.Message):
         version: _builtins.int = ...,
         metrics: Global___UpdateMetrics | None = ...,
         torchscript: _builtins.bytes = ...,
+        durable_version: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["metrics", b"metrics"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["metrics", b"metrics", "policy_id", b"policy_id", "torchscript", b"torchscript", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["durable_version", b"durable_version", "metrics", b"metrics", "policy_id", b"policy_id", "torchscript", b"torchscript", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

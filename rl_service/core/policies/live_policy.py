@@ -33,6 +33,7 @@ class LivePolicy:
         self.created_at = created_at
         self.updated_at = created_at
         self.revision = 0  # changes on every state change, including a checkpoint load that lowers the version
+        self.change = 0  # +1 on every change saved to disk, held tails included: orders the writer's snapshots
         self.deleted = False
         self.recent: OrderedDict[int, dict[str, torch.Tensor]] = OrderedDict()
         self.torchscript: tuple[int, bytes] | None = None
@@ -42,10 +43,11 @@ class LivePolicy:
         """A fresh Adam over the network's parameters."""
         return torch.optim.Adam(self.net.parameters(), lr=float(self.values["learning_rate"]))  # type: ignore[arg-type]
 
-    def snapshot(self, created: bool = False) -> PolicySnapshot:
+    def snapshot(self, durable_version: int, created: bool = False) -> PolicySnapshot:
         """The public view."""
         return PolicySnapshot(self.policy_id, self.spec, self.version, len(self.tail), self.episodes_trained,
-                              self.steps_trained, self.last_update, self.created_at, self.updated_at, created)
+                              self.steps_trained, self.last_update, self.created_at, self.updated_at, durable_version,
+                              created)
 
     def torchscript_now(self) -> bytes:
         """TorchScript of the current weights, cached per revision."""

@@ -2,8 +2,9 @@
 
 A client creates a policy under its own id, sends batches of (state, action, reward, done), and each batch that
 completes at least one episode runs one REINFORCE update. Every accepted change bumps the version by one, is
-saved atomically (so policies survive a restart at their last accepted state) and wakes the subscribers of
-WatchModelUpdates, who always read the newest version and so never hold training up.
+saved atomically (before the reply, or write-behind by the PolicyWriter: see writer.py) and wakes the subscribers
+of WatchModelUpdates, who always read the newest version and so never hold training up. Creating, deleting,
+setting weights and loading a checkpoint are on disk before they return in either sync mode.
 """
 
 from __future__ import annotations
@@ -33,8 +34,9 @@ from rl_service.core.policies.live_policy import LivePolicy
 from rl_service.core.policies.ports import PolicyStore
 from rl_service.core.policies.records import BatchOutcome, CheckpointInfo, ModelUpdate, PolicyConfig, PolicySnapshot
 from rl_service.core.policies.spec import PolicySpecRequest, build_spec, check_name, new_net, with_seed
-from rl_service.core.policies.state_codec import apply_state, encode, net_weights, restore
+from rl_service.core.policies.state_codec import apply_state, encode, encode_snapshot, net_weights, restore
 from rl_service.core.policies.transactions import Rollback
+from rl_service.core.policies.writer import PolicyWriter, StateSnapshot
 from rl_service.core.watching import ChangeFeed
 
 
@@ -47,11 +49,14 @@ class PolicyManager:
         self._log = logger
         self._policies: dict[str, LivePolicy] = {}
         self._lock = threading.Lock()  # guards the dict; each policy has its own lock for its state
-        self._feed = ChangeFeed()  # a revision per policy id, bumped after each change is saved
+        self._feed = ChangeFeed()  # a revision per policy id, bumped after each change is accepted
+        self._writer = PolicyWriter(store, config.sync, config.sync_interval_seconds, self._snapshot, logger)
         for policy_id in store.policy_ids():
             try:
                 tensors, metadata = store.load_state(policy_id)
-                self._policies[policy_id] = restore(policy_id, tensors, metadata, config.versions_kept)
+                policy = restore(policy_id, tensors, metadata, config.versions_kept)
+                self._policies[policy_id] = policy
+                self._writer.track(policy_id, policy.change, policy.version)
                 self._feed.bump(policy_id)
             except Exception as exc:  # one unreadable file must not keep the server (or other policies) down
                 self._log.error("cannot load named policy; skipped", policy_id=policy_id, error=str(exc))
@@ -68,25 +73,26 @@ class PolicyManager:
                 with existing.lock:
                     wanted = spec if request.seed is not None else with_seed(spec, existing.spec.seed)
                     if wanted.to_json() == existing.spec.to_json() and not initial_weights:
-                        return existing.snapshot(created=False)
+                        return existing.snapshot(self._writer.durable_version(policy_id), created=False)
                 raise AlreadyExists(f"policy_id: {policy_id!r} already exists with a different spec (or initial "
                                     "weights were given); delete it first or choose another id", field="policy_id")
             policy = LivePolicy(policy_id, spec, new_net(spec), time.time())
             if initial_weights:
                 policy.net.load_state_dict(weights_from_safetensors(initial_weights, policy.net, "initial_weights"))
             policy.remember_version(self._config.versions_kept)
-            self._persist(policy)  # on disk before anyone can see it
+            self._writer.track(policy_id)
+            self._persist(policy, at_once=True)  # on disk before anyone can see it, in either sync mode
             self._policies[policy_id] = policy
             self._feed.bump(policy_id)
         self._log.info("policy created", policy_id=policy_id, observation_shape=list(spec.observation_shape),
                        discrete_actions=spec.discrete_actions)
-        return policy.snapshot(created=True)
+        return policy.snapshot(self._writer.durable_version(policy_id), created=True)
 
     def get(self, policy_id: str) -> PolicySnapshot:
         """One policy's state."""
         policy = self._get(policy_id)
         with policy.lock:
-            return policy.snapshot()
+            return policy.snapshot(self._writer.durable_version(policy_id))
 
     def list_policies(self) -> list[PolicySnapshot]:
         """Every policy, by id."""
@@ -95,7 +101,7 @@ class PolicyManager:
         snapshots = []
         for policy in policies:
             with policy.lock:
-                snapshots.append(policy.snapshot())
+                snapshots.append(policy.snapshot(self._writer.durable_version(policy.policy_id)))
         return snapshots
 
     def delete(self, policy_id: str) -> None:
@@ -105,7 +111,9 @@ class PolicyManager:
             with policy.lock:
                 self._check_live(policy, None)
                 policy.deleted = True
-                self._store.delete(policy_id)
+                # Waits for a background write of this policy in flight and drops the pending one: no late write
+                # can bring the policy back.
+                self._writer.delete(policy_id, lambda: self._store.delete(policy_id))
             self._policies.pop(policy_id, None)
         self._feed.forget(policy_id)
         self._log.info("policy deleted", policy_id=policy_id)
@@ -114,12 +122,17 @@ class PolicyManager:
 
     def send_batch(self, policy_id: str, states: np.ndarray, actions: np.ndarray, rewards: np.ndarray,
                    dones: np.ndarray, expected_version: int | None = None, flush: bool = False,
-                   return_model: bool = False) -> BatchOutcome:
-        """Validate, join to the held tail, split into episodes, update once; nothing changes on any error."""
+                   return_model: bool = False, sync: bool = False) -> BatchOutcome:
+        """Validate, join to the held tail, split into episodes, update once; nothing changes on any error.
+
+        With `sync`, return only once the resulting state is on disk (a no-op when every change is saved before
+        the reply); NotDurable when that save fails, though the batch was applied.
+        """
         policy = self._get(policy_id)
         batch = validate_batch(policy.shape, states, actions, rewards, dones)
         with policy.lock:
             self._check_live(policy, expected_version)
+            behind = self._writer.writes_behind  # else saved before the reply (and rolled back if that fails)
             joined = policy.tail.concat(batch) if len(policy.tail) else batch
             episodes, tail = split_episodes(joined)
             if len(tail) > self._config.max_pending_steps:
@@ -131,24 +144,31 @@ class PolicyManager:
                     raise InvalidRequest(
                         f"dones: flush was asked but the batch (after {len(policy.tail)} held transitions) "
                         "completes no episode; mark the episode's last transition done", field="dones")
-                with Rollback(policy):
+                with Rollback(policy, tensors=not behind):
                     # The model did not change: no new revision, so subscribers are not told of it again.
                     policy.tail = tail
                     policy.updated_at = time.time()
-                    self._persist(policy)
-                return BatchOutcome(policy_id, policy.version, False, None, len(tail))
-            with Rollback(policy):
-                stats = reinforce_update(policy.net, policy.optimizer, episodes, float(policy.values["gamma"]),  # type: ignore[arg-type]
-                                         float(policy.values["beta"]), _optional_float(policy.values["max_grad_norm"]))  # type: ignore[arg-type]
-                policy.tail = tail
-                policy.episodes_trained += stats.episodes
-                policy.steps_trained += stats.steps
-                policy.last_update = stats
-                self._commit(policy, new_version=True)
-            outcome = BatchOutcome(policy_id, policy.version, True, stats, len(tail),
-                                   policy.torchscript_now() if return_model else b"")
-        self._feed.bump(policy_id)
-        return outcome
+                    self._persist(policy, at_once=not behind)
+                stats = None
+            else:
+                gamma, beta = float(policy.values["gamma"]), float(policy.values["beta"])  # type: ignore[arg-type]
+                with Rollback(policy, tensors=not behind):
+                    stats = reinforce_update(policy.net, policy.optimizer, episodes, gamma, beta,
+                                             _optional_float(policy.values["max_grad_norm"]))
+                    policy.tail = tail
+                    policy.episodes_trained += stats.episodes
+                    policy.steps_trained += stats.steps
+                    policy.last_update = stats
+                    self._commit(policy, new_version=True, at_once=not behind)
+            change, version = policy.change, policy.version
+            durable = self._writer.durable_version(policy_id)
+            model = policy.torchscript_now() if return_model and stats is not None else b""
+        if stats is not None:
+            self._feed.bump(policy_id)
+        if sync:
+            self._writer.wait(policy_id, change)  # outside the lock: other batches go on while this one waits
+            durable = self._writer.durable_version(policy_id)  # this batch's version, or a newer one's
+        return BatchOutcome(policy_id, version, stats is not None, stats, len(tail), durable, model)
 
     def set_weights(self, policy_id: str, data: bytes, expected_version: int | None = None) -> PolicySnapshot:
         """Replace the weights with a safetensors state dict (the optimizer restarts); version + 1."""
@@ -159,8 +179,8 @@ class PolicyManager:
             with Rollback(policy):
                 policy.net.load_state_dict(weights)
                 policy.optimizer = policy.new_optimizer()
-                self._commit(policy, new_version=True)
-            snapshot = policy.snapshot()
+                self._commit(policy, new_version=True, at_once=True)
+            snapshot = policy.snapshot(self._writer.durable_version(policy_id))
         self._feed.bump(policy_id)
         return snapshot
 
@@ -241,8 +261,10 @@ class PolicyManager:
             tensors, metadata = self._checkpoint(policy, name)
             with Rollback(policy):
                 apply_state(policy, tensors, metadata)
-                self._commit(policy, new_version=False)  # the checkpoint's own version is restored
-            snapshot = policy.snapshot()
+                # The checkpoint's own version is restored, often an older one: saved at once, so that
+                # durable_version never names a state the policy has left.
+                self._commit(policy, new_version=False, at_once=True)
+            snapshot = policy.snapshot(self._writer.durable_version(policy_id))
         self._feed.bump(policy_id)
         return snapshot
 
@@ -254,9 +276,15 @@ class PolicyManager:
             return [CheckpointInfo(name, int(meta.get("version", 0)), float(meta.get("saved_at", 0.0)))
                     for name, meta in self._store.checkpoints(policy_id)]
 
+    def durable_version(self, policy_id: str) -> int:
+        """The newest version of the policy known to be on disk."""
+        self._get(policy_id)
+        return self._writer.durable_version(policy_id)
+
     def close(self) -> None:
-        """End every watch stream."""
+        """End every watch stream, then write every pending state (changes after this are saved at once)."""
         self._feed.close()
+        self._writer.close()
 
     # ----------------------------------------------------------------- internals
 
@@ -284,22 +312,40 @@ class PolicyManager:
                                      field="checkpoint")
         return found
 
-    def _commit(self, policy: LivePolicy, new_version: bool) -> None:
+    def _commit(self, policy: LivePolicy, new_version: bool, at_once: bool) -> None:
         """Record a state change: a new revision (and version), its weights kept for ComputeLogProb, saved."""
         if new_version:
             policy.version += 1
         policy.revision += 1
         policy.updated_at = time.time()
         policy.remember_version(self._config.versions_kept)
-        self._persist(policy)
+        self._persist(policy, at_once)
 
-    def _persist(self, policy: LivePolicy) -> None:
-        tensors, metadata = encode(policy)
-        self._store.save_state(policy.policy_id, tensors, metadata)
+    def _persist(self, policy: LivePolicy, at_once: bool) -> None:
+        """Save the policy's state now (raising, so the caller's Rollback undoes the change), or tell the writer
+        it changed. Always the last step of a change: nothing after it may fail and roll memory back."""
+        policy.change += 1
+        if at_once:
+            # Written under the policy's lock, so the live tensors need no copy (the store encodes them).
+            self._writer.write(policy.policy_id, StateSnapshot(policy.change, policy.version, *encode(policy)))
+        else:
+            self._writer.changed(policy.policy_id, policy.change,
+                                 lambda: StateSnapshot(policy.change, policy.version, *encode(policy)))
 
+    def _snapshot(self, policy_id: str) -> StateSnapshot | None:
+        """For the writer: the policy's newest state, copied under its lock; None once it is gone."""
+        with self._lock:
+            policy = self._policies.get(policy_id)
+        if policy is None:
+            return None
+        with policy.lock:
+            if policy.deleted:
+                return None
+            return StateSnapshot(policy.change, policy.version, *encode_snapshot(policy))
 
     def _update_message(self, policy: LivePolicy, include_model: bool) -> ModelUpdate:
         return ModelUpdate(policy.policy_id, policy.version, policy.last_update,
+                           self._writer.durable_version(policy.policy_id),
                            policy.torchscript_now() if include_model else b"")
 
 

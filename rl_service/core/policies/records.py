@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from rl_service.core.algorithms.reinforce_update import UpdateStats
 from rl_service.core.policies.spec import PolicySpec
@@ -14,6 +15,10 @@ class PolicyConfig:
 
     versions_kept: int = 4  # recent versions whose weights ComputeLogProb can still use
     max_pending_steps: int = 1_000_000  # transitions an unfinished episode may hold between batches
+    # "always": saved before each reply; "background": by a writer thread, coalesced. The core default writes at
+    # once and starts no thread; the server's default (POLICY_SYNC) is background.
+    sync: Literal["always", "background"] = "always"
+    sync_interval_seconds: float = 1.0  # the most a background save may lag the newest version
 
 
 @dataclass(frozen=True)
@@ -29,6 +34,7 @@ class PolicySnapshot:
     last_update: UpdateStats | None
     created_at: float
     updated_at: float
+    durable_version: int  # the newest version known to be on disk
     created: bool = False
 
 
@@ -41,6 +47,7 @@ class BatchOutcome:
     updated: bool
     metrics: UpdateStats | None
     pending_steps: int
+    durable_version: int  # the newest version known to be on disk
     torchscript: bytes = b""
 
 
@@ -51,6 +58,7 @@ class ModelUpdate:
     policy_id: str
     version: int
     metrics: UpdateStats | None
+    durable_version: int
     torchscript: bytes = b""
 
 

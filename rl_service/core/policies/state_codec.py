@@ -54,6 +54,15 @@ def encode(policy: LivePolicy) -> tuple[dict[str, torch.Tensor], dict[str, str]]
     return tensors, metadata
 
 
+def encode_snapshot(policy: LivePolicy) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """encode() with private copies of what an update changes in place (weights, Adam's state), so the state can
+    be written after the policy's lock is released. The held tail is shared: its arrays are replaced, never
+    written to."""
+    tensors, metadata = encode(policy)
+    return {key: value if key.startswith("tail.") else value.detach().clone()
+            for key, value in tensors.items()}, metadata
+
+
 def apply_state(policy: LivePolicy, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> None:
     """Load an encoded state into a policy of the same spec."""
     policy.net.load_state_dict(net_weights(tensors))
