@@ -235,8 +235,11 @@ class ServerProcess:
 
 
 def start_server_process(data_dir: Path, *extra: str, env: dict[str, str] | None = None,
-                         timeout: float = 60) -> ServerProcess:
-    """Start server.py with --port 0 and JSON logs; the port comes from its "server started" log line."""
+                         timeout: float = 60, new_session: bool = False) -> ServerProcess:
+    """Start server.py with --port 0 and JSON logs; the port comes from its "server started" log line.
+
+    new_session: in a process group of its own (its pid is the group's id), so os.killpg reaches everything it
+    started."""
     data_dir.mkdir(parents=True, exist_ok=True)
     log_path = data_dir / "server.log"
     environment = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
@@ -244,10 +247,10 @@ def start_server_process(data_dir: Path, *extra: str, env: dict[str, str] | None
                str(data_dir), "--log-format", "json", "--log-level", "INFO", "--env-file", os.devnull, *extra]
     started = time.perf_counter()
     process = subprocess.Popen(command, cwd=str(data_dir), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True, env=environment)
+                               text=True, env=environment, start_new_session=new_session)
     assert process.stdout is not None
     deadline = time.monotonic() + timeout
-    with log_path.open("w") as log:
+    with log_path.open("a") as log:  # a restarted server adds to its predecessor's log
         while time.monotonic() < deadline:
             line = process.stdout.readline()
             if not line:

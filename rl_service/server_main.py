@@ -56,6 +56,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from rl_service.transport.server_factory import build_server, install_signal_handlers
 
     try:
+        # On the main thread, which lives as long as the process: the fork server dies when the thread that
+        # started it ends. OSError includes DataDirInUse (another server holds DATA_DIR).
         running = build_server(settings)
     except OSError as exc:
         get_logger("server").error("cannot start", error=str(exc))

@@ -88,6 +88,36 @@ def cmd_train(args: argparse.Namespace, output: Output) -> int:
         return follow(client, run_id, output, args.json)
 
 
+def cmd_resume(args: argparse.Namespace, output: Output) -> int:
+    """Resume a finished run, then follow it as train does."""
+    request = pb.ResumeTrainingRequest(run_id=args.run_id)
+    if args.timesteps is not None:
+        request.total_timesteps = args.timesteps
+    with connected(args) as client:
+        status = client.call(client.training.ResumeTraining, request)
+        if args.detach:
+            if args.json:
+                output.json(status_to_dict(status))
+            else:
+                output.line(status.run_id)
+            return EXIT_OK
+        if not args.json:
+            output.line(f"resumed {status.run_id} (attempt {status.attempt}) at {status.timesteps_done:,}/"
+                        f"{status.total_timesteps:,} timesteps; Ctrl+C to stop or detach")
+        return follow(client, status.run_id, output, args.json)
+
+
+def cmd_delete(args: argparse.Namespace, output: Output) -> int:
+    """Delete a finished run and its files."""
+    with connected(args) as client:
+        client.call(client.training.DeleteRun, pb.DeleteRunRequest(run_id=args.run_id))
+    if args.json:
+        output.json({"run_id": args.run_id, "deleted": True})
+    else:
+        output.line(f"deleted {args.run_id}")
+    return EXIT_OK
+
+
 def cmd_watch(args: argparse.Namespace, output: Output) -> int:
     """Follow a run until it ends; exit 0 if it SUCCEEDED."""
     with connected(args) as client:

@@ -103,6 +103,10 @@ def status_to_dict(status: pb.TrainingStatus) -> dict[str, Any]:
         "created_at": status.created_at,
         "started_at": status.started_at,
         "finished_at": status.finished_at,
+        "attempt": status.attempt,
+        "attempts": [{"attempt": a.attempt, "start_timesteps": a.start_timesteps, "end_timesteps": a.end_timesteps,
+                      "started_at": a.started_at, "finished_at": a.finished_at, "outcome": a.outcome,
+                      "error": a.error} for a in status.attempts],
     }
 
 
@@ -136,16 +140,24 @@ def reward_text(status: pb.TrainingStatus) -> str:
     return f"{status.metrics.mean_episode_reward:.2f}" if status.metrics.episodes_completed else "-"
 
 
+def attempt_text(status: pb.TrainingStatus) -> str:
+    """'2 (1: 0-3,000 server died)': the attempt, with how the earlier ones ended."""
+    earlier = [f"{a.attempt}: {a.start_timesteps:,}-{a.end_timesteps:,} {a.outcome}" for a in status.attempts
+               if a.outcome and a.attempt != status.attempt]
+    return f"{max(status.attempt, 1)}" + (f" ({'; '.join(earlier)})" if earlier else "")
+
+
 def runs_table(runs: Iterable[pb.TrainingStatus]) -> Table:
     """ListRuns as a table, newest first as the server sends them."""
     table = Table(box=None, header_style="bold", pad_edge=False)
-    for column in ("RUN", "EXPERIMENT", "ALGO", "ENV", "STATE", "TIMESTEPS", "REWARD", "CREATED"):
+    for column in ("RUN", "EXPERIMENT", "ALGO", "ENV", "STATE", "TRY", "TIMESTEPS", "REWARD", "CREATED"):
         # Labels fold onto a second line on a narrow terminal; ids, states and numbers never do.
         table.add_column(column, no_wrap=column not in ("EXPERIMENT", "ENV"), overflow="fold",
-                         justify="right" if column in ("TIMESTEPS", "REWARD") else "left")
+                         justify="right" if column in ("TRY", "TIMESTEPS", "REWARD") else "left")
     for status in runs:
         table.add_row(status.run_id, escape(status.experiment_id), status.algorithm, escape(status.env_id),
-                      styled_state(status), f"{status.timesteps_done:,}/{status.total_timesteps:,}",
+                      styled_state(status), str(max(status.attempt, 1)),
+                      f"{status.timesteps_done:,}/{status.total_timesteps:,}",
                       reward_text(status), format_time(status.created_at, short=True))
     return table
 
@@ -164,6 +176,7 @@ def status_table(status: pb.TrainingStatus) -> Table:
         ("state", styled_state(status) + (" (stop requested)" if status.stop_requested and not status.is_done
                                           else "")),
         ("timesteps", progress_text(status)),
+        ("attempt", attempt_text(status)),
         ("seed", str(status.seed)),
         ("mean reward", f"{reward_text(status)} (last 100 episodes)" if metrics.episodes_completed else "-"),
         ("mean length", f"{metrics.mean_episode_length:.1f}" if metrics.episodes_completed else "-"),

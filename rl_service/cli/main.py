@@ -158,6 +158,18 @@ def build_parser() -> argparse.ArgumentParser:
     stop.add_argument("run_id", metavar="RUN")
     stop.set_defaults(handler=commands.cmd_stop)
 
+    resume = sub.add_parser("resume", parents=client, help="continue a finished run from its newest checkpoint "
+                                                           "and follow it with a live progress bar")
+    resume.add_argument("run_id", metavar="RUN")
+    resume.add_argument("--timesteps", type=_positive_int, default=None, metavar="N",
+                        help="train to this total (extends the run; needed to train a SUCCEEDED run further)")
+    resume.add_argument("--detach", action="store_true", help="print the run id and return at once")
+    resume.set_defaults(handler=commands.cmd_resume)
+
+    delete = sub.add_parser("delete", parents=client, help="delete a finished run with its checkpoints and models")
+    delete.add_argument("run_id", metavar="RUN")
+    delete.set_defaults(handler=commands.cmd_delete)
+
     act = sub.add_parser("act", parents=client, help="ask a run's policy for an action",
                          description="Actions from the run's final model, or its newest checkpoint while it "
                                      "trains. Give --obs once for Act, several times for ActBatch.")

@@ -71,6 +71,10 @@ class ModelNotReady(ServiceError):
     """The run has no checkpoint or model yet (FAILED_PRECONDITION)."""
 
 
+class RunStateConflict(ServiceError):
+    """The run's state does not allow the request, e.g. resuming or deleting an active run (FAILED_PRECONDITION)."""
+
+
 class UnknownExportFormat(InvalidRequest):
     """The export format is not in the registry."""
 

@@ -1,14 +1,23 @@
-"""Atomic file writes: a temp file in the target's directory, fsync, os.replace. Readers never see half a file."""
+"""Atomic file writes: a temp file in the target's directory, fsync, os.replace. Readers never see half a file.
+
+A process killed mid-write leaves its temp file (`.<name>.<8 random characters>.tmp`); remove_temp_files clears
+those at start-up, once the server owns the data directories.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import re
+import stat
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
+
+# Exactly what atomic_writer's mkstemp call makes: its random part is 8 characters of [a-z0-9_].
+_TEMP_NAME = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")
 
 
 @contextlib.contextmanager
@@ -44,6 +53,28 @@ def atomic_write_with(path: Path, write: Callable[[IO[bytes]], None]) -> None:
     """Let `write` fill the file (e.g. a library's save-to-stream), then publish it atomically."""
     with atomic_writer(path) as handle:
         write(handle)
+
+
+def is_temp_file_name(name: str) -> bool:
+    """Whether `name` is one of atomic_writer's temp files."""
+    return _TEMP_NAME.fullmatch(name) is not None
+
+
+def remove_temp_files(*roots: Path) -> int:
+    """Delete the temp files interrupted writes left below `roots` (symlinks not followed); return how many."""
+    found: set[str] = set()  # roots may nest (MODELS_DIR defaults to DATA_DIR/models): each file once
+    for root in roots:
+        for directory, _, names in os.walk(os.path.realpath(root)):
+            found.update(os.path.join(directory, name) for name in names if is_temp_file_name(name))
+    removed = 0
+    for name in found:
+        try:
+            if stat.S_ISREG(os.lstat(name).st_mode):
+                os.unlink(name)
+                removed += 1
+        except FileNotFoundError:
+            pass
+    return removed
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from rl_service.core.errors import AlreadyExists, InvalidRequest, PathOutsideRoot
-from rl_service.core.models.checkpoints import checkpoint_name, checkpoint_timesteps
+from rl_service.core.models.checkpoints import (
+    checkpoint_name,
+    checkpoint_timesteps,
+    replay_buffer_name,
+    replay_buffer_timesteps,
+)
 from rl_service.infra.atomic import atomic_write_json, atomic_write_with
 
 MAX_PATH_LENGTH = 1024
@@ -61,12 +68,39 @@ class FileModelStore:
         """Write the algorithm's zip (stable-baselines3 format) atomically."""
         atomic_write_with(path, model.save)
 
-    def save_checkpoint(self, run_id: str, model: Any, timesteps: int) -> Path:
-        """Write checkpoint_<timesteps>_steps.zip, then drop all but the newest keep_checkpoints."""
-        path = self.checkpoint_run_dir(run_id) / checkpoint_name(timesteps)
+    def save_checkpoint(self, run_id: str, model: Any, timesteps: int, replay_buffer: bool = False) -> Path:
+        """Write checkpoint_<timesteps>_steps.zip (and its replay buffer), then keep only the newest checkpoints."""
+        directory = self.checkpoint_run_dir(run_id)
+        if replay_buffer:  # first, so that a checkpoint on disk always has its buffer
+            atomic_write_with(directory / replay_buffer_name(timesteps), model.save_replay_buffer)
+        path = directory / checkpoint_name(timesteps)
         self.save_model(model, path)
         self._prune(run_id)
         return path
+
+    def replay_buffer(self, checkpoint: Path) -> Path | None:
+        """The replay buffer saved with a checkpoint, if there is one."""
+        steps = checkpoint_timesteps(checkpoint)
+        path = checkpoint.with_name(replay_buffer_name(steps)) if steps is not None else None
+        return path if path is not None and path.is_file() else None
+
+    def record_attempts(self, run_id: str, attempts: list[dict[str, Any]]) -> None:
+        """Set metadata.json's list of attempts (how each ended is the server's to say, once its worker is done)."""
+        path = self.run_dir(run_id) / "metadata.json"
+        try:
+            metadata = json.loads(path.read_text(encoding="utf-8"))
+        except (FileNotFoundError, ValueError):
+            return  # the worker never got as far as writing it
+        atomic_write_json(path, {**metadata, "attempts": attempts})
+
+    def delete_run(self, run_id: str, model_path: Path) -> None:
+        """Remove a run's directories and its final model, wherever in MODELS_DIR it was written."""
+        root = self.models_dir.resolve()
+        for directory in (self.run_dir(run_id), self.checkpoint_run_dir(run_id)):
+            shutil.rmtree(directory, ignore_errors=True)
+        resolved = model_path.resolve()
+        if resolved.is_relative_to(root) and resolved != root:  # checked again at delete time
+            resolved.unlink(missing_ok=True)
 
     def checkpoints(self, run_id: str) -> list[Path]:
         """A run's checkpoints, oldest first."""
@@ -90,5 +124,11 @@ class FileModelStore:
         atomic_write_json(path, data)
 
     def _prune(self, run_id: str) -> None:
+        kept = self.checkpoints(run_id)[-self.keep_checkpoints:]
+        oldest_kept = min((checkpoint_timesteps(p) or 0 for p in kept), default=0)
         for old in self.checkpoints(run_id)[: -self.keep_checkpoints]:
             old.unlink(missing_ok=True)
+        for entry in self.checkpoint_run_dir(run_id).iterdir():  # buffers of pruned checkpoints
+            steps = replay_buffer_timesteps(entry)
+            if steps is not None and steps < oldest_kept:
+                entry.unlink(missing_ok=True)

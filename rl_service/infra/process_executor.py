@@ -2,7 +2,9 @@
 the server down, and a stuck run can always be killed.
 
 Jobs go to a worker and events come back as plain versioned dicts (RunJob.to_dict, event_to_dict); the worker
-learns it must stop through a should-stop callable built here from a stop flag and the parent's liveness.
+learns it must stop through a should-stop callable built here from its stop flag. A worker whose server is gone
+is killed, not asked (process_lifeline.py), and holds the server's data-directory lock while it lives
+(data_dir_lock.py).
 """
 
 from __future__ import annotations
@@ -14,11 +16,13 @@ import queue
 import signal
 import threading
 from collections.abc import Callable, Sequence
+from multiprocessing import reduction
 from typing import Any
 
 from rl_service.core.runs.events import WorkerEvent, event_from_dict, event_to_dict
 from rl_service.core.runs.jobs import RunJob
 from rl_service.infra.logging_setup import configure_logging, get_logger
+from rl_service.infra.process_lifeline import FORKSERVER_PRELOAD, SERVER_PID_ENV, arm_worker
 
 # target(job, services, emit, should_stop): rl_service.core.runs.worker.run_worker in production.
 WorkerTarget = Callable[[RunJob, Any, Callable[[WorkerEvent], None], Callable[[], bool]], None]
@@ -28,12 +32,16 @@ class LocalProcessExecutor:
     """One process per job; events from all workers arrive on one queue."""
 
     def __init__(self, target: WorkerTarget, services: Any, start_method: str = "forkserver",
-                 preload: Sequence[str] = (), log_level: str = "INFO", log_format: str = "json") -> None:
+                 preload: Sequence[str] = (), log_level: str = "INFO", log_format: str = "json",
+                 lock_fd: int | None = None) -> None:
         self._ctx: Any = multiprocessing.get_context(start_method)
-        if start_method == "forkserver" and preload:
+        if start_method == "forkserver":
             # The fork server imports torch and stable-baselines3 once; each worker then starts in milliseconds.
-            self._ctx.set_forkserver_preload(list(preload))
-            # Start it now, in the background, so the first StartTraining does not wait for the imports.
+            # The lifeline module comes first, so the fork server dies with this process even during those imports.
+            self._ctx.set_forkserver_preload([FORKSERVER_PRELOAD, *preload])
+            os.environ[SERVER_PID_ENV] = str(os.getpid())  # the fork server checks that its parent still lives
+            # Start it now, from this (the building) thread, in the background, so the first StartTraining does
+            # not wait for the imports. Its death signal fires when this thread ends: build on the main thread.
             from multiprocessing import forkserver
 
             forkserver.ensure_running()
@@ -41,6 +49,7 @@ class LocalProcessExecutor:
         self._services = services  # server configuration (stores, env settings), the same for every worker
         self._preload = tuple(preload)  # imported again by each worker: a no-op under forkserver, needed by spawn
         self._logging = (log_level, log_format)
+        self._lock_fd = lock_fd  # every worker holds it open while it lives (the data-directory lock)
         self._events: Any = self._ctx.Queue()
         self._lock = threading.Lock()
         self._processes: dict[str, Any] = {}
@@ -51,7 +60,8 @@ class LocalProcessExecutor:
         stop = self._ctx.Event()
         process = self._ctx.Process(
             target=_bootstrap, name=f"rl-run-{run_id}", daemon=True,
-            args=(self._target, self._services, self._preload, self._logging, job.to_dict(), self._events, stop))
+            args=(self._target, self._services, self._preload, self._logging, job.to_dict(), self._events, stop,
+                  None if self._lock_fd is None else _PassedFd(self._lock_fd)))
         process.start()
         with self._lock:
             self._processes[run_id] = process
@@ -113,27 +123,28 @@ class LocalProcessExecutor:
         self._events.join_thread()
 
 
-class _StopFlag:
-    """The worker's should-stop callable: a stop request, or a server that is gone."""
+class _PassedFd:
+    """An fd the worker receives as its own: multiprocessing passes it while pickling the process's arguments."""
 
-    def __init__(self, stop: Any) -> None:
-        self._stop = stop
-        # The process that started this one (the fork server under forkserver): it exits with the server.
-        self._parent_pid = os.getppid()
-        self._orphaned = False
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
 
-    def __call__(self) -> bool:
-        # A worker whose server died (SIGKILL, OOM) is re-parented; it then saves and stops instead of training on
-        # for a run the restarted server has already marked INTERRUPTED.
-        if not self._orphaned and os.getppid() != self._parent_pid:
-            self._orphaned = True
-            get_logger("executor").warning("server process is gone; saving and stopping")
-        return self._orphaned or bool(self._stop.is_set())
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Through the fork server as SCM_RIGHTS, or among spawn's inherited fds: the same open file description.
+        return _received_fd, (reduction.DupFd(self.fd),)
+
+
+def _received_fd(dup: Any) -> int:
+    """The worker's end of a _PassedFd."""
+    return int(dup.detach())
 
 
 def _bootstrap(target: WorkerTarget, services: Any, preload: Sequence[str], logging: tuple[str, str],
-               job: dict[str, Any], events: Any, stop: Any) -> None:
-    """Child-process entry: logging like the server's, SIGINT left to the server, then the job."""
+               job: dict[str, Any], events: Any, stop: Any, lock_fd: int | None) -> None:
+    """Child-process entry: die with the server, logging like the server's, SIGINT left to the server, the job."""
+    arm_worker()
+    # lock_fd stays open, never closed, until this process ends: the server's data-directory lock stays held
+    # while the worker lives, even once the server is gone.
     # Ctrl+C in a terminal reaches the whole process group; the server decides how its runs stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     configure_logging(*logging)
@@ -143,4 +154,7 @@ def _bootstrap(target: WorkerTarget, services: Any, preload: Sequence[str], logg
     def emit(event: WorkerEvent) -> None:
         events.put(event_to_dict(event))
 
-    target(RunJob.from_dict(job), services, emit, _StopFlag(stop))
+    def should_stop() -> bool:
+        return bool(stop.is_set())
+
+    target(RunJob.from_dict(job), services, emit, should_stop)

@@ -61,6 +61,16 @@ class Settings(BaseSettings):
                                    description="transitions an unfinished episode may hold between batches")
     policy_versions_kept: int = Field(4, ge=1, le=1000,
                                       description="recent policy versions ComputeLogProb can still evaluate")
+    policy_sync: Literal["always", "background"] = Field(
+        "background", description="named policies' saves: before each reply (always) or by a writer thread "
+                                  "at most POLICY_SYNC_INTERVAL_SECONDS behind (background)")
+    policy_sync_interval_seconds: float = Field(1.0, gt=0, le=3600,
+                                                description="how far background saves may lag the newest version")
+    auto_resume: bool = Field(True, description="at start-up, resume runs a crash or a shutdown left unfinished")
+    max_run_attempts: int = Field(3, ge=1, le=100,
+                                  description="worker deaths after which a run ends FAILED instead of resuming "
+                                              "(a server's own death does not count)")
+    save_replay_buffer: bool = Field(True, description="save off-policy replay buffers with each checkpoint")
     external_env_allowed_hosts: str = Field(
         DEFAULT_ALLOWED_HOSTS, description="hosts a grpc:// env may be on: hostnames, IPs, CIDR networks, * (any), "
                                            "none")

@@ -1,17 +1,21 @@
-"""The run registry on SQLite (stdlib sqlite3): one file under DATA_DIR, safe across threads."""
+"""The run registry on SQLite (stdlib sqlite3): one file under DATA_DIR, safe across threads.
+
+The schema is versioned with SQLite's `user_version`; opening a file of an older version applies each migration
+in order, in one transaction, so an upgraded server keeps every run. A file of a newer version is refused.
+"""
 
 from __future__ import annotations
 
 import json
 import sqlite3
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
-from rl_service.core.runs.records import Metrics, RunFilter, RunRecord, RunState
+from rl_service.core.runs.records import Attempt, Metrics, RunFilter, RunRecord, RunState
 
-_SCHEMA = """
+# Version 1: the first table (files written before versioning have user_version 0 and this table).
+_SCHEMA_V1 = """
 CREATE TABLE IF NOT EXISTS runs (
     run_id TEXT PRIMARY KEY,
     experiment_id TEXT NOT NULL,
@@ -35,11 +39,22 @@ CREATE TABLE IF NOT EXISTS runs (
 );
 CREATE INDEX IF NOT EXISTS runs_experiment ON runs (experiment_id, created_at);
 """
+# Each entry takes the schema from version i to i + 1 (MIGRATIONS[0]: nothing -> 1).
+MIGRATIONS: tuple[str, ...] = (
+    _SCHEMA_V1,
+    # 2: resumable runs: the attempt a run is on, and every attempt so far (JSON list).
+    """
+    ALTER TABLE runs ADD COLUMN attempt INTEGER NOT NULL DEFAULT 1;
+    ALTER TABLE runs ADD COLUMN attempts TEXT NOT NULL DEFAULT '[]';
+    CREATE INDEX IF NOT EXISTS runs_state ON runs (state, created_at);
+    """,
+)
+SCHEMA_VERSION = len(MIGRATIONS)
 
 _COLUMNS = (
     "run_id", "experiment_id", "algorithm", "env_id", "state", "total_timesteps", "timesteps_done", "seed",
     "hyperparameters", "checkpoint_interval", "model_path", "last_checkpoint_path", "error", "metrics",
-    "created_at", "started_at", "finished_at", "stop_requested", "model_saved",
+    "created_at", "started_at", "finished_at", "stop_requested", "model_saved", "attempt", "attempts",
 )
 
 
@@ -52,7 +67,7 @@ class SqliteRunRegistry:
         self._conn = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute("PRAGMA synchronous=NORMAL")
-        self._conn.executescript(_SCHEMA)
+        self._migrate(path)
 
     def insert(self, record: RunRecord) -> None:
         """Add a new run."""
@@ -89,20 +104,25 @@ class SqliteRunRegistry:
             rows = self._conn.execute(query, params).fetchall()
         return [_from_row(row) for row in rows]
 
-    def mark_interrupted(self, reason: str) -> list[RunRecord]:
-        """Move PENDING and RUNNING runs (left by a previous process) to INTERRUPTED."""
-        changed = []
-        for state in (RunState.PENDING, RunState.RUNNING):
-            for record in self.find(RunFilter(state=state)):
-                updated = record.evolve(
-                    state=RunState.INTERRUPTED,
-                    error=f"{reason} (the run was {state.name}; last checkpoint: "
-                    f"{record.last_checkpoint_path or 'none'})",
-                    finished_at=time.time(),
-                )
-                self.update(updated)
-                changed.append(updated)
-        return changed
+    def delete(self, run_id: str) -> None:
+        """Forget a run."""
+        with self._lock:
+            self._conn.execute("DELETE FROM runs WHERE run_id=?", (run_id,))
+
+    def _migrate(self, path: Path) -> None:
+        """Bring the file to SCHEMA_VERSION, one migration at a time, all in one transaction."""
+        version = int(self._conn.execute("PRAGMA user_version").fetchone()[0])
+        if version == 0 and self._conn.execute(
+                "SELECT 1 FROM sqlite_master WHERE type='table' AND name='runs'").fetchone():
+            version = 1  # written before the schema was versioned
+        if version > SCHEMA_VERSION:
+            raise RuntimeError(f"{path} has run registry schema version {version}; this server reads up to "
+                               f"{SCHEMA_VERSION} (it was written by a newer rl-service)")
+        if version == SCHEMA_VERSION:
+            return
+        script = "".join(MIGRATIONS[version:])
+        # executescript commits first; BEGIN ... COMMIT keeps the migration all-or-nothing.
+        self._conn.executescript(f"BEGIN;\n{script}\nPRAGMA user_version = {SCHEMA_VERSION};\nCOMMIT;")
 
     def close(self) -> None:
         """Close the connection."""
@@ -116,7 +136,8 @@ def _to_row(record: RunRecord) -> tuple[Any, ...]:
         record.total_timesteps, record.timesteps_done, record.seed, json.dumps(dict(record.hyperparameters)),
         record.checkpoint_interval, record.model_path, record.last_checkpoint_path, record.error,
         json.dumps(record.metrics.to_dict()), record.created_at, record.started_at, record.finished_at,
-        int(record.stop_requested), int(record.model_saved),
+        int(record.stop_requested), int(record.model_saved), record.attempt,
+        json.dumps([attempt.to_dict() for attempt in record.attempts]),
     )
 
 
@@ -142,4 +163,6 @@ def _from_row(row: tuple[Any, ...]) -> RunRecord:
         finished_at=float(data["finished_at"]),
         stop_requested=bool(data["stop_requested"]),
         model_saved=bool(data["model_saved"]),
+        attempt=int(data["attempt"]),
+        attempts=tuple(Attempt.from_dict(item) for item in json.loads(data["attempts"])),
     )

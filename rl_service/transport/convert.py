@@ -5,7 +5,7 @@ from __future__ import annotations
 from rl_service.core.errors import InvalidRequest
 from rl_service.core.models.run_exporters import ExportedModel
 from rl_service.core.runs.history import Episode, HistoryPage
-from rl_service.core.runs.records import ActResult, Metrics, RunFilter, RunRecord, RunState, TrainingRequest
+from rl_service.core.runs.records import ActResult, Attempt, Metrics, RunFilter, RunRecord, RunState, TrainingRequest
 from rl_service_proto.v1 import training_pb2 as pb
 
 
@@ -60,8 +60,16 @@ def status_to_proto(record: RunRecord) -> pb.TrainingStatus:
         model_path=record.model_path if record.model_saved else "", error=record.error,
         metrics=metrics_to_proto(record.metrics), seed=record.seed, hyperparameters=dict(record.hyperparameters),
         created_at=record.created_at, started_at=record.started_at, finished_at=record.finished_at,
-        stop_requested=record.stop_requested,
+        stop_requested=record.stop_requested, attempt=record.attempt,
+        attempts=[attempt_to_proto(a) for a in record.attempts],
     )
+
+
+def attempt_to_proto(attempt: Attempt) -> pb.RunAttempt:
+    """Attempt -> RunAttempt."""
+    return pb.RunAttempt(attempt=attempt.number, start_timesteps=attempt.start_timesteps,
+                         end_timesteps=attempt.end_timesteps, started_at=attempt.started_at,
+                         finished_at=attempt.finished_at, outcome=attempt.outcome, error=attempt.error)
 
 
 def run_filter_from_proto(msg: pb.ListRunsRequest) -> RunFilter:

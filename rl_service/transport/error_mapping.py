@@ -25,6 +25,7 @@ STATUS_BY_ERROR: tuple[tuple[type[errors.ServiceError], grpc.StatusCode], ...] =
     (errors.RunNotFound, grpc.StatusCode.NOT_FOUND),
     (errors.AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
     (errors.ModelNotReady, grpc.StatusCode.FAILED_PRECONDITION),
+    (errors.RunStateConflict, grpc.StatusCode.FAILED_PRECONDITION),
     (errors.ExportUnavailable, grpc.StatusCode.FAILED_PRECONDITION),
     (errors.CapacityExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (errors.ServiceShuttingDown, grpc.StatusCode.UNAVAILABLE),

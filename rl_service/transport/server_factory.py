@@ -15,11 +15,14 @@ from rl_service.core.policies.manager import PolicyManager
 from rl_service.core.policies.records import PolicyConfig
 from rl_service.core.runs.orchestrator import Orchestrator, OrchestratorConfig
 from rl_service.core.runs.worker import WorkerServices, run_worker
+from rl_service.infra.atomic import remove_temp_files
+from rl_service.infra.data_dir_lock import DataDirLock
 from rl_service.infra.external_env.connector import GrpcExternalEnvironments
 from rl_service.infra.logging_setup import get_logger
 from rl_service.infra.model_store import FileModelStore
 from rl_service.infra.policy_store import FilePolicyStore
 from rl_service.infra.process_executor import LocalProcessExecutor
+from rl_service.infra.process_lifeline import exit_later
 from rl_service.infra.settings import Settings
 from rl_service.infra.sqlite_run_registry import SqliteRunRegistry
 from rl_service.transport.policy_servicer import PolicyServicer
@@ -32,6 +35,9 @@ POLICY_SERVICE = policy_pb2.DESCRIPTOR.services_by_name["PolicyService"].full_na
 HEALTH_SERVICES = ("", TRAINING_SERVICE, POLICY_SERVICE)
 # Modules the fork server imports once so every worker starts without re-importing torch.
 WORKER_PRELOAD = ("rl_service.core.runs.worker",)
+# After SIGTERM the process ends within SHUTDOWN_GRACE_SECONDS plus this, or the watchdog ends it: covers killing
+# late workers, the event pump's join, policy saves and gRPC's 5 s for RPCs in flight.
+SHUTDOWN_OVERRUN_SECONDS = 10.0
 
 
 @dataclass
@@ -44,6 +50,7 @@ class RunningServer:
     policies: PolicyManager
     health: health.HealthServicer
     settings: Settings
+    lock: DataDirLock | None = None
     _stopped: bool = False
 
     def stop(self, grace: float | None = None) -> None:
@@ -58,7 +65,11 @@ class RunningServer:
         # Stop runs first while RPCs still work, so watchers see their runs end.
         self.orchestrator.shutdown(self.settings.shutdown_grace_seconds if grace is None else grace)
         self.policies.close()
-        self.server.stop(grace=5).wait()
+        # Bounded: a gRPC stop that never completes (seen after heavy load) must not keep the data directory.
+        if not self.server.stop(grace=5).wait(timeout=SHUTDOWN_OVERRUN_SECONDS):
+            log.warning("gRPC server did not stop in time", seconds=SHUTDOWN_OVERRUN_SECONDS)
+        if self.lock is not None:
+            self.lock.release()  # workers have ended or been killed; one still dying keeps its copy of the lock
         log.info("server stopped")
 
     def wait(self) -> None:
@@ -79,10 +90,27 @@ def orchestrator_config(settings: Settings) -> OrchestratorConfig:
         max_act_batch=settings.max_act_batch,
         tensorboard_dir=settings.tensorboard_dir.resolve() if settings.tensorboard_dir else None,
         external_envs=GrpcExternalEnvironments.from_settings(settings),
+        auto_resume=settings.auto_resume,
+        max_run_attempts=settings.max_run_attempts,
+        save_replay_buffer=settings.save_replay_buffer,
     )
 
 
 def build_server(settings: Settings) -> RunningServer:
+    """Own the data directories (lock, crash leftovers), then build and start the rest (DataDirInUse: refused)."""
+    lock = DataDirLock.acquire(settings.data_dir)
+    try:
+        removed = remove_temp_files(settings.data_dir, settings.models_root, settings.checkpoint_root,
+                                    settings.policies_root)
+        if removed:
+            get_logger("server").info("removed temp files left by interrupted writes", count=removed)
+        return _build_started(settings, lock)
+    except BaseException:
+        lock.release()
+        raise
+
+
+def _build_started(settings: Settings, lock: DataDirLock) -> RunningServer:
     """Create every component, bind, start; health turns SERVING only once all of it is ready."""
     import torch
 
@@ -96,11 +124,13 @@ def build_server(settings: Settings) -> RunningServer:
     config = orchestrator_config(settings)
     executor = LocalProcessExecutor(run_worker, WorkerServices(store, config.external_envs),
                                     settings.worker_start_method, (*WORKER_PRELOAD, *settings.gym_modules),
-                                    log_level=settings.log_level, log_format=settings.log_format)
+                                    log_level=settings.log_level, log_format=settings.log_format, lock_fd=lock.fd)
     orchestrator = Orchestrator(config, registry, store, executor, log)
     policies = PolicyManager(FilePolicyStore(settings.policies_root),
                              PolicyConfig(versions_kept=settings.policy_versions_kept,
-                                          max_pending_steps=settings.max_pending_steps), log)
+                                          max_pending_steps=settings.max_pending_steps,
+                                          sync=settings.policy_sync,
+                                          sync_interval_seconds=settings.policy_sync_interval_seconds), log)
 
     options = [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
@@ -131,7 +161,7 @@ def build_server(settings: Settings) -> RunningServer:
         health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
     log.info("server started", address=f"{settings.grpc_host}:{port}", models_dir=str(settings.models_root),
              checkpoint_dir=str(settings.checkpoint_root), max_concurrent_runs=settings.max_concurrent_runs)
-    return RunningServer(server, port, orchestrator, policies, health_servicer, settings)
+    return RunningServer(server, port, orchestrator, policies, health_servicer, settings, lock)
 
 
 def install_signal_handlers(running: RunningServer) -> threading.Event:
@@ -139,6 +169,7 @@ def install_signal_handlers(running: RunningServer) -> threading.Event:
     import signal
 
     done = threading.Event()
+    stopping = threading.Event()
 
     def _stop_then_signal() -> None:
         running.stop()
@@ -146,6 +177,11 @@ def install_signal_handlers(running: RunningServer) -> threading.Event:
 
     def _handle(signum: int, frame: object) -> None:
         get_logger("server").info("signal received", signal=signal.Signals(signum).name)
+        if not stopping.is_set():
+            stopping.set()
+            # Whatever hangs (a gRPC stop, a thread joined at exit), the process ends; its workers die with it.
+            exit_later(running.settings.shutdown_grace_seconds + SHUTDOWN_OVERRUN_SECONDS,
+                       "shutdown overran its deadline; exiting")
         threading.Thread(target=_stop_then_signal, name="shutdown", daemon=True).start()
 
     signal.signal(signal.SIGTERM, _handle)

@@ -44,6 +44,16 @@ class TrainingServicer(pb_grpc.TrainingServiceServicer):  # type: ignore[misc]
         return convert.status_to_proto(self._orchestrator.stop_run(request.run_id))
 
     @guarded
+    def ResumeTraining(self, request: pb.ResumeTrainingRequest, context: grpc.ServicerContext) -> pb.TrainingStatus:
+        total = request.total_timesteps if request.HasField("total_timesteps") else None
+        return convert.status_to_proto(self._orchestrator.resume_run(request.run_id, total))
+
+    @guarded
+    def DeleteRun(self, request: pb.DeleteRunRequest, context: grpc.ServicerContext) -> pb.DeleteRunResponse:
+        self._orchestrator.delete_run(request.run_id)
+        return pb.DeleteRunResponse(run_id=request.run_id)
+
+    @guarded
     def ListRuns(self, request: pb.ListRunsRequest, context: grpc.ServicerContext) -> pb.ListRunsResponse:
         records = self._orchestrator.list_runs(convert.run_filter_from_proto(request))
         return pb.ListRunsResponse(runs=[convert.status_to_proto(r) for r in records])

@@ -171,7 +171,7 @@ def test_status_and_list_as_text_and_json(server: ServerHandle, trained: tuple[s
     listed = at(server, "list", "--experiment", "cli")
     assert listed.code == 0
     header = listed.out.splitlines()[0].split()
-    assert header == ["RUN", "EXPERIMENT", "ALGO", "ENV", "STATE", "TIMESTEPS", "REWARD", "CREATED"]
+    assert header == ["RUN", "EXPERIMENT", "ALGO", "ENV", "STATE", "TRY", "TIMESTEPS", "REWARD", "CREATED"]
     assert run_id in listed.out and "SUCCEEDED" in listed.out
     rows = json.loads(at(server, "list", "--state", "succeeded", "--json").out)
     assert run_id in {r["run_id"] for r in rows} and {r["state"] for r in rows} == {"SUCCEEDED"}
@@ -195,6 +195,26 @@ def test_act_answers_as_the_trained_model(server: ServerHandle, trained: tuple[s
 
     wrong = at(server, "act", run_id, "--obs", "0.1,0.2")
     assert wrong.code == 1 and wrong.err.startswith("ERROR INVALID_ARGUMENT: observation:"), wrong.err
+
+
+def test_resume_follows_the_next_attempt_and_delete_removes_the_run(server: ServerHandle) -> None:
+    run_id = at(server, "train", "--algo", "PPO", "--env", "CartPole-v1", "--timesteps", "2048",
+                "--hp", *FAST_HP, "--checkpoint-interval", "500", "--detach").out.strip()
+    server.wait_until(run_id, lambda s: s.timesteps_done >= 600)
+    assert at(server, "stop", run_id).code == 0
+    resumed = at(server, "resume", run_id, "--timesteps", "2560")
+    assert resumed.code == 0, resumed
+    assert resumed.out.startswith(f"resumed {run_id} (attempt 2) at "), resumed.out
+    assert re.search(r"SUCCEEDED\s+[\d,]+/2,560 steps", resumed.out) or f"SUCCEEDED {run_id}" in resumed.out
+    status = at(server, "status", run_id)
+    assert re.search(r"attempt\s+2 \(1: 0-[\d,]+ CANCELLED\)", status.text), status.text
+    listed = at(server, "list", "--json")
+    assert next(r for r in json.loads(listed.out) if r["run_id"] == run_id)["attempt"] == 2
+    active = at(server, "delete", "run-doesnotexist")
+    assert active.code == 1 and active.err.startswith("ERROR NOT_FOUND:")
+    deleted = at(server, "delete", run_id)
+    assert deleted.code == 0 and deleted.out == f"deleted {run_id}\n"
+    assert at(server, "status", run_id).code == 1
 
 
 def test_stop_cancels_a_running_run(server: ServerHandle) -> None:

@@ -134,18 +134,24 @@ def test_crashing_run_fails_keeps_checkpoints_and_server_survives(server: Server
     assert server.stub.Act(pb.ActRequest(run_id=run_id, observation=[0.1, 0.0])).model_timesteps > 0
 
 
-def test_killed_worker_is_reported_failed(server: ServerHandle) -> None:
+def test_a_killed_worker_resumes_from_its_checkpoint_until_the_attempt_cap(server_factory) -> None:  # type: ignore[no-untyped-def]
     import os
     import signal
 
-    run_id = server.start(total_timesteps=5_000_000, hyperparameters=FAST_PPO)
-    server.wait_until(run_id, lambda s: s.timesteps_done > 0)
-    pids = [p.pid for p in _worker_processes(run_id)]
-    assert len(pids) == 1
-    os.kill(pids[0], signal.SIGKILL)
-    final = server.wait_until(run_id, lambda s: s.is_done, timeout=30)
+    handle: ServerHandle = server_factory(max_run_attempts=2)
+    run_id = handle.start(total_timesteps=5_000_000, hyperparameters=FAST_PPO, checkpoint_interval=300)
+    first = handle.wait_until(run_id, lambda s: s.timesteps_done >= 400)
+    checkpoint = int(Path(first.last_checkpoint_path).name.split("_")[1])
+    os.kill(_worker_processes(run_id)[0].pid, signal.SIGKILL)
+    again = handle.wait_until(run_id, lambda s: s.attempt == 2 and s.state == pb.RUNNING and s.timesteps_done > 0)
+    assert again.attempts[0].outcome == "worker died" and "exited with code -9" in again.attempts[0].error
+    handle.wait_until(run_id, lambda s: len(s.attempts) == 2)
+    assert handle.status(run_id).attempts[1].start_timesteps == checkpoint, "it resumed from the checkpoint"
+    os.kill(_worker_processes(run_id)[0].pid, signal.SIGKILL)
+    final = handle.wait_until(run_id, lambda s: s.is_done, timeout=30)
     assert final.state == pb.FAILED and "exited with code -9" in final.error
-    assert server.health_status() == health_pb2.HealthCheckResponse.SERVING
+    assert "has died 2 times (MAX_RUN_ATTEMPTS=2)" in final.error
+    assert handle.health_status() == health_pb2.HealthCheckResponse.SERVING
 
 
 def _worker_processes(run_id: str) -> list:
@@ -200,7 +206,7 @@ def test_shutdown_interrupts_runs_and_restart_keeps_history(server_factory, tmp_
     assert health_pb2.HealthCheckResponse.NOT_SERVING in seen_states
     assert health_pb2.HealthCheckResponse.SERVING not in seen_states[1:]
 
-    second = server_factory(tmp_path)
+    second = server_factory(tmp_path, auto_resume=False)
     assert second.health_status() == health_pb2.HealthCheckResponse.SERVING
     assert second.status(done).state == pb.SUCCEEDED
     interrupted = second.status(long_run)
@@ -211,18 +217,26 @@ def test_shutdown_interrupts_runs_and_restart_keeps_history(server_factory, tmp_
     assert never_started.state == pb.INTERRUPTED and "before the run started" in never_started.error
 
 
-def test_runs_left_running_by_a_crashed_server_are_marked_interrupted(server_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("auto_resume", [True, False])
+def test_runs_left_running_by_a_crashed_server(server_factory, tmp_path: Path, auto_resume: bool) -> None:  # type: ignore[no-untyped-def]
     first = server_factory(tmp_path)
     run_id = first.start(total_timesteps=256, hyperparameters=FAST_PPO)
     first.watch_to_end(run_id)
     first.stop()
     # Simulate a server that died (SIGKILL) mid-run: its record is still RUNNING on disk.
     with sqlite3.connect(tmp_path / "data" / "runs.sqlite3") as conn:
-        conn.execute("UPDATE runs SET state='RUNNING', model_saved=0 WHERE run_id=?", (run_id,))
-    second = server_factory(tmp_path)
-    status = second.status(run_id)
-    assert status.state == pb.INTERRUPTED
-    assert "interrupted" in status.error and "RUNNING" in status.error
+        conn.execute("UPDATE runs SET state='RUNNING', model_saved=0, "
+                     "attempts=json_set(attempts, '$[0].outcome', '') WHERE run_id=?", (run_id,))
+    second = server_factory(tmp_path, auto_resume=auto_resume)
+    if auto_resume:  # it resumes from its last checkpoint, which already holds its whole budget
+        status = second.watch_to_end(run_id)[-1]
+        assert status.state == pb.SUCCEEDED and status.attempt == 2 and status.timesteps_done >= 256
+        assert [a.outcome for a in status.attempts] == ["server died", "SUCCEEDED"]
+    else:
+        status = second.status(run_id)
+        assert status.state == pb.INTERRUPTED and status.attempt == 1
+        assert status.error == "interrupted: the server stopped while the run was in progress"
+        assert [a.outcome for a in status.attempts] == ["server died"]
 
 
 def test_watch_streams_are_capped(server_factory) -> None:  # type: ignore[no-untyped-def]

@@ -1,14 +1,23 @@
-"""rl_service.infra.atomic: writes either complete or leave the previous file and no temp files."""
+"""rl_service.infra.atomic: writes either complete or leave the previous file and no temp files; the temp files a
+killed writer leaves are recognised and removed."""
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import IO
 
 import pytest
 
-from rl_service.infra.atomic import atomic_write_bytes, atomic_write_json, atomic_write_with, atomic_writer
+from rl_service.infra.atomic import (
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_with,
+    atomic_writer,
+    is_temp_file_name,
+    remove_temp_files,
+)
 
 
 class Boom(Exception):
@@ -92,3 +101,31 @@ def test_temp_file_lives_beside_target_until_publish(tmp_path: Path) -> None:
         assert entries[0].endswith(".tmp")
     assert target.read_bytes() == b"abc"
     assert [p.name for p in tmp_path.iterdir()] == ["f.bin"]
+
+
+def test_temp_file_names_are_recognised_exactly(tmp_path: Path) -> None:
+    with atomic_writer(tmp_path / "state.safetensors"):
+        (temp,) = tmp_path.iterdir()
+    assert is_temp_file_name(temp.name)
+    assert is_temp_file_name(".checkpoint_500_steps.zip.k2j_h4g5.tmp")
+    for other in ("notes.tmp", ".x.tmp", ".x.abcdefg.tmp", ".x.ABCDEFGH.tmp", ".x.abcdefghi.tmp", "x.abcdefgh.tmp",
+                  ".x.abcdefgh.tmp.bak", ".x.abcdefgh.temp"):
+        assert not is_temp_file_name(other), other
+
+
+def test_remove_temp_files_clears_only_ours_below_the_roots(tmp_path: Path) -> None:
+    data, models, elsewhere = tmp_path / "data", tmp_path / "models", tmp_path / "elsewhere"
+    ours = [data / ".runs.json.abcd1234.tmp", data / "models" / "run-1" / ".model.zip.a_b_c_d_.tmp",
+            models / "run-2" / ".history.json.zz99zz99.tmp"]
+    kept = [data / "notes.tmp", data / "model.zip", data / ".x.abc.tmp", elsewhere / ".model.zip.abcd1234.tmp",
+            data / ".dir.abcd1234.tmp" / "inside"]
+    for path in ours + kept:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x")
+    (data / "link").symlink_to(elsewhere)  # not followed out of the data directories
+    (data / ".linked.abcd1234.tmp").symlink_to(elsewhere / ".model.zip.abcd1234.tmp")  # not a regular file
+    # Nested and repeated roots, and one that does not exist, count each file once.
+    assert remove_temp_files(data, data / "models", models, models, tmp_path / "missing") == 3
+    assert not any(path.exists() for path in ours)
+    assert all(path.exists() for path in kept)
+    assert os.path.islink(data / ".linked.abcd1234.tmp")

@@ -101,10 +101,13 @@ def test_progress_off_a_terminal_prints_plain_lines() -> None:
 
 def test_runs_table() -> None:
     out = io.StringIO()
-    Console(file=out, width=120).print(runs_table([_status(), _status(state=pb.FAILED, episodes=0)]))
+    resumed = _status()
+    resumed.attempt = 3
+    Console(file=out, width=120).print(runs_table([resumed, _status(state=pb.FAILED, episodes=0)]))
     lines = out.getvalue().splitlines()
-    assert lines[0].split() == ["RUN", "EXPERIMENT", "ALGO", "ENV", "STATE", "TIMESTEPS", "REWARD", "CREATED"]
+    assert lines[0].split() == ["RUN", "EXPERIMENT", "ALGO", "ENV", "STATE", "TRY", "TIMESTEPS", "REWARD", "CREATED"]
     assert "RUNNING" in lines[1] and "2,500/10,000" in lines[1] and "21.50" in lines[1]
+    assert lines[1].split()[5] == "3" and lines[2].split()[5] == "1", "a status without attempts reads as the first"
     assert "FAILED" in lines[2] and lines[2].split()[-3] == "-"
 
 

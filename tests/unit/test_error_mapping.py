@@ -32,6 +32,7 @@ INTENDED = {
     errors.RunNotFound: grpc.StatusCode.NOT_FOUND,
     errors.AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
     errors.ModelNotReady: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.RunStateConflict: grpc.StatusCode.FAILED_PRECONDITION,
     errors.UnknownExportFormat: grpc.StatusCode.INVALID_ARGUMENT,
     errors.ExportUnavailable: grpc.StatusCode.FAILED_PRECONDITION,
     errors.CapacityExceeded: grpc.StatusCode.RESOURCE_EXHAUSTED,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -19,7 +20,7 @@ from rl_service.core.runs.events import (
     event_from_dict,
     event_to_dict,
 )
-from rl_service.core.runs.jobs import RunJob
+from rl_service.core.runs.jobs import JOB_VERSION, RunJob
 from rl_service.core.runs.records import Metrics
 
 METRICS = Metrics(mean_episode_reward=1.5, mean_episode_length=2.5, episodes_completed=3, steps_per_second=4.0,
@@ -45,9 +46,11 @@ def test_every_event_survives_json(event: WorkerEvent) -> None:
 
 
 def test_a_job_survives_json() -> None:
-    data = json.loads(json.dumps(JOB.to_dict()))
-    assert data["version"] == 1
-    assert RunJob.from_dict(data) == JOB
+    for job in (JOB, replace(JOB, resume=True, attempt=2, save_replay_buffer=False,
+                             attempts=({"attempt": 1, "start_timesteps": 0, "outcome": "server died"},))):
+        data = json.loads(json.dumps(job.to_dict()))
+        assert data["version"] == JOB_VERSION == 2
+        assert RunJob.from_dict(data) == job
 
 
 @pytest.mark.parametrize(("data", "message"), [

@@ -11,11 +11,27 @@ from typing import Any
 
 import pytest
 
-from rl_service.core.errors import CapacityExceeded, InvalidHyperparameter, RunNotFound, ServiceShuttingDown
+from rl_service.core.errors import (
+    CapacityExceeded,
+    InvalidHyperparameter,
+    InvalidRequest,
+    RunNotFound,
+    RunStateConflict,
+    ServiceShuttingDown,
+)
 from rl_service.core.runs.events import CheckpointSaved, Finished, Progress, Started, WorkerEvent
 from rl_service.core.runs.jobs import RunJob
 from rl_service.core.runs.orchestrator import Orchestrator, OrchestratorConfig
-from rl_service.core.runs.records import Metrics, RunFilter, RunRecord, RunState, TrainingRequest
+from rl_service.core.runs.records import (
+    SERVER_DIED,
+    WORKER_DIED,
+    Attempt,
+    Metrics,
+    RunFilter,
+    RunRecord,
+    RunState,
+    TrainingRequest,
+)
 
 WAIT = 5.0
 
@@ -42,21 +58,20 @@ class MemoryRegistry:
                  and run_filter.experiment_id in (None, r.experiment_id)]
         return sorted(found, key=lambda r: r.created_at, reverse=True)
 
-    def mark_interrupted(self, reason: str) -> list[RunRecord]:
-        changed = [r.evolve(state=RunState.INTERRUPTED, error=reason) for r in self.records.values()
-                   if not r.state.is_terminal]
-        self.records.update({r.run_id: r for r in changed})
-        return changed
+    def delete(self, run_id: str) -> None:
+        self.records.pop(run_id, None)
 
     def close(self) -> None:
         self.closed = True
 
 
 class MemoryStore:
-    """ModelStore that only computes paths; `checkpoints` says what latest_checkpoint finds."""
+    """ModelStore that only computes paths; `saved` says which checkpoints a run has on "disk"."""
 
     def __init__(self) -> None:
-        self.checkpoints: dict[str, Path] = {}
+        self.saved: dict[str, list[Path]] = {}
+        self.attempts: dict[str, list[dict[str, Any]]] = {}
+        self.deleted: list[str] = []
 
     def resolve_model_path(self, run_id: str, requested: str) -> Path:
         return Path("/models") / run_id / (requested or "model.zip")
@@ -70,8 +85,21 @@ class MemoryStore:
     def save_checkpoint(self, run_id: str, model: Any, timesteps: int) -> Path:
         raise AssertionError("the orchestrator never saves checkpoints")
 
+    def checkpoints(self, run_id: str) -> list[Path]:
+        return list(self.saved.get(run_id, []))
+
     def latest_checkpoint(self, run_id: str) -> Path | None:
-        return self.checkpoints.get(run_id)
+        return self.saved[run_id][-1] if self.saved.get(run_id) else None
+
+    def replay_buffer(self, checkpoint: Path) -> Path | None:
+        return None
+
+    def record_attempts(self, run_id: str, attempts: list[dict[str, Any]]) -> None:
+        self.attempts[run_id] = attempts
+
+    def delete_run(self, run_id: str, model_path: Path) -> None:
+        self.deleted.append(run_id)
+        self.saved.pop(run_id, None)
 
     def write_json(self, path: Path, data: Any) -> None:
         raise AssertionError("the orchestrator never writes run files")
@@ -144,7 +172,7 @@ class Harness:
     def __init__(self, **config: Any) -> None:
         self.registry = MemoryRegistry(config.pop("records", []))
         self.store = MemoryStore()
-        self.store.checkpoints.update(config.pop("checkpoints", {}))
+        self.store.saved.update(config.pop("checkpoints", {}))
         self.executor = FakeExecutor()
         self.log = Log()
         settings = {"max_concurrent_runs": 1, "max_queued_runs": 2, "stop_timeout_seconds": 0.5, **config}
@@ -234,11 +262,15 @@ def test_a_run_that_ignores_stop_is_killed_and_its_exit_is_not_a_crash(harness: 
     assert harness.orchestrator.get(run_id).state is RunState.CANCELLED
 
 
-def test_a_worker_that_dies_silently_fails_its_run(harness: Harness) -> None:
-    run_id = harness.start()
-    harness.executor.exit(run_id, 137)
-    record = harness.wait_state(run_id, RunState.FAILED)
-    assert record.error == "the worker process exited with code 137 without reporting a result"
+def test_a_worker_that_dies_silently_fails_its_run_when_it_may_not_retry() -> None:
+    harness = Harness(max_run_attempts=1)
+    try:
+        run_id = harness.start()
+        harness.executor.exit(run_id, 137)
+        record = harness.wait_state(run_id, RunState.FAILED)
+        assert record.error.startswith("the worker process exited with code 137 without reporting a result")
+    finally:
+        harness.orchestrator.shutdown(0)
 
 
 def test_events_after_the_end_and_out_of_order_are_dropped(harness: Harness) -> None:
@@ -312,18 +344,126 @@ def test_watch_ends_when_the_client_leaves(harness: Harness) -> None:
     assert list(stream) == []
 
 
-def test_runs_left_in_flight_by_a_crash_start_interrupted_with_their_newest_checkpoint() -> None:
-    base = RunRecord(run_id="run-old", experiment_id="e", algorithm="PPO", env_id="CartPole-v1",
-                     state=RunState.RUNNING, total_timesteps=512, seed=1, hyperparameters={},
-                     checkpoint_interval=100, model_path="/models/run-old/model.zip",
-                     last_checkpoint_path="/ckpt/run-old/checkpoint_100_steps.zip")
-    newest = Path("/ckpt/run-old/checkpoint_300_steps.zip")
-    harness = Harness(records=[base], checkpoints={"run-old": newest})
+def old_record(run_id: str, state: RunState, created_at: float, **changes: Any) -> RunRecord:
+    return RunRecord(run_id=run_id, experiment_id="e", algorithm="PPO", env_id="CartPole-v1", state=state,
+                     total_timesteps=512, seed=1, hyperparameters={"n_steps": "64"}, checkpoint_interval=100,
+                     model_path=f"/models/{run_id}/model.zip", created_at=created_at, **changes)
+
+
+def test_runs_left_unfinished_resume_at_start_up_in_their_original_order() -> None:
+    newest = Path("/ckpt/run-b/checkpoint_300_steps.zip")
+    records = [
+        old_record("run-b", RunState.RUNNING, 2.0, timesteps_done=250, attempts=(Attempt(1, 0, 2.0),),
+                   last_checkpoint_path="/ckpt/run-b/checkpoint_100_steps.zip"),
+        old_record("run-a", RunState.PENDING, 1.0),
+        old_record("run-c", RunState.INTERRUPTED, 3.0, timesteps_done=100, finished_at=4.0, error="interrupted",
+                   attempts=(Attempt(1, 0, 3.0, 100, 4.0, "INTERRUPTED"),)),
+        old_record("run-d", RunState.SUCCEEDED, 0.5, timesteps_done=512, finished_at=4.0),
+    ]
+    harness = Harness(records=records, checkpoints={"run-b": [newest]}, max_concurrent_runs=1, max_queued_runs=8)
     try:
-        record = harness.orchestrator.get("run-old")
-        assert record.state is RunState.INTERRUPTED and record.last_checkpoint_path == str(newest)
-        assert harness.log.lines[0][:2] == ("warning", "run interrupted by a previous shutdown")
+        assert list(harness.executor.jobs) == ["run-a"], "one slot: the oldest goes first"
+        assert [harness.orchestrator.get(r).state for r in ("run-a", "run-b", "run-c", "run-d")] == [
+            RunState.RUNNING, RunState.PENDING, RunState.PENDING, RunState.SUCCEEDED]
+        b = harness.orchestrator.get("run-b")
+        assert b.attempt == 2 and b.attempts[0].outcome == SERVER_DIED and b.attempts[0].end_timesteps == 250
+        assert b.last_checkpoint_path == str(newest), "the newest checkpoint on disk, saved after the last event"
+        harness.executor.finish("run-a")
+        harness.wait_state("run-b", RunState.RUNNING)
+        job = harness.executor.jobs["run-b"]
+        assert job.resume and job.attempt == 2 and job.attempts[0]["outcome"] == SERVER_DIED
+        harness.executor.finish("run-b")
+        harness.wait_state("run-c", RunState.RUNNING)
+        assert harness.executor.jobs["run-c"].attempt == 2
+    finally:
+        harness.orchestrator.shutdown(0)
+
+
+def test_without_auto_resume_runs_found_in_flight_end_interrupted() -> None:
+    records = [old_record("run-b", RunState.RUNNING, 2.0, attempts=(Attempt(1, 0, 2.0),)),
+               old_record("run-c", RunState.INTERRUPTED, 3.0, error="interrupted")]
+    harness = Harness(records=records, auto_resume=False)
+    try:
+        b = harness.orchestrator.get("run-b")
+        assert b.state is RunState.INTERRUPTED and b.error.startswith("interrupted: the server stopped")
+        assert harness.store.attempts["run-b"][0]["outcome"] == SERVER_DIED
+        assert harness.orchestrator.get("run-c").state is RunState.INTERRUPTED
+        assert harness.executor.jobs == {}
         with pytest.raises(RunNotFound):
             harness.orchestrator.get("run-missing")
     finally:
         harness.orchestrator.shutdown(0)
+
+
+def test_a_run_whose_worker_keeps_dying_ends_failed_at_the_cap() -> None:
+    harness = Harness(max_run_attempts=3)
+    try:
+        run_id = harness.start()
+        for attempt in (2, 3):
+            harness.executor.exit(run_id, -11)
+            deadline = time.monotonic() + WAIT
+            while harness.orchestrator.get(run_id).attempt != attempt:
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            harness.wait_state(run_id, RunState.RUNNING)
+            assert harness.executor.jobs[run_id].resume and harness.executor.jobs[run_id].attempt == attempt
+        harness.executor.exit(run_id, -11)
+        failed = harness.wait_state(run_id, RunState.FAILED)
+        assert "has died 3 times (MAX_RUN_ATTEMPTS=3)" in failed.error
+        assert [a["outcome"] for a in harness.store.attempts[run_id]] == [WORKER_DIED] * 3
+    finally:
+        harness.orchestrator.shutdown(0)
+
+
+def test_resume_continues_a_finished_run_as_its_next_attempt(harness: Harness) -> None:
+    run_id = harness.start()
+    harness.executor.on_stop = lambda rid: harness.executor.finish(rid, timesteps=300, stopped_early=True)
+    harness.orchestrator.stop_run(run_id)
+    harness.store.saved[run_id] = [Path(f"/ckpt/{run_id}/checkpoint_300_steps.zip")]
+    resumed = harness.orchestrator.resume_run(run_id)
+    assert resumed.state is RunState.RUNNING and resumed.attempt == 2 and resumed.total_timesteps == 512
+    assert harness.executor.jobs[run_id].resume
+    harness.executor.finish(run_id)
+    done = harness.wait_state(run_id, RunState.SUCCEEDED)
+    assert [(a.number, a.outcome) for a in done.attempts] == [(1, "CANCELLED"), (2, "SUCCEEDED")]
+    extended = harness.orchestrator.resume_run(run_id, total_timesteps=2048)
+    assert extended.total_timesteps == 2048 and extended.attempt == 3
+
+
+@pytest.mark.parametrize(("total", "message"), [
+    (100, "total_timesteps: the run has trained 300 timesteps; give a larger total"),
+    (10**12, "exceeds this server's cap"),
+])
+def test_resume_refuses_a_budget_it_cannot_take_and_writes_nothing(harness: Harness, total: int,
+                                                                   message: str) -> None:
+    run_id = harness.start()
+    harness.executor.on_stop = lambda rid: harness.executor.finish(rid, timesteps=300, stopped_early=True)
+    harness.orchestrator.stop_run(run_id)
+    harness.store.saved[run_id] = [Path("/ckpt/x/checkpoint_300_steps.zip")]
+    before = harness.registry.records[run_id]
+    with pytest.raises(InvalidRequest, match=message) as caught:
+        harness.orchestrator.resume_run(run_id, total_timesteps=total)
+    assert caught.value.field == "total_timesteps" and harness.registry.records[run_id] == before
+
+
+def test_resume_and_delete_refuse_active_runs_and_runs_without_checkpoints(harness: Harness) -> None:
+    running = harness.start()
+    for command in (harness.orchestrator.resume_run, harness.orchestrator.delete_run):
+        with pytest.raises(RunStateConflict, match="RUNNING"):
+            command(running)
+    queued = harness.start()
+    harness.orchestrator.stop_run(queued)  # cancelled while pending: never trained
+    with pytest.raises(RunStateConflict, match="has no checkpoint to resume from"):
+        harness.orchestrator.resume_run(queued)
+    with pytest.raises(RunNotFound):
+        harness.orchestrator.resume_run("run-missing")
+
+
+def test_delete_removes_the_record_and_the_files(harness: Harness) -> None:
+    run_id = harness.start()
+    harness.executor.finish(run_id)
+    harness.wait_state(run_id, RunState.SUCCEEDED)
+    harness.orchestrator.delete_run(run_id)
+    assert harness.store.deleted == [run_id] and run_id not in harness.registry.records
+    with pytest.raises(RunNotFound):
+        harness.orchestrator.get(run_id)

@@ -1,17 +1,21 @@
-"""LocalProcessExecutor with a real child process and a tiny target: plain-dict jobs and events, stop, kill."""
+"""LocalProcessExecutor with a real child process and a tiny target: plain-dict jobs and events, stop, kill, the
+data-directory lock a worker holds."""
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
 from rl_service.core.runs.events import Failed, Finished, Started, WorkerEvent
 from rl_service.core.runs.jobs import RunJob
 from rl_service.core.runs.records import Metrics
+from rl_service.infra.data_dir_lock import DataDirInUse, DataDirLock
 from rl_service.infra.process_executor import LocalProcessExecutor
 
 JOB = RunJob(run_id="run-x", experiment_id="e", algorithm="ppo", env_id="CartPole-v1", total_timesteps=10, seed=1,
@@ -51,9 +55,11 @@ def events_until(executor: LocalProcessExecutor, count: int, timeout: float = 30
 def make_executor() -> Iterator[Callable[..., LocalProcessExecutor]]:
     made: list[LocalProcessExecutor] = []
 
-    def factory(target: Callable[..., None]) -> LocalProcessExecutor:
-        executor = LocalProcessExecutor(target, services="server-config", start_method="spawn",
-                                        preload=("tests.unit.test_process_executor",), log_level="ERROR")
+    def factory(target: Callable[..., None], lock_fd: int | None = None,
+                start_method: str = "spawn") -> LocalProcessExecutor:
+        executor = LocalProcessExecutor(target, services="server-config", start_method=start_method,
+                                        preload=("tests.unit.test_process_executor",), log_level="ERROR",
+                                        lock_fd=lock_fd)
         made.append(executor)
         return executor
 
@@ -93,3 +99,18 @@ def test_a_malformed_event_is_dropped(make_executor: Callable[..., LocalProcessE
     executor = make_executor(polite_worker)
     executor._events.put({"version": 99, "kind": "started"})
     assert executor.next_event(timeout=5) is None
+
+
+@pytest.mark.parametrize("start_method", ["spawn", "forkserver"])
+def test_a_worker_holds_the_data_dir_lock_until_it_ends(make_executor: Callable[..., LocalProcessExecutor],
+                                                       tmp_path: Path, start_method: str) -> None:
+    lock = DataDirLock.acquire(tmp_path)
+    executor = make_executor(stubborn_worker, lock.fd, start_method)
+    executor.launch(JOB.run_id, JOB)
+    assert isinstance(events_until(executor, 1)[0], Started)
+    lock.release()  # the server lets go (or dies): its worker still holds the same open file description
+    holder = f"DATA_DIR {tmp_path} is in use by another server (pid {os.getpid()})"
+    with pytest.raises(DataDirInUse, match=re.escape(holder)):
+        DataDirLock.acquire(tmp_path, wait_seconds=0.3)
+    executor.kill(JOB.run_id)
+    DataDirLock.acquire(tmp_path, wait_seconds=5).release()

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from rl_service.core.runs.records import Metrics, RunFilter, RunRecord, RunState
-from rl_service.infra.sqlite_run_registry import SqliteRunRegistry
+from rl_service.core.runs.records import Attempt, Metrics, RunFilter, RunRecord, RunState
+from rl_service.infra.sqlite_run_registry import SCHEMA_VERSION, SqliteRunRegistry
 
 
 def make_record(run_id: str, **changes: object) -> RunRecord:
@@ -107,37 +107,60 @@ def test_filter_values_are_not_sql(registry: SqliteRunRegistry) -> None:
     assert registry.get("a") is not None
 
 
-def test_mark_interrupted(registry: SqliteRunRegistry) -> None:
-    registry.insert(make_record("pending"))
-    registry.insert(make_record("running", state=RunState.RUNNING,
-                                last_checkpoint_path="/ck/running/checkpoint_3000_steps.zip"))
-    terminal = {
-        state: make_record(f"t-{state.name}", state=state, finished_at=99.0, error="old")
-        for state in (RunState.SUCCEEDED, RunState.FAILED, RunState.CANCELLED, RunState.INTERRUPTED)
-    }
-    for record in terminal.values():
-        registry.insert(record)
+def test_attempts_round_trip_and_delete_forgets(registry: SqliteRunRegistry) -> None:
+    attempts = (Attempt(1, 0, 10.0, 3000, 20.0, "server died", "the server stopped"), Attempt(2, 3000, 30.0))
+    record = make_record("run-a", state=RunState.RUNNING, attempt=2, attempts=attempts)
+    registry.insert(record)
+    assert registry.get("run-a") == record
+    registry.delete("run-a")
+    assert registry.get("run-a") is None and registry.find(RunFilter()) == []
+    registry.delete("run-a")  # deleting twice is harmless
 
-    changed = registry.mark_interrupted("the server restarted")
-    assert sorted(r.run_id for r in changed) == ["pending", "running"]
 
-    running = registry.get("running")
-    assert running is not None
-    assert running.state is RunState.INTERRUPTED
-    assert "the server restarted" in running.error
-    assert "RUNNING" in running.error
-    assert "/ck/running/checkpoint_3000_steps.zip" in running.error
-    assert running.finished_at > 0
+# The table as the first released registry wrote it (no schema version), with one run in it.
+VERSION_1 = """
+CREATE TABLE runs (run_id TEXT PRIMARY KEY, experiment_id TEXT NOT NULL, algorithm TEXT NOT NULL,
+    env_id TEXT NOT NULL, state TEXT NOT NULL, total_timesteps INTEGER NOT NULL, timesteps_done INTEGER NOT NULL,
+    seed INTEGER NOT NULL, hyperparameters TEXT NOT NULL, checkpoint_interval INTEGER NOT NULL,
+    model_path TEXT NOT NULL, last_checkpoint_path TEXT NOT NULL, error TEXT NOT NULL, metrics TEXT NOT NULL,
+    created_at REAL NOT NULL, started_at REAL NOT NULL, finished_at REAL NOT NULL, stop_requested INTEGER NOT NULL,
+    model_saved INTEGER NOT NULL);
+CREATE INDEX runs_experiment ON runs (experiment_id, created_at);
+INSERT INTO runs VALUES ('run-old', 'exp', 'PPO', 'CartPole-v1', 'SUCCEEDED', 1000, 1024, 7, '{"n_steps": "64"}',
+    500, '/m/run-old/model.zip', '/c/run-old/checkpoint_1024_steps.zip', '', '{"episodes_completed": 9}',
+    1.0, 2.0, 3.0, 0, 1);
+"""
 
-    pending = registry.get("pending")
-    assert pending is not None
-    assert pending.state is RunState.INTERRUPTED
-    assert "PENDING" in pending.error
-    assert "last checkpoint: none" in pending.error
 
-    for record in terminal.values():
-        assert registry.get(record.run_id) == record
-    assert registry.mark_interrupted("again") == []
+def test_a_registry_from_before_schema_versions_is_migrated_keeping_its_runs(tmp_path: Path) -> None:
+    path = tmp_path / "runs.sqlite3"
+    with sqlite3.connect(path) as old:
+        old.executescript(VERSION_1)
+    registry = SqliteRunRegistry(path)
+    try:
+        record = registry.get("run-old")
+        assert record is not None and record.state is RunState.SUCCEEDED and record.timesteps_done == 1024
+        assert record.hyperparameters == {"n_steps": "64"} and record.metrics.episodes_completed == 9
+        assert record.attempt == 1 and record.attempts == ()
+        registry.update(record.evolve(attempt=2))
+    finally:
+        registry.close()
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    reopened = SqliteRunRegistry(path)  # a second open migrates nothing
+    try:
+        assert reopened.get("run-old").attempt == 2  # type: ignore[union-attr]
+    finally:
+        reopened.close()
+
+
+def test_a_registry_from_a_newer_server_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "runs.sqlite3"
+    SqliteRunRegistry(path).close()
+    with sqlite3.connect(path) as conn:
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    with pytest.raises(RuntimeError, match=f"schema version {SCHEMA_VERSION + 1}; this server reads up to"):
+        SqliteRunRegistry(path)
 
 
 def test_data_survives_reopen(tmp_path: Path) -> None:

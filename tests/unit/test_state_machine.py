@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from rl_service.core.runs.events import CheckpointSaved, Failed, Finished, Progress, Started
-from rl_service.core.runs.records import Metrics, RunRecord, RunState
+from rl_service.core.runs.records import SERVER_DIED, WORKER_DIED, Attempt, Metrics, RunRecord, RunState
 from rl_service.core.runs.state_machine import (
     EVENT_TYPES,
     TRANSITIONS,
@@ -17,6 +17,7 @@ from rl_service.core.runs.state_machine import (
     Launched,
     LaunchFailed,
     Resumed,
+    ServerRestarted,
     ShutdownRequested,
     StopRequested,
     WorkerExited,
@@ -32,8 +33,9 @@ EVENTS: dict[type, Any] = {
     ShutdownRequested: ShutdownRequested(),
     Killed: Killed("did not stop in 30s"),
     WorkerExited: WorkerExited(-9),
+    ServerRestarted: ServerRestarted(),
     Resumed: Resumed(),
-    Started: Started("run-1", 4242),
+    Started: Started("run-1", 4242, 200),
     Progress: Progress("run-1", 300, METRICS),
     CheckpointSaved: CheckpointSaved("run-1", 400, "/c/checkpoint_400_steps.zip"),
     Finished: Finished("run-1", 512, METRICS, "/m/model.zip", "/c/checkpoint_512_steps.zip", stopped_early=False),
@@ -53,7 +55,9 @@ EXPECTED: dict[tuple[RunState, type], RunState] = {
     (RunState.RUNNING, Finished): RunState.SUCCEEDED,
     (RunState.RUNNING, Failed): RunState.FAILED,
     (RunState.RUNNING, Killed): RunState.INTERRUPTED,
-    (RunState.RUNNING, WorkerExited): RunState.FAILED,
+    (RunState.RUNNING, WorkerExited): RunState.FAILED,  # max_attempts=1: the first death is the last
+    (RunState.RUNNING, ServerRestarted): RunState.PENDING,  # a server's death is not the run's: it resumes
+    (RunState.PENDING, ServerRestarted): RunState.PENDING,
     (RunState.INTERRUPTED, Resumed): RunState.PENDING,
     (RunState.FAILED, Resumed): RunState.PENDING,
     (RunState.CANCELLED, Resumed): RunState.PENDING,
@@ -91,6 +95,8 @@ def test_every_state_and_event(state: RunState, event_type: type) -> None:
     assert after.state is expected
     assert after.run_id == before.run_id and after.created_at == before.created_at
     assert (after.finished_at == NOW) == (expected.is_terminal and not state.is_terminal)
+    if expected.is_terminal and not state.is_terminal and after.attempts:
+        assert after.attempts[-1].finished_at == NOW and after.attempts[-1].outcome, "the open attempt is closed"
     assert before.state is state, "records are immutable"
 
 
@@ -138,7 +144,8 @@ def test_failures_keep_the_furthest_timesteps_and_the_reason() -> None:
     failed = apply(record(RunState.RUNNING, timesteps_done=400), Failed("run-1", 350, "RuntimeError: boom"), NOW)
     assert failed.timesteps_done == 400 and failed.error == "RuntimeError: boom"
     exited = apply(record(RunState.RUNNING), WorkerExited(-9), NOW)
-    assert exited.error == "the worker process exited with code -9 without reporting a result"
+    assert exited.error == ("the worker process exited with code -9 without reporting a result; the run's worker "
+                            "has died 1 time (MAX_RUN_ATTEMPTS=1), so it is not resumed again")
 
 
 @pytest.mark.parametrize(("stop_requested", "state"), [(True, RunState.CANCELLED), (False, RunState.INTERRUPTED)])
@@ -165,3 +172,46 @@ def test_resume_clears_the_end_and_can_extend_the_budget() -> None:
     assert apply(succeeded, Resumed(total_timesteps=1024), NOW).state is RunState.PENDING
     with pytest.raises(InvalidTransition):
         apply(succeeded, Resumed(total_timesteps=512), NOW)
+
+
+def launched(**changes: Any) -> RunRecord:
+    return apply(record(RunState.PENDING, **changes), Launched(), NOW)
+
+
+def test_a_launch_opens_an_attempt_and_the_end_closes_it_with_its_outcome() -> None:
+    running = launched(timesteps_done=0)
+    assert running.attempts == (Attempt(1, 0, NOW),)
+    progressed = apply(running, Progress("run-1", 300, METRICS), NOW)
+    failed = apply(progressed, Failed("run-1", 350, "RuntimeError: boom"), NOW + 5)
+    assert failed.attempts == (Attempt(1, 0, NOW, 350, NOW + 5, "FAILED", "RuntimeError: boom"),)
+    again = apply(apply(failed, Resumed(), NOW + 6), Launched(), NOW + 7)
+    assert again.attempt == 2 and again.attempts[-1] == Attempt(2, 350, NOW + 7)
+
+
+def test_a_dead_worker_is_requeued_until_its_deaths_reach_the_cap() -> None:
+    run = launched()
+    for death in (1, 2):
+        run = apply(run, WorkerExited(-9, max_attempts=3), NOW)
+        assert run.state is RunState.PENDING and run.attempt == death + 1 and run.deaths == death
+        assert run.attempts[-1].outcome == WORKER_DIED and run.error == ""
+        run = apply(run, Launched(), NOW)
+    failed = apply(run, WorkerExited(-9, max_attempts=3), NOW)
+    assert failed.state is RunState.FAILED and failed.deaths == 3
+    assert failed.error.endswith("has died 3 times (MAX_RUN_ATTEMPTS=3), so it is not resumed again")
+
+
+def test_a_server_restart_requeues_or_interrupts_a_run_it_found_in_flight() -> None:
+    requeued = apply(launched(), ServerRestarted(auto_resume=True), NOW)
+    assert requeued.state is RunState.PENDING and requeued.attempts[-1].outcome == SERVER_DIED
+    kept = apply(launched(), ServerRestarted(auto_resume=False), NOW)
+    assert kept.state is RunState.INTERRUPTED and kept.error.startswith("interrupted: the server stopped")
+    queued = record(RunState.PENDING)
+    assert apply(queued, ServerRestarted(auto_resume=True), NOW) == queued
+    assert apply(queued, ServerRestarted(auto_resume=False), NOW).state is RunState.INTERRUPTED
+    # Only the worker's deaths count against MAX_RUN_ATTEMPTS: a run outlives any number of server restarts.
+    run = launched()
+    for _ in range(5):
+        run = apply(apply(run, ServerRestarted(), NOW), Launched(), NOW)
+    assert run.deaths == 0 and run.attempt == 6
+    died = apply(run, WorkerExited(-9, max_attempts=2), NOW)
+    assert died.state is RunState.PENDING and died.deaths == 1

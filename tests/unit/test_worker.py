@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +15,8 @@ from stable_baselines3 import PPO
 
 from rl_service.core.algorithms.hyperparams import format_value
 from rl_service.core.algorithms.registry import ALGORITHMS
+from rl_service.core.envs import make_vec_env
+from rl_service.core.models.checkpoints import checkpoint_timesteps
 from rl_service.core.runs.events import (
     CheckpointSaved,
     Failed,
@@ -26,6 +28,7 @@ from rl_service.core.runs.events import (
 )
 from rl_service.core.runs.jobs import RunJob
 from rl_service.core.runs.records import Metrics
+from rl_service.core.runs.resume import restore
 from rl_service.core.runs.worker import WorkerServices, library_versions, run_worker
 from rl_service.infra.model_store import FileModelStore
 from tests.support.envs import CRASH_ENV_ID
@@ -313,3 +316,94 @@ def test_each_algorithm_trains_and_saves(key: str, tmp_path: Path) -> None:
     model = ALGORITHMS[key].cls.load(outcome.model_path, device="cpu")
     assert model.num_timesteps == 64
     assert outcome.metadata()["algorithm"] == ALGORITHMS[key].name
+
+
+# ------------------------------------------------------------------ resuming
+
+
+def resume(made: tuple[RunJob, FileModelStore], **changes: Any) -> Outcome:
+    job, store = made
+    return run((replace(job, resume=True, attempt=2, **changes), store))
+
+
+@pytest.mark.parametrize("key", sorted(ALGORITHMS))
+def test_a_resumed_run_continues_counters_schedule_and_history(key: str, tmp_path: Path) -> None:
+    total = 512
+    raw = {**TINY_RAW, "learning_rate": "lin_0.001"}
+    made = make_job(tmp_path, algorithm=key, raw=raw, total_timesteps=total, checkpoint_interval=100,
+                    run_id=f"run-{key}")
+    first = run(made, Stop(after=230))
+    stopped = first.events[-1]
+    assert isinstance(stopped, Finished) and stopped.stopped_early and 200 <= stopped.timesteps < total
+    episodes_before = first.history()["episodes"]
+
+    second = resume(made)
+    finished = second.events[-1]
+    assert isinstance(finished, Finished) and not finished.stopped_early, second.events.milestones()
+    assert finished.timesteps >= total
+    # Checkpoints continue on the run's interval boundaries, after the one it resumed from.
+    saved = [e.timesteps for e in second.events.of(CheckpointSaved)]
+    assert saved[0] == (stopped.timesteps // 100 + 1) * 100 and saved[-1] == finished.timesteps
+    # The schedule continues from the run's progress: lin_0.001 at T is 0.001 * (1 - T / total).
+    rates = [(p.timesteps, p.metrics.losses["learning_rate"]) for p in second.events.of(Progress)
+             if "learning_rate" in p.metrics.losses]
+    assert rates, "the algorithm logged its learning rate"
+    first_step, first_rate = rates[0]
+    expected = 0.001 * (1 - stopped.timesteps / total)
+    # Within one update of where it resumed (a fresh schedule would start at 0.001).
+    assert abs(first_rate - expected) <= 0.001 * (first_step - stopped.timesteps + 64) / total, rates[:3]
+    # The history continues: the first attempt's episodes, then new ones, timesteps never going back.
+    episodes = second.history()["episodes"]
+    kept = [e for e in episodes_before if e["timesteps"] <= stopped.timesteps]
+    assert episodes[:len(kept)] == kept and len(episodes) > len(kept)
+    steps = [e["timesteps"] for e in episodes]
+    times = [e["time"] for e in episodes]
+    assert steps == sorted(steps) and times == sorted(times)
+    assert finished.metrics.episodes_completed == len(episodes)
+    meta = second.metadata()
+    assert meta["attempt"] == 2 and meta["attempts"][-1]["start_timesteps"] == stopped.timesteps
+
+
+def test_a_resumed_dqn_keeps_its_replay_buffer(tmp_path: Path) -> None:
+    made = make_job(tmp_path, algorithm="dqn", raw=TINY_RAW, total_timesteps=400, checkpoint_interval=100)
+    first = run(made, Stop(after=250))
+    stopped = first.events[-1]
+    assert isinstance(stopped, Finished)
+    checkpoint = first.store.latest_checkpoint("run-test")
+    assert checkpoint is not None and first.store.replay_buffer(checkpoint) is not None
+    restored = restore(ALGORITHMS["dqn"].cls, first.store, "run-test", make_vec_env("CartPole-v1", 1, 0),
+                       structlog.get_logger())
+    assert restored is not None
+    # Every transition the stopped model held: stable-baselines3 counts the step a stop lands in before it stores
+    # that step's transition, so the stopped model itself held timesteps - 1.
+    assert restored.model.replay_buffer.size() == stopped.timesteps - 1
+    # Pruning takes a checkpoint's buffer with it.
+    buffers = sorted(p.name for p in checkpoint.parent.glob("*.replay_buffer.pkl"))
+    assert buffers == sorted(p.with_suffix(".replay_buffer.pkl").name
+                             for p in first.store.checkpoints("run-test"))
+
+
+def test_without_saved_buffers_a_checkpoint_has_none(tmp_path: Path) -> None:
+    job, store = make_job(tmp_path, algorithm="dqn", raw=TINY_RAW, total_timesteps=200, checkpoint_interval=100)
+    outcome = run((replace(job, save_replay_buffer=False), store))
+    assert isinstance(outcome.events[-1], Finished)
+    assert list(store.checkpoint_run_dir("run-test").glob("*.pkl")) == []
+
+
+def test_a_corrupted_newest_checkpoint_is_skipped(tmp_path: Path) -> None:
+    made = make_job(tmp_path, total_timesteps=512, checkpoint_interval=100)
+    run(made, Stop(after=230))
+    store = made[1]
+    older, newest = store.checkpoints("run-test")[-2:]
+    newest.write_bytes(b"not a zip: cut short by a crash")
+    second = resume(made)
+    finished = second.events[-1]
+    assert isinstance(finished, Finished) and not finished.stopped_early
+    saved = [e.timesteps for e in second.events.of(CheckpointSaved)]
+    assert saved[0] == (checkpoint_timesteps(older) // 100 + 1) * 100  # type: ignore[operator]
+
+
+def test_resume_without_any_checkpoint_starts_over(tmp_path: Path) -> None:
+    outcome = resume(make_job(tmp_path, total_timesteps=128, checkpoint_interval=64))
+    assert isinstance(outcome.events[-1], Finished)
+    assert [e.timesteps for e in outcome.events.of(CheckpointSaved)] == [64, 128]

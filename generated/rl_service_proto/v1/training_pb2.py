@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"rl_service_proto/v1/training.proto\x12\rrl_service.v1\"\xc8\x02\n\x14StartTrainingRequest\x12\x15\n\rexperiment_id\x18\x01 \x01(\t\x12\x11\n\talgorithm\x18\x02 \x01(\t\x12\x0e\n\x06\x65nv_id\x18\x03 \x01(\t\x12\x17\n\x0ftotal_timesteps\x18\x04 \x01(\x03\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x00\x88\x01\x01\x12Q\n\x0fhyperparameters\x18\x06 \x03(\x0b\x32\x38.rl_service.v1.StartTrainingRequest.HyperparametersEntry\x12\x19\n\x11model_output_path\x18\x07 \x01(\t\x12\x1b\n\x13\x63heckpoint_interval\x18\x08 \x01(\x03\x1a\x36\n\x14HyperparametersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x07\n\x05_seed\"\'\n\x15StartTrainingResponse\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"\x1c\n\nRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"\xec\x01\n\x0fTrainingMetrics\x12\x1b\n\x13mean_episode_reward\x18\x01 \x01(\x01\x12\x1b\n\x13mean_episode_length\x18\x02 \x01(\x01\x12\x1a\n\x12\x65pisodes_completed\x18\x03 \x01(\x03\x12\x18\n\x10steps_per_second\x18\x04 \x01(\x01\x12:\n\x06losses\x18\x05 \x03(\x0b\x32*.rl_service.v1.TrainingMetrics.LossesEntry\x1a-\n\x0bLossesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x9e\x04\n\x0eTrainingStatus\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x15\n\rexperiment_id\x18\x02 \x01(\t\x12\x11\n\talgorithm\x18\x03 \x01(\t\x12\x0e\n\x06\x65nv_id\x18\x04 \x01(\t\x12&\n\x05state\x18\x05 \x01(\x0e\x32\x17.rl_service.v1.RunState\x12\x16\n\x0etimesteps_done\x18\x06 \x01(\x03\x12\x17\n\x0ftotal_timesteps\x18\x07 \x01(\x03\x12\x0f\n\x07is_done\x18\x08 \x01(\x08\x12\x1c\n\x14last_checkpoint_path\x18\t \x01(\t\x12\x12\n\nmodel_path\x18\n \x01(\t\x12\r\n\x05\x65rror\x18\x0b \x01(\t\x12/\n\x07metrics\x18\x0c \x01(\x0b\x32\x1e.rl_service.v1.TrainingMetrics\x12\x0c\n\x04seed\x18\r \x01(\x03\x12K\n\x0fhyperparameters\x18\x0e \x03(\x0b\x32\x32.rl_service.v1.TrainingStatus.HyperparametersEntry\x12\x12\n\ncreated_at\x18\x0f \x01(\x01\x12\x12\n\nstarted_at\x18\x10 \x01(\x01\x12\x13\n\x0b\x66inished_at\x18\x11 \x01(\x01\x12\x16\n\x0estop_requested\x18\x12 \x01(\x08\x1a\x36\n\x14HyperparametersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"v\n\x0fListRunsRequest\x12\x1a\n\rexperiment_id\x18\x01 \x01(\tH\x00\x88\x01\x01\x12+\n\x05state\x18\x02 \x01(\x0e\x32\x17.rl_service.v1.RunStateH\x01\x88\x01\x01\x42\x10\n\x0e_experiment_idB\x08\n\x06_state\"?\n\x10ListRunsResponse\x12+\n\x04runs\x18\x01 \x03(\x0b\x32\x1d.rl_service.v1.TrainingStatus\"H\n\nActRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x13\n\x0bobservation\x18\x02 \x03(\x02\x12\x15\n\rdeterministic\x18\x03 \x01(\x08\"6\n\x0b\x41\x63tResponse\x12\x0e\n\x06\x61\x63tion\x18\x01 \x03(\x02\x12\x17\n\x0fmodel_timesteps\x18\x02 \x01(\x03\"N\n\x0f\x41\x63tBatchRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x14\n\x0cobservations\x18\x02 \x03(\x02\x12\x15\n\rdeterministic\x18\x03 \x01(\x08\"`\n\x10\x41\x63tBatchResponse\x12\x0f\n\x07\x61\x63tions\x18\x01 \x03(\x02\x12\x13\n\x0b\x61\x63tion_size\x18\x02 \x01(\x05\x12\r\n\x05\x63ount\x18\x03 \x01(\x05\x12\x17\n\x0fmodel_timesteps\x18\x04 \x01(\x03\"P\n\rEpisodeRecord\x12\x0e\n\x06reward\x18\x01 \x01(\x01\x12\x0e\n\x06length\x18\x02 \x01(\x03\x12\x0c\n\x04time\x18\x03 \x01(\x01\x12\x11\n\ttimesteps\x18\x04 \x01(\x03\"B\n\x11RunHistoryRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\r\n\x05limit\x18\x03 \x01(\x05\"t\n\nRunHistory\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12.\n\x08\x65pisodes\x18\x02 \x03(\x0b\x32\x1c.rl_service.v1.EpisodeRecord\x12\x16\n\x0etotal_episodes\x18\x03 \x01(\x03\x12\x0e\n\x06offset\x18\x04 \x01(\x03\"4\n\x12\x45xportModelRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0e\n\x06\x66ormat\x18\x02 \x01(\t\"q\n\x13\x45xportModelResponse\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x10\n\x08\x66ilename\x18\x02 \x01(\t\x12\x0e\n\x06\x66ormat\x18\x03 \x01(\t\x12\x17\n\x0fmodel_timesteps\x18\x04 \x01(\x03\x12\x11\n\tsignature\x18\x05 \x01(\t*z\n\x08RunState\x12\x19\n\x15RUN_STATE_UNSPECIFIED\x10\x00\x12\x0b\n\x07PENDING\x10\x01\x12\x0b\n\x07RUNNING\x10\x02\x12\r\n\tSUCCEEDED\x10\x03\x12\n\n\x06\x46\x41ILED\x10\x04\x12\r\n\tCANCELLED\x10\x05\x12\x0f\n\x0bINTERRUPTED\x10\x06\x32\xcf\x05\n\x0fTrainingService\x12Z\n\rStartTraining\x12#.rl_service.v1.StartTrainingRequest\x1a$.rl_service.v1.StartTrainingResponse\x12M\n\x11GetTrainingStatus\x12\x19.rl_service.v1.RunRequest\x1a\x1d.rl_service.v1.TrainingStatus\x12K\n\rWatchTraining\x12\x19.rl_service.v1.RunRequest\x1a\x1d.rl_service.v1.TrainingStatus0\x01\x12H\n\x0cStopTraining\x12\x19.rl_service.v1.RunRequest\x1a\x1d.rl_service.v1.TrainingStatus\x12K\n\x08ListRuns\x12\x1e.rl_service.v1.ListRunsRequest\x1a\x1f.rl_service.v1.ListRunsResponse\x12<\n\x03\x41\x63t\x12\x19.rl_service.v1.ActRequest\x1a\x1a.rl_service.v1.ActResponse\x12K\n\x08\x41\x63tBatch\x12\x1e.rl_service.v1.ActBatchRequest\x1a\x1f.rl_service.v1.ActBatchResponse\x12L\n\rGetRunHistory\x12 .rl_service.v1.RunHistoryRequest\x1a\x19.rl_service.v1.RunHistory\x12T\n\x0b\x45xportModel\x12!.rl_service.v1.ExportModelRequest\x1a\".rl_service.v1.ExportModelResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"rl_service_proto/v1/training.proto\x12\rrl_service.v1\"\xc8\x02\n\x14StartTrainingRequest\x12\x15\n\rexperiment_id\x18\x01 \x01(\t\x12\x11\n\talgorithm\x18\x02 \x01(\t\x12\x0e\n\x06\x65nv_id\x18\x03 \x01(\t\x12\x17\n\x0ftotal_timesteps\x18\x04 \x01(\x03\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x00\x88\x01\x01\x12Q\n\x0fhyperparameters\x18\x06 \x03(\x0b\x32\x38.rl_service.v1.StartTrainingRequest.HyperparametersEntry\x12\x19\n\x11model_output_path\x18\x07 \x01(\t\x12\x1b\n\x13\x63heckpoint_interval\x18\x08 \x01(\x03\x1a\x36\n\x14HyperparametersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x07\n\x05_seed\"\'\n\x15StartTrainingResponse\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"\x1c\n\nRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"\xec\x01\n\x0fTrainingMetrics\x12\x1b\n\x13mean_episode_reward\x18\x01 \x01(\x01\x12\x1b\n\x13mean_episode_length\x18\x02 \x01(\x01\x12\x1a\n\x12\x65pisodes_completed\x18\x03 \x01(\x03\x12\x18\n\x10steps_per_second\x18\x04 \x01(\x01\x12:\n\x06losses\x18\x05 \x03(\x0b\x32*.rl_service.v1.TrainingMetrics.LossesEntry\x1a-\n\x0bLossesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xdc\x04\n\x0eTrainingStatus\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x15\n\rexperiment_id\x18\x02 \x01(\t\x12\x11\n\talgorithm\x18\x03 \x01(\t\x12\x0e\n\x06\x65nv_id\x18\x04 \x01(\t\x12&\n\x05state\x18\x05 \x01(\x0e\x32\x17.rl_service.v1.RunState\x12\x16\n\x0etimesteps_done\x18\x06 \x01(\x03\x12\x17\n\x0ftotal_timesteps\x18\x07 \x01(\x03\x12\x0f\n\x07is_done\x18\x08 \x01(\x08\x12\x1c\n\x14last_checkpoint_path\x18\t \x01(\t\x12\x12\n\nmodel_path\x18\n \x01(\t\x12\r\n\x05\x65rror\x18\x0b \x01(\t\x12/\n\x07metrics\x18\x0c \x01(\x0b\x32\x1e.rl_service.v1.TrainingMetrics\x12\x0c\n\x04seed\x18\r \x01(\x03\x12K\n\x0fhyperparameters\x18\x0e \x03(\x0b\x32\x32.rl_service.v1.TrainingStatus.HyperparametersEntry\x12\x12\n\ncreated_at\x18\x0f \x01(\x01\x12\x12\n\nstarted_at\x18\x10 \x01(\x01\x12\x13\n\x0b\x66inished_at\x18\x11 \x01(\x01\x12\x16\n\x0estop_requested\x18\x12 \x01(\x08\x12\x0f\n\x07\x61ttempt\x18\x13 \x01(\x05\x12+\n\x08\x61ttempts\x18\x14 \x03(\x0b\x32\x19.rl_service.v1.RunAttempt\x1a\x36\n\x14HyperparametersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x96\x01\n\nRunAttempt\x12\x0f\n\x07\x61ttempt\x18\x01 \x01(\x05\x12\x17\n\x0fstart_timesteps\x18\x02 \x01(\x03\x12\x15\n\rend_timesteps\x18\x03 \x01(\x03\x12\x12\n\nstarted_at\x18\x04 \x01(\x01\x12\x13\n\x0b\x66inished_at\x18\x05 \x01(\x01\x12\x0f\n\x07outcome\x18\x06 \x01(\t\x12\r\n\x05\x65rror\x18\x07 \x01(\t\"Y\n\x15ResumeTrainingRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x1c\n\x0ftotal_timesteps\x18\x02 \x01(\x03H\x00\x88\x01\x01\x42\x12\n\x10_total_timesteps\"\"\n\x10\x44\x65leteRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"#\n\x11\x44\x65leteRunResponse\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"v\n\x0fListRunsRequest\x12\x1a\n\rexperiment_id\x18\x01 \x01(\tH\x00\x88\x01\x01\x12+\n\x05state\x18\x02 \x01(\x0e\x32\x17.rl_service.v1.RunStateH\x01\x88\x01\x01\x42\x10\n\x0e_experiment_idB\x08\n\x06_state\"?\n\x10ListRunsResponse\x12+\n\x04runs\x18\x01 \x03(\x0b\x32\x1d.rl_service.v1.TrainingStatus\"H\n\nActRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x13\n\x0bobservation\x18\x02 \x03(\x02\x12\x15\n\rdeterministic\x18\x03 \x01(\x08\"6\n\x0b\x41\x63tResponse\x12\x0e\n\x06\x61\x63tion\x18\x01 \x03(\x02\x12\x17\n\x0fmodel_timesteps\x18\x02 \x01(\x03\"N\n\x0f\x41\x63tBatchRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x14\n\x0cobservations\x18\x02 \x03(\x02\x12\x15\n\rdeterministic\x18\x03 \x01(\x08\"`\n\x10\x41\x63tBatchResponse\x12\x0f\n\x07\x61\x63tions\x18\x01 \x03(\x02\x12\x13\n\x0b\x61\x63tion_size\x18\x02 \x01(\x05\x12\r\n\x05\x63ount\x18\x03 \x01(\x05\x12\x17\n\x0fmodel_timesteps\x18\x04 \x01(\x03\"P\n\rEpisodeRecord\x12\x0e\n\x06reward\x18\x01 \x01(\x01\x12\x0e\n\x06length\x18\x02 \x01(\x03\x12\x0c\n\x04time\x18\x03 \x01(\x01\x12\x11\n\ttimesteps\x18\x04 \x01(\x03\"B\n\x11RunHistoryRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\r\n\x05limit\x18\x03 \x01(\x05\"t\n\nRunHistory\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12.\n\x08\x65pisodes\x18\x02 \x03(\x0b\x32\x1c.rl_service.v1.EpisodeRecord\x12\x16\n\x0etotal_episodes\x18\x03 \x01(\x03\x12\x0e\n\x06offset\x18\x04 \x01(\x03\"4\n\x12\x45xportModelRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0e\n\x06\x66ormat\x18\x02 \x01(\t\"q\n\x13\x45xportModelResponse\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x10\n\x08\x66ilename\x18\x02 \x01(\t\x12\x0e\n\x06\x66ormat\x18\x03 \x01(\t\x12\x17\n\x0fmodel_timesteps\x18\x04 \x01(\x03\x12\x11\n\tsignature\x18\x05 \x01(\t*z\n\x08RunState\x12\x19\n\x15RUN_STATE_UNSPECIFIED\x10\x00\x12\x0b\n\x07PENDING\x10\x01\x12\x0b\n\x07RUNNING\x10\x02\x12\r\n\tSUCCEEDED\x10\x03\x12\n\n\x06\x46\x41ILED\x10\x04\x12\r\n\tCANCELLED\x10\x05\x12\x0f\n\x0bINTERRUPTED\x10\x06\x32\xf6\x06\n\x0fTrainingService\x12Z\n\rStartTraining\x12#.rl_service.v1.StartTrainingRequest\x1a$.rl_service.v1.StartTrainingResponse\x12M\n\x11GetTrainingStatus\x12\x19.rl_service.v1.RunRequest\x1a\x1d.rl_service.v1.TrainingStatus\x12K\n\rWatchTraining\x12\x19.rl_service.v1.RunRequest\x1a\x1d.rl_service.v1.TrainingStatus0\x01\x12H\n\x0cStopTraining\x12\x19.rl_service.v1.RunRequest\x1a\x1d.rl_service.v1.TrainingStatus\x12K\n\x08ListRuns\x12\x1e.rl_service.v1.ListRunsRequest\x1a\x1f.rl_service.v1.ListRunsResponse\x12<\n\x03\x41\x63t\x12\x19.rl_service.v1.ActRequest\x1a\x1a.rl_service.v1.ActResponse\x12K\n\x08\x41\x63tBatch\x12\x1e.rl_service.v1.ActBatchRequest\x1a\x1f.rl_service.v1.ActBatchResponse\x12L\n\rGetRunHistory\x12 .rl_service.v1.RunHistoryRequest\x1a\x19.rl_service.v1.RunHistory\x12T\n\x0b\x45xportModel\x12!.rl_service.v1.ExportModelRequest\x1a\".rl_service.v1.ExportModelResponse\x12U\n\x0eResumeTraining\x12$.rl_service.v1.ResumeTrainingRequest\x1a\x1d.rl_service.v1.TrainingStatus\x12N\n\tDeleteRun\x12\x1f.rl_service.v1.DeleteRunRequest\x1a .rl_service.v1.DeleteRunResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,8 +37,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TRAININGMETRICS_LOSSESENTRY']._serialized_options = b'8\001'
   _globals['_TRAININGSTATUS_HYPERPARAMETERSENTRY']._loaded_options = None
   _globals['_TRAININGSTATUS_HYPERPARAMETERSENTRY']._serialized_options = b'8\001'
-  _globals['_RUNSTATE']._serialized_start=2169
-  _globals['_RUNSTATE']._serialized_end=2291
+  _globals['_RUNSTATE']._serialized_start=2548
+  _globals['_RUNSTATE']._serialized_end=2670
   _globals['_STARTTRAININGREQUEST']._serialized_start=54
   _globals['_STARTTRAININGREQUEST']._serialized_end=382
   _globals['_STARTTRAININGREQUEST_HYPERPARAMETERSENTRY']._serialized_start=319
@@ -52,31 +52,39 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TRAININGMETRICS_LOSSESENTRY']._serialized_start=647
   _globals['_TRAININGMETRICS_LOSSESENTRY']._serialized_end=692
   _globals['_TRAININGSTATUS']._serialized_start=695
-  _globals['_TRAININGSTATUS']._serialized_end=1237
+  _globals['_TRAININGSTATUS']._serialized_end=1299
   _globals['_TRAININGSTATUS_HYPERPARAMETERSENTRY']._serialized_start=319
   _globals['_TRAININGSTATUS_HYPERPARAMETERSENTRY']._serialized_end=373
-  _globals['_LISTRUNSREQUEST']._serialized_start=1239
-  _globals['_LISTRUNSREQUEST']._serialized_end=1357
-  _globals['_LISTRUNSRESPONSE']._serialized_start=1359
-  _globals['_LISTRUNSRESPONSE']._serialized_end=1422
-  _globals['_ACTREQUEST']._serialized_start=1424
-  _globals['_ACTREQUEST']._serialized_end=1496
-  _globals['_ACTRESPONSE']._serialized_start=1498
-  _globals['_ACTRESPONSE']._serialized_end=1552
-  _globals['_ACTBATCHREQUEST']._serialized_start=1554
-  _globals['_ACTBATCHREQUEST']._serialized_end=1632
-  _globals['_ACTBATCHRESPONSE']._serialized_start=1634
-  _globals['_ACTBATCHRESPONSE']._serialized_end=1730
-  _globals['_EPISODERECORD']._serialized_start=1732
-  _globals['_EPISODERECORD']._serialized_end=1812
-  _globals['_RUNHISTORYREQUEST']._serialized_start=1814
-  _globals['_RUNHISTORYREQUEST']._serialized_end=1880
-  _globals['_RUNHISTORY']._serialized_start=1882
-  _globals['_RUNHISTORY']._serialized_end=1998
-  _globals['_EXPORTMODELREQUEST']._serialized_start=2000
-  _globals['_EXPORTMODELREQUEST']._serialized_end=2052
-  _globals['_EXPORTMODELRESPONSE']._serialized_start=2054
-  _globals['_EXPORTMODELRESPONSE']._serialized_end=2167
-  _globals['_TRAININGSERVICE']._serialized_start=2294
-  _globals['_TRAININGSERVICE']._serialized_end=3013
+  _globals['_RUNATTEMPT']._serialized_start=1302
+  _globals['_RUNATTEMPT']._serialized_end=1452
+  _globals['_RESUMETRAININGREQUEST']._serialized_start=1454
+  _globals['_RESUMETRAININGREQUEST']._serialized_end=1543
+  _globals['_DELETERUNREQUEST']._serialized_start=1545
+  _globals['_DELETERUNREQUEST']._serialized_end=1579
+  _globals['_DELETERUNRESPONSE']._serialized_start=1581
+  _globals['_DELETERUNRESPONSE']._serialized_end=1616
+  _globals['_LISTRUNSREQUEST']._serialized_start=1618
+  _globals['_LISTRUNSREQUEST']._serialized_end=1736
+  _globals['_LISTRUNSRESPONSE']._serialized_start=1738
+  _globals['_LISTRUNSRESPONSE']._serialized_end=1801
+  _globals['_ACTREQUEST']._serialized_start=1803
+  _globals['_ACTREQUEST']._serialized_end=1875
+  _globals['_ACTRESPONSE']._serialized_start=1877
+  _globals['_ACTRESPONSE']._serialized_end=1931
+  _globals['_ACTBATCHREQUEST']._serialized_start=1933
+  _globals['_ACTBATCHREQUEST']._serialized_end=2011
+  _globals['_ACTBATCHRESPONSE']._serialized_start=2013
+  _globals['_ACTBATCHRESPONSE']._serialized_end=2109
+  _globals['_EPISODERECORD']._serialized_start=2111
+  _globals['_EPISODERECORD']._serialized_end=2191
+  _globals['_RUNHISTORYREQUEST']._serialized_start=2193
+  _globals['_RUNHISTORYREQUEST']._serialized_end=2259
+  _globals['_RUNHISTORY']._serialized_start=2261
+  _globals['_RUNHISTORY']._serialized_end=2377
+  _globals['_EXPORTMODELREQUEST']._serialized_start=2379
+  _globals['_EXPORTMODELREQUEST']._serialized_end=2431
+  _globals['_EXPORTMODELRESPONSE']._serialized_start=2433
+  _globals['_EXPORTMODELRESPONSE']._serialized_end=2546
+  _globals['_TRAININGSERVICE']._serialized_start=2673
+  _globals['_TRAININGSERVICE']._serialized_end=3559
 # @@protoc_insertion_point(module_scope)

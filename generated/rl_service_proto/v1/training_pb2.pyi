@@ -41,10 +41,12 @@ class _RunStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RunState.Val
     CANCELLED: _RunState.ValueType  # 5
     """stopped by StopTraining; a running run saves a final checkpoint and model first"""
     INTERRUPTED: _RunState.ValueType  # 6
-    """the server stopped (or crashed) while the run was pending or running"""
+    """the server stopped while the run was pending or running (resumed at start-up by AUTO_RESUME)"""
 
 class RunState(_RunState, metaclass=_RunStateEnumTypeWrapper):
-    """Lifecycle of a managed run. A run moves PENDING -> RUNNING -> one of the terminal states."""
+    """Lifecycle of a managed run. A run moves PENDING -> RUNNING -> one of the terminal states; ResumeTraining (or a
+    server restart, or a worker that died) queues it PENDING again as its next attempt.
+    """
 
 RUN_STATE_UNSPECIFIED: RunState.ValueType  # 0
 PENDING: RunState.ValueType  # 1
@@ -58,7 +60,7 @@ FAILED: RunState.ValueType  # 4
 CANCELLED: RunState.ValueType  # 5
 """stopped by StopTraining; a running run saves a final checkpoint and model first"""
 INTERRUPTED: RunState.ValueType  # 6
-"""the server stopped (or crashed) while the run was pending or running"""
+"""the server stopped while the run was pending or running (resumed at start-up by AUTO_RESUME)"""
 Global___RunState: _TypeAlias = RunState  # noqa: Y015
 
 @_typing.final
@@ -269,6 +271,8 @@ class TrainingStatus(_message.Message):
     STARTED_AT_FIELD_NUMBER: _builtins.int
     FINISHED_AT_FIELD_NUMBER: _builtins.int
     STOP_REQUESTED_FIELD_NUMBER: _builtins.int
+    ATTEMPT_FIELD_NUMBER: _builtins.int
+    ATTEMPTS_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     experiment_id: _builtins.str
     algorithm: _builtins.str
@@ -291,11 +295,17 @@ class TrainingStatus(_message.Message):
     finished_at: _builtins.float
     """0 until done"""
     stop_requested: _builtins.bool
+    attempt: _builtins.int
+    """1 for the first attempt; each resume starts the next"""
     @_builtins.property
     def metrics(self) -> Global___TrainingMetrics: ...
     @_builtins.property
     def hyperparameters(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """the effective values, defaults included"""
+
+    @_builtins.property
+    def attempts(self) -> _containers.RepeatedCompositeFieldContainer[Global___RunAttempt]:
+        """every attempt launched so far, oldest first"""
 
     def __init__(
         self,
@@ -318,14 +328,124 @@ class TrainingStatus(_message.Message):
         started_at: _builtins.float = ...,
         finished_at: _builtins.float = ...,
         stop_requested: _builtins.bool = ...,
+        attempt: _builtins.int = ...,
+        attempts: _abc.Iterable[Global___RunAttempt] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["metrics", b"metrics"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["algorithm", b"algorithm", "created_at", b"created_at", "env_id", b"env_id", "error", b"error", "experiment_id", b"experiment_id", "finished_at", b"finished_at", "hyperparameters", b"hyperparameters", "is_done", b"is_done", "last_checkpoint_path", b"last_checkpoint_path", "metrics", b"metrics", "model_path", b"model_path", "run_id", b"run_id", "seed", b"seed", "started_at", b"started_at", "state", b"state", "stop_requested", b"stop_requested", "timesteps_done", b"timesteps_done", "total_timesteps", b"total_timesteps"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["algorithm", b"algorithm", "attempt", b"attempt", "attempts", b"attempts", "created_at", b"created_at", "env_id", b"env_id", "error", b"error", "experiment_id", b"experiment_id", "finished_at", b"finished_at", "hyperparameters", b"hyperparameters", "is_done", b"is_done", "last_checkpoint_path", b"last_checkpoint_path", "metrics", b"metrics", "model_path", b"model_path", "run_id", b"run_id", "seed", b"seed", "started_at", b"started_at", "state", b"state", "stop_requested", b"stop_requested", "timesteps_done", b"timesteps_done", "total_timesteps", b"total_timesteps"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___TrainingStatus: _TypeAlias = TrainingStatus  # noqa: Y015
+
+@_typing.final
+class RunAttempt(_message.Message):
+    """One stretch of training between a launch and how it ended."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ATTEMPT_FIELD_NUMBER: _builtins.int
+    START_TIMESTEPS_FIELD_NUMBER: _builtins.int
+    END_TIMESTEPS_FIELD_NUMBER: _builtins.int
+    STARTED_AT_FIELD_NUMBER: _builtins.int
+    FINISHED_AT_FIELD_NUMBER: _builtins.int
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    attempt: _builtins.int
+    start_timesteps: _builtins.int
+    """where it started (the checkpoint it resumed from)"""
+    end_timesteps: _builtins.int
+    """where it ended; 0 while it runs"""
+    started_at: _builtins.float
+    finished_at: _builtins.float
+    """0 while it runs"""
+    outcome: _builtins.str
+    """"" while it runs; a terminal state's name, "worker died" or "server died" """
+    error: _builtins.str
+    def __init__(
+        self,
+        *,
+        attempt: _builtins.int = ...,
+        start_timesteps: _builtins.int = ...,
+        end_timesteps: _builtins.int = ...,
+        started_at: _builtins.float = ...,
+        finished_at: _builtins.float = ...,
+        outcome: _builtins.str = ...,
+        error: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "end_timesteps", b"end_timesteps", "error", b"error", "finished_at", b"finished_at", "outcome", b"outcome", "start_timesteps", b"start_timesteps", "started_at", b"started_at"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RunAttempt: _TypeAlias = RunAttempt  # noqa: Y015
+
+@_typing.final
+class ResumeTrainingRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUN_ID_FIELD_NUMBER: _builtins.int
+    TOTAL_TIMESTEPS_FIELD_NUMBER: _builtins.int
+    run_id: _builtins.str
+    total_timesteps: _builtins.int
+    """unset: the run's own total; larger: extend it (needed to train a SUCCEEDED run further). Not below the
+    timesteps already done, not above MAX_TOTAL_TIMESTEPS.
+    """
+    def __init__(
+        self,
+        *,
+        run_id: _builtins.str = ...,
+        total_timesteps: _builtins.int | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_total_timesteps", b"_total_timesteps", "total_timesteps", b"total_timesteps"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_total_timesteps", b"_total_timesteps", "run_id", b"run_id", "total_timesteps", b"total_timesteps"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__total_timesteps: _TypeAlias = _typing.Literal["total_timesteps"]  # noqa: Y015
+    _WhichOneofArgType__total_timesteps: _TypeAlias = _typing.Literal["_total_timesteps", b"_total_timesteps"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__total_timesteps) -> _WhichOneofReturnType__total_timesteps | None: ...
+
+Global___ResumeTrainingRequest: _TypeAlias = ResumeTrainingRequest  # noqa: Y015
+
+@_typing.final
+class DeleteRunRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUN_ID_FIELD_NUMBER: _builtins.int
+    run_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        run_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["run_id", b"run_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteRunRequest: _TypeAlias = DeleteRunRequest  # noqa: Y015
+
+@_typing.final
+class DeleteRunResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUN_ID_FIELD_NUMBER: _builtins.int
+    run_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        run_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["run_id", b"run_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteRunResponse: _TypeAlias = DeleteRunResponse  # noqa: Y015
 
 @_typing.final
 class ListRunsRequest(_message.Message):

@@ -79,6 +79,16 @@ class TrainingServiceStub:
                 request_serializer=rl__service__proto_dot_v1_dot_training__pb2.ExportModelRequest.SerializeToString,
                 response_deserializer=rl__service__proto_dot_v1_dot_training__pb2.ExportModelResponse.FromString,
                 _registered_method=True)
+        self.ResumeTraining = channel.unary_unary(
+                '/rl_service.v1.TrainingService/ResumeTraining',
+                request_serializer=rl__service__proto_dot_v1_dot_training__pb2.ResumeTrainingRequest.SerializeToString,
+                response_deserializer=rl__service__proto_dot_v1_dot_training__pb2.TrainingStatus.FromString,
+                _registered_method=True)
+        self.DeleteRun = channel.unary_unary(
+                '/rl_service.v1.TrainingService/DeleteRun',
+                request_serializer=rl__service__proto_dot_v1_dot_training__pb2.DeleteRunRequest.SerializeToString,
+                response_deserializer=rl__service__proto_dot_v1_dot_training__pb2.DeleteRunResponse.FromString,
+                _registered_method=True)
 
 
 class TrainingServiceServicer:
@@ -143,6 +153,22 @@ class TrainingServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ResumeTraining(self, request, context):
+        """An INTERRUPTED, FAILED or CANCELLED run (or a SUCCEEDED one given a larger total_timesteps) continues from its
+        newest loadable checkpoint under the same run_id, as its next attempt. FAILED_PRECONDITION for an active run
+        or one with no checkpoint.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteRun(self, request, context):
+        """Removes a finished run with its checkpoints, models, history and record. FAILED_PRECONDITION while active.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TrainingServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -190,6 +216,16 @@ def add_TrainingServiceServicer_to_server(servicer, server):
                     servicer.ExportModel,
                     request_deserializer=rl__service__proto_dot_v1_dot_training__pb2.ExportModelRequest.FromString,
                     response_serializer=rl__service__proto_dot_v1_dot_training__pb2.ExportModelResponse.SerializeToString,
+            ),
+            'ResumeTraining': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResumeTraining,
+                    request_deserializer=rl__service__proto_dot_v1_dot_training__pb2.ResumeTrainingRequest.FromString,
+                    response_serializer=rl__service__proto_dot_v1_dot_training__pb2.TrainingStatus.SerializeToString,
+            ),
+            'DeleteRun': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteRun,
+                    request_deserializer=rl__service__proto_dot_v1_dot_training__pb2.DeleteRunRequest.FromString,
+                    response_serializer=rl__service__proto_dot_v1_dot_training__pb2.DeleteRunResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -435,6 +471,60 @@ class TrainingService:
             '/rl_service.v1.TrainingService/ExportModel',
             rl__service__proto_dot_v1_dot_training__pb2.ExportModelRequest.SerializeToString,
             rl__service__proto_dot_v1_dot_training__pb2.ExportModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResumeTraining(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rl_service.v1.TrainingService/ResumeTraining',
+            rl__service__proto_dot_v1_dot_training__pb2.ResumeTrainingRequest.SerializeToString,
+            rl__service__proto_dot_v1_dot_training__pb2.TrainingStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rl_service.v1.TrainingService/DeleteRun',
+            rl__service__proto_dot_v1_dot_training__pb2.DeleteRunRequest.SerializeToString,
+            rl__service__proto_dot_v1_dot_training__pb2.DeleteRunResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -50,6 +50,13 @@ class TrainingServiceStub:
     """The run's policy as a file: FAILED_PRECONDITION before its first checkpoint or when the server cannot
     build that format, INVALID_ARGUMENT for an unknown format.
     """
+    ResumeTraining: _grpc.UnaryUnaryMultiCallable[_training_pb2.ResumeTrainingRequest, _training_pb2.TrainingStatus]
+    """An INTERRUPTED, FAILED or CANCELLED run (or a SUCCEEDED one given a larger total_timesteps) continues from its
+    newest loadable checkpoint under the same run_id, as its next attempt. FAILED_PRECONDITION for an active run
+    or one with no checkpoint.
+    """
+    DeleteRun: _grpc.UnaryUnaryMultiCallable[_training_pb2.DeleteRunRequest, _training_pb2.DeleteRunResponse]
+    """Removes a finished run with its checkpoints, models, history and record. FAILED_PRECONDITION while active."""
 
 @_typing.type_check_only
 class TrainingServiceAsyncStub(TrainingServiceStub):
@@ -69,6 +76,13 @@ class TrainingServiceAsyncStub(TrainingServiceStub):
     """The run's policy as a file: FAILED_PRECONDITION before its first checkpoint or when the server cannot
     build that format, INVALID_ARGUMENT for an unknown format.
     """
+    ResumeTraining: _aio.UnaryUnaryMultiCallable[_training_pb2.ResumeTrainingRequest, _training_pb2.TrainingStatus]  # type: ignore[assignment]
+    """An INTERRUPTED, FAILED or CANCELLED run (or a SUCCEEDED one given a larger total_timesteps) continues from its
+    newest loadable checkpoint under the same run_id, as its next attempt. FAILED_PRECONDITION for an active run
+    or one with no checkpoint.
+    """
+    DeleteRun: _aio.UnaryUnaryMultiCallable[_training_pb2.DeleteRunRequest, _training_pb2.DeleteRunResponse]  # type: ignore[assignment]
+    """Removes a finished run with its checkpoints, models, history and record. FAILED_PRECONDITION while active."""
 
 class TrainingServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -139,5 +153,24 @@ class TrainingServiceServicer(metaclass=_abc_1.ABCMeta):
         """The run's policy as a file: FAILED_PRECONDITION before its first checkpoint or when the server cannot
         build that format, INVALID_ARGUMENT for an unknown format.
         """
+
+    @_abc_1.abstractmethod
+    def ResumeTraining(
+        self,
+        request: _training_pb2.ResumeTrainingRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_training_pb2.TrainingStatus, _abc.Awaitable[_training_pb2.TrainingStatus]]:
+        """An INTERRUPTED, FAILED or CANCELLED run (or a SUCCEEDED one given a larger total_timesteps) continues from its
+        newest loadable checkpoint under the same run_id, as its next attempt. FAILED_PRECONDITION for an active run
+        or one with no checkpoint.
+        """
+
+    @_abc_1.abstractmethod
+    def DeleteRun(
+        self,
+        request: _training_pb2.DeleteRunRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_training_pb2.DeleteRunResponse, _abc.Awaitable[_training_pb2.DeleteRunResponse]]:
+        """Removes a finished run with its checkpoints, models, history and record. FAILED_PRECONDITION while active."""
 
 def add_TrainingServiceServicer_to_server(servicer: TrainingServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -32,6 +32,11 @@ class ActCache:
         self._lock = threading.Lock()
         self._max_entries = max_entries
 
+    def forget(self, run_id: str) -> None:
+        """Drop a run's entry."""
+        with self._lock:
+            self._entries.pop(run_id, None)
+
     def get(self, run_id: str, algorithm: str, path: str, timesteps: int) -> LoadedPolicy:
         """The policy stored at `path`, loading it if it is not the cached one (FileNotFoundError if gone)."""
         with self._lock:

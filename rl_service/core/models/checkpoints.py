@@ -1,5 +1,6 @@
 """Checkpoint file names, in one place: checkpoint_<timesteps>_steps.zip (stable-baselines3's CheckpointCallback
-naming), written by the model store and read back by serving and export."""
+naming), and beside it checkpoint_<timesteps>_steps.replay_buffer.pkl for off-policy algorithms; written by the
+model store, read back by resume, serving and export."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import re
 from pathlib import Path
 
 _CHECKPOINT_NAME = re.compile(r"^checkpoint_(\d+)_steps\.zip$")
+_REPLAY_BUFFER_NAME = re.compile(r"^checkpoint_(\d+)_steps\.replay_buffer\.pkl$")
 
 
 def checkpoint_name(timesteps: int) -> str:
@@ -17,4 +19,15 @@ def checkpoint_name(timesteps: int) -> str:
 def checkpoint_timesteps(path: str | Path) -> int | None:
     """The timesteps a checkpoint file was taken at, or None when `path` is not a checkpoint."""
     match = _CHECKPOINT_NAME.match(Path(path).name)
+    return int(match.group(1)) if match else None
+
+
+def replay_buffer_name(timesteps: int) -> str:
+    """The file name of the replay buffer saved with the checkpoint taken at `timesteps`."""
+    return f"checkpoint_{timesteps}_steps.replay_buffer.pkl"
+
+
+def replay_buffer_timesteps(path: str | Path) -> int | None:
+    """The timesteps of the checkpoint a replay-buffer file belongs to, or None for any other file."""
+    match = _REPLAY_BUFFER_NAME.match(Path(path).name)
     return int(match.group(1)) if match else None

@@ -18,11 +18,24 @@ class ModelStore(Protocol):
     def save_model(self, model: Any, path: Path) -> None:
         """Write an algorithm's zip atomically."""
 
-    def save_checkpoint(self, run_id: str, model: Any, timesteps: int) -> Path:
-        """Write checkpoint_<timesteps>_steps.zip atomically, keep the newest N, return its path."""
+    def save_checkpoint(self, run_id: str, model: Any, timesteps: int, replay_buffer: bool = False) -> Path:
+        """Write checkpoint_<timesteps>_steps.zip atomically (with the model's replay buffer when asked), keep the
+        newest N, return its path."""
+
+    def checkpoints(self, run_id: str) -> list[Path]:
+        """A run's checkpoints, oldest first."""
 
     def latest_checkpoint(self, run_id: str) -> Path | None:
         """The newest checkpoint of a run, if any."""
+
+    def replay_buffer(self, checkpoint: Path) -> Path | None:
+        """The replay buffer saved with a checkpoint, if any."""
+
+    def record_attempts(self, run_id: str, attempts: list[dict[str, Any]]) -> None:
+        """Set the attempts listed in the run's metadata.json (when it exists)."""
+
+    def delete_run(self, run_id: str, model_path: Path) -> None:
+        """Remove every file of a run: checkpoints, final model, metadata, history."""
 
     def write_json(self, path: Path, data: Any) -> None:
         """Write JSON atomically."""

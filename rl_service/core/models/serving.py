@@ -11,6 +11,7 @@ from rl_service.core.envs import actions_to_flat, observations_from_flat
 from rl_service.core.errors import CapacityExceeded, InvalidRequest, ModelNotReady
 from rl_service.core.models.act_cache import ActCache
 from rl_service.core.models.checkpoints import checkpoint_timesteps
+from rl_service.core.models.ports import ModelStore
 from rl_service.core.models.run_exporters import ExportedModel, ExportSource, export_model, get_export_format
 from rl_service.core.runs.records import ActResult, RunRecord
 
@@ -18,18 +19,29 @@ from rl_service.core.runs.records import ActResult, RunRecord
 class RunServing:
     """Answers Act and export requests for runs, loading each run's policy once per file."""
 
-    def __init__(self, max_act_batch: int, cache: ActCache | None = None) -> None:
+    def __init__(self, max_act_batch: int, store: ModelStore, cache: ActCache | None = None) -> None:
         self._max_act_batch = max_act_batch
+        self._store = store
         self._cache = cache or ActCache()
+
+    def forget(self, run_id: str) -> None:
+        """Drop a deleted run's loaded policy."""
+        self._cache.forget(run_id)
 
     def act(self, record: RunRecord, observations: list[float] | np.ndarray, deterministic: bool,
             single: bool) -> ActResult:
         """Actions from the run's newest model or checkpoint for one (single=True) or many observations."""
-        path = serving_path(record, check_file=False)  # the cache touches the file only when it loads it
-        try:
+        path = record.model_path if record.model_saved else record.last_checkpoint_path
+        try:  # the cache touches the file only when it loads it: a hit costs no system call
+            if not path:
+                raise FileNotFoundError(path)
             policy = self._cache.get(record.run_id, record.algorithm, path, record.timesteps_done)
         except FileNotFoundError:
-            raise not_ready(record) from None
+            try:
+                policy = self._cache.get(record.run_id, record.algorithm, self._fallback(record),
+                                         record.timesteps_done)
+            except FileNotFoundError:  # pruned between listing and loading
+                raise not_ready(record) from None
         field = "observation" if single else "observations"
         batch = observations_from_flat(observations, policy.model.observation_space, field)
         if single and len(batch) != 1:
@@ -46,7 +58,7 @@ class RunServing:
     def export(self, record: RunRecord, format_name: str) -> ExportedModel:
         """The policy Act would use (final model, else newest checkpoint) exported in a registered format."""
         fmt = get_export_format(format_name)
-        path = Path(serving_path(record))
+        path = Path(self.serving_path(record))
         steps = checkpoint_timesteps(path)
         source = ExportSource(run_id=record.run_id, algorithm=record.algorithm,
                               algorithm_cls=get_algorithm(record.algorithm).cls, env_id=record.env_id, path=path,
@@ -54,12 +66,19 @@ class RunServing:
         return export_model(fmt, source)
 
 
-def serving_path(record: RunRecord, check_file: bool = True) -> str:
-    """The file Act and exports use: the final model, else the newest checkpoint; ModelNotReady if neither."""
-    path = record.model_path if record.model_saved else record.last_checkpoint_path
-    if not path or (check_file and not Path(path).exists()):
-        raise not_ready(record)
-    return path
+    def serving_path(self, record: RunRecord) -> str:
+        """The file Act and exports use: the final model, else the run's recorded checkpoint, else the newest one
+        on disk (a checkpoint the record names may be gone: pruned, or lost with a crash); ModelNotReady if none."""
+        path = record.model_path if record.model_saved else record.last_checkpoint_path
+        if path and Path(path).exists():
+            return path
+        return self._fallback(record)
+
+    def _fallback(self, record: RunRecord) -> str:
+        latest = self._store.latest_checkpoint(record.run_id)
+        if latest is None:
+            raise not_ready(record)
+        return str(latest)
 
 
 def not_ready(record: RunRecord) -> ModelNotReady:

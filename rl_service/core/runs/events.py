@@ -17,11 +17,12 @@ EVENT_VERSION = 1
 
 @dataclass(frozen=True)
 class Started:
-    """The worker built its environment and model and is about to train."""
+    """The worker built its environment and model (or loaded a checkpoint's) and is about to train."""
 
     kind: ClassVar[str] = "started"
     run_id: str
     pid: int
+    timesteps: int = 0  # where it starts: a resumed run's checkpoint, 0 for a fresh one
 
 
 @dataclass(frozen=True)

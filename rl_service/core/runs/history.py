@@ -40,12 +40,13 @@ def read_history(path: Path, run_id: str, offset: int, limit: int) -> HistoryPag
     if limit < 0:
         raise InvalidRequest(f"limit: must be 0 (the server's maximum) or more, got {limit}", field="limit")
     size = min(limit or MAX_HISTORY_PAGE, MAX_HISTORY_PAGE)
-    entries = _load_entries(path)
+    entries = load_entries(path)
     page = [_episode(entry) for entry in entries[offset:offset + size]]
     return HistoryPage(run_id=run_id, episodes=page, total_episodes=len(entries), offset=offset)
 
 
-def _load_entries(path: Path) -> list[Any]:
+def load_entries(path: Path) -> list[Any]:
+    """The episode entries of a history file (none when it is missing)."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
-JOB_VERSION = 1
+from rl_service.core.runs.records import RunRecord
+
+JOB_VERSION = 2  # 2: resume, attempt, attempts, save_replay_buffer
 
 
 @dataclass(frozen=True)
@@ -30,11 +33,16 @@ class RunJob:
     torch_threads: int = 1
     tensorboard_dir: str | None = None  # also log to <tensorboard_dir>/<run_id> (stable-baselines3's writer)
     created_at: float = 0.0
+    resume: bool = False  # continue from the newest loadable checkpoint (from scratch when there is none)
+    attempt: int = 1
+    attempts: tuple[Mapping[str, Any], ...] = ()  # every attempt so far, this one last (Attempt.to_dict)
+    save_replay_buffer: bool = True  # off-policy algorithms save their replay buffer with each checkpoint
 
     def to_dict(self) -> dict[str, Any]:
         """The versioned, JSON-ready form."""
         data = asdict(self)
         data["hyperparameters"] = dict(self.hyperparameters)
+        data["attempts"] = [dict(a) for a in self.attempts]
         return {"version": JOB_VERSION, **data}
 
     @classmethod
@@ -47,4 +55,19 @@ class RunJob:
             job = cls(**fields)
         except TypeError as exc:
             raise ValueError(f"malformed run job: {exc}") from None
-        return cls(**{**fields, "hyperparameters": {str(k): str(v) for k, v in job.hyperparameters.items()}})
+        return cls(**{**fields, "hyperparameters": {str(k): str(v) for k, v in job.hyperparameters.items()},
+                      "attempts": tuple(dict(a) for a in job.attempts)})
+
+
+def job_for(record: RunRecord, resume: bool, progress_interval: float, torch_threads: int,
+            tensorboard_dir: Path | None, save_replay_buffer: bool) -> RunJob:
+    """The job of a run's next attempt, from its record and the server's settings."""
+    return RunJob(
+        run_id=record.run_id, experiment_id=record.experiment_id, algorithm=record.algorithm.lower(),
+        env_id=record.env_id, total_timesteps=record.total_timesteps, seed=record.seed,
+        hyperparameters=record.hyperparameters, checkpoint_interval=record.checkpoint_interval,
+        model_path=record.model_path, progress_interval=progress_interval, torch_threads=torch_threads,
+        created_at=record.created_at, tensorboard_dir=str(tensorboard_dir) if tensorboard_dir else None,
+        resume=resume, attempt=record.attempt, attempts=tuple(a.to_dict() for a in record.attempts),
+        save_replay_buffer=save_replay_buffer,
+    )

@@ -20,6 +20,7 @@ from rl_service.core.errors import (
     CapacityExceeded,
     InvalidRequest,
     RunNotFound,
+    RunStateConflict,
     ServiceShuttingDown,
     quoted,
 )
@@ -28,16 +29,18 @@ from rl_service.core.models.run_exporters import ExportedModel
 from rl_service.core.models.serving import RunServing
 from rl_service.core.runs import state_machine
 from rl_service.core.runs.history import HistoryPage, read_history
-from rl_service.core.runs.jobs import RunJob
+from rl_service.core.runs.jobs import RunJob, job_for
 from rl_service.core.runs.ports import Executor, RunRegistry
 from rl_service.core.runs.records import ActResult, RunFilter, RunRecord, RunState, TrainingRequest
-from rl_service.core.runs.requests import RequestLimits, validate_request
+from rl_service.core.runs.requests import RequestLimits, resume_budget, validate_request
 from rl_service.core.runs.state_machine import (
     InvalidTransition,
     Killed,
     Launched,
     LaunchFailed,
+    Resumed,
     RunEvent,
+    ServerRestarted,
     ShutdownRequested,
     StopRequested,
     WorkerExited,
@@ -61,6 +64,9 @@ class OrchestratorConfig:
     max_act_batch: int = 4096
     external_envs: ExternalEnvironments | None = None  # grpc:// and unix: simulations (None: refused)
     tensorboard_dir: Path | None = None  # each run logs to <tensorboard_dir>/<run_id> when set
+    auto_resume: bool = True  # at start-up, resume runs a crash or a shutdown left unfinished
+    max_run_attempts: int = 3  # worker deaths after which a run ends FAILED instead of resuming
+    save_replay_buffer: bool = True  # off-policy algorithms save their replay buffer with each checkpoint
 
 
 class Orchestrator:
@@ -82,15 +88,12 @@ class Orchestrator:
         self._feed = ChangeFeed()
         self._shutting_down = False
         self._closed = False
-        self._serving = RunServing(config.max_act_batch)
-        for record in registry.mark_interrupted("interrupted: the server stopped while the run was in progress"):
-            latest = store.latest_checkpoint(record.run_id)  # a worker may have saved after the last event
-            if latest is not None and str(latest) != record.last_checkpoint_path:
-                registry.update(record.evolve(last_checkpoint_path=str(latest)))
-            self._log.warning("run interrupted by a previous shutdown", run_id=record.run_id,
-                              experiment_id=record.experiment_id)
+        self._serving = RunServing(config.max_act_batch, store)
+        self._recover()
         self._pump = threading.Thread(target=self._pump_events, name="worker-events", daemon=True)
         self._pump.start()
+        with self._cond:
+            self._launch_ready()
 
     # ----------------------------------------------------------------- commands
 
@@ -105,27 +108,14 @@ class Orchestrator:
             hyperparameters=valid.hyperparameters, checkpoint_interval=valid.checkpoint_interval,
             model_path=str(model_path), created_at=time.time(),
         )
-        tensorboard = self._config.tensorboard_dir
-        job = RunJob(
-            run_id=run_id, experiment_id=valid.experiment_id, algorithm=valid.spec.name.lower(),
-            env_id=request.env_id, total_timesteps=request.total_timesteps, seed=valid.seed,
-            hyperparameters=valid.hyperparameters, checkpoint_interval=valid.checkpoint_interval,
-            model_path=str(model_path), progress_interval=self._config.progress_interval_seconds,
-            torch_threads=self._config.worker_torch_threads, created_at=record.created_at,
-            tensorboard_dir=str(tensorboard) if tensorboard else None,
-        )
+        job = self._job(record, resume=False)
         with self._cond:
             if self._shutting_down:
                 raise ServiceShuttingDown("the server is shutting down and accepts no new runs")
             if any(r.model_path == record.model_path for r in self._live.values()):
                 raise AlreadyExists(f"model_output_path: another active run writes {model_path}",
                                     field="model_output_path")
-            running = len(self._live) - len(self._pending)
-            if running >= self._config.max_concurrent_runs and len(self._pending) >= self._config.max_queued_runs:
-                raise CapacityExceeded(
-                    f"run queue is full: {running} runs training and {len(self._pending)} waiting "
-                    f"(MAX_CONCURRENT_RUNS={self._config.max_concurrent_runs}, "
-                    f"MAX_QUEUED_RUNS={self._config.max_queued_runs}); retry when a run finishes")
+            self._check_queue_room()
             self._registry.insert(record)
             self._live[run_id] = record
             self._jobs[run_id] = job
@@ -155,6 +145,44 @@ class Orchestrator:
         self._kill_if_live([run_id], f"the worker did not stop within {self._config.stop_timeout_seconds:g}s "
                                      "and was killed; the last periodic checkpoint is kept")
         return self.get(run_id)
+
+    def resume_run(self, run_id: str, total_timesteps: int | None = None) -> RunRecord:
+        """Queue a finished run again: it continues from its newest loadable checkpoint as its next attempt."""
+        record = self.get(run_id)
+        if not record.state.is_terminal:
+            raise RunStateConflict(f"run_id: run {run_id} is {record.state.name}; only a finished run resumes",
+                                   field="run_id")
+        total = resume_budget(record, total_timesteps, self._config.max_total_timesteps)
+        if self._store.latest_checkpoint(run_id) is None:
+            raise RunStateConflict(f"run_id: run {run_id} has no checkpoint to resume from (it ended "
+                                   f"{record.state.name} before its first one); start a new run", field="run_id")
+        with self._cond:
+            if self._shutting_down:
+                raise ServiceShuttingDown("the server is shutting down and accepts no runs")
+            if run_id in self._live:
+                raise RunStateConflict(f"run_id: run {run_id} is already queued again", field="run_id")
+            self._check_queue_room()
+            resumed = state_machine.apply(record, Resumed(total), time.time())
+            self._finished.pop(run_id, None)
+            self._enqueue(resumed)
+            self._launch_ready()
+            resumed = self._live.get(run_id) or self.get(run_id)
+        self._log.info("run resumed", run_id=run_id, experiment_id=record.experiment_id, attempt=resumed.attempt,
+                       total_timesteps=total)
+        return resumed
+
+    def delete_run(self, run_id: str) -> None:
+        """Remove a finished run: its checkpoints, models, history and record."""
+        record = self.get(run_id)
+        with self._cond:
+            if run_id in self._live or not record.state.is_terminal:
+                raise RunStateConflict(f"run_id: run {run_id} is {self._live.get(run_id, record).state.name}; "
+                                       "stop it before deleting it", field="run_id")
+            self._registry.delete(run_id)
+            self._finished.pop(run_id, None)
+        self._serving.forget(run_id)
+        self._store.delete_run(run_id, Path(record.model_path))
+        self._log.info("run deleted", run_id=run_id, experiment_id=record.experiment_id)
 
     # ----------------------------------------------------------------- queries
 
@@ -233,6 +261,54 @@ class Orchestrator:
 
     # ----------------------------------------------------------------- internals
 
+    def _recover(self) -> None:
+        """At start-up: runs a crash left in flight, and (AUTO_RESUME) runs a shutdown interrupted, queue again in
+        their original order; the rest end as the state machine says."""
+        found = [*self._registry.find(RunFilter(state=RunState.PENDING)),
+                 *self._registry.find(RunFilter(state=RunState.RUNNING))]
+        if self._config.auto_resume:
+            found += self._registry.find(RunFilter(state=RunState.INTERRUPTED))
+        now = time.time()
+        for record in sorted(found, key=lambda r: (r.created_at, r.run_id)):
+            latest = self._store.latest_checkpoint(record.run_id)  # a worker may have saved after its last event
+            if latest is not None:
+                record = record.evolve(last_checkpoint_path=str(latest))
+            event = Resumed() if record.state is RunState.INTERRUPTED else ServerRestarted(self._config.auto_resume)
+            recovered = state_machine.apply(record, event, now)
+            self._log.warning("run found unfinished at start-up", run_id=record.run_id,
+                              experiment_id=record.experiment_id, was=record.state.name, now=recovered.state.name)
+            if recovered.state is RunState.PENDING:
+                self._enqueue(recovered)
+            else:
+                self._registry.update(recovered)
+                self._store.record_attempts(record.run_id, [a.to_dict() for a in recovered.attempts])
+
+    def _check_queue_room(self) -> None:
+        """CapacityExceeded when every slot is busy and the queue is full (caller holds the lock)."""
+        running = len(self._live) - len(self._pending)
+        if running >= self._config.max_concurrent_runs and len(self._pending) >= self._config.max_queued_runs:
+            raise CapacityExceeded(
+                f"run queue is full: {running} runs training and {len(self._pending)} waiting "
+                f"(MAX_CONCURRENT_RUNS={self._config.max_concurrent_runs}, "
+                f"MAX_QUEUED_RUNS={self._config.max_queued_runs}); retry when a run finishes")
+
+    def _job(self, record: RunRecord, resume: bool) -> RunJob:
+        """The worker's job for a run's next attempt."""
+        config = self._config
+        return job_for(record, resume, config.progress_interval_seconds, config.worker_torch_threads,
+                       config.tensorboard_dir, config.save_replay_buffer)
+
+    def _enqueue(self, record: RunRecord, first: bool = False) -> None:
+        """Queue a PENDING run to resume (caller holds the lock, or is __init__)."""
+        self._registry.update(record)
+        self._live[record.run_id] = record
+        self._jobs[record.run_id] = self._job(record, resume=True)
+        if first:
+            self._pending.appendleft(record.run_id)
+        else:
+            self._pending.append(record.run_id)
+        self._feed.bump(record.run_id)
+
     def _kill_if_live(self, run_ids: list[str], reason: str) -> None:
         """End runs whose workers did not stop in time: recorded first, so a late exit is not read as a crash."""
         killed = []
@@ -246,9 +322,18 @@ class Orchestrator:
 
     def _transition(self, run_id: str, event: RunEvent) -> RunRecord:
         """Apply an event to a live run through the state machine and keep the result (caller holds the lock)."""
-        record = state_machine.apply(self._live[run_id], event, time.time())
+        before = self._live[run_id]
+        record = state_machine.apply(before, event, time.time())
         if record.state.is_terminal:
             return self._finish(record)
+        if record.state is RunState.PENDING and before.state is RunState.RUNNING:  # its worker died: next attempt
+            self._log.warning("worker died; the run resumes", run_id=run_id, experiment_id=record.experiment_id,
+                              attempt=record.attempt, deaths=record.deaths)
+            self._store.record_attempts(run_id, [a.to_dict() for a in record.attempts])
+            self._enqueue(record, first=True)
+            self._cond.notify_all()
+            self._launch_ready()
+            return record
         return self._set(record)
 
     def _launch_ready(self) -> None:
@@ -283,6 +368,7 @@ class Orchestrator:
         self._remember_finished(record)
         self._set(record)
         del self._live[record.run_id]
+        self._store.record_attempts(record.run_id, [a.to_dict() for a in record.attempts])
         self._feed.forget(record.run_id)  # a terminal record never changes again
         self._log.info("run ended", run_id=record.run_id, experiment_id=record.experiment_id,
                        state=record.state.name, timesteps=record.timesteps_done, error=record.error or None)
@@ -309,7 +395,7 @@ class Orchestrator:
             for run_id, exitcode in self._executor.reap():
                 while (late := self._executor.next_event(timeout=0)) is not None:
                     self._apply_from_worker(late.run_id, late)
-                self._apply_from_worker(run_id, WorkerExited(exitcode))
+                self._apply_from_worker(run_id, WorkerExited(exitcode, self._config.max_run_attempts))
 
     def _apply_from_worker(self, run_id: str, event: RunEvent) -> None:
         """A worker's event for a live run; one for a run already ended (killed, say) is dropped."""

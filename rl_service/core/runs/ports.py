@@ -24,8 +24,8 @@ class RunRegistry(Protocol):
     def find(self, run_filter: RunFilter) -> list[RunRecord]:
         """Matching runs, newest first."""
 
-    def mark_interrupted(self, reason: str) -> list[RunRecord]:
-        """Move every PENDING or RUNNING run to INTERRUPTED (at start-up); returns the runs changed."""
+    def delete(self, run_id: str) -> None:
+        """Forget a run (DeleteRun)."""
 
     def close(self) -> None:
         """Release the underlying connection."""

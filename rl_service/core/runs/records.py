@@ -71,6 +71,44 @@ class Metrics:
         )
 
 
+# How an attempt ended when its worker or its server died rather than reporting. Only a worker's death counts
+# against MAX_RUN_ATTEMPTS (a run that crashes its worker must not loop forever); a server killed or rescheduled
+# under a run is not the run's fault, and the run resumes however often that happens.
+WORKER_DIED = "worker died"
+SERVER_DIED = "server died"
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One stretch of training of a run, from a launch to how it ended ("" while it runs)."""
+
+    number: int
+    start_timesteps: int
+    started_at: float
+    end_timesteps: int = 0
+    finished_at: float = 0.0
+    outcome: str = ""  # a terminal state's name, "requeued", WORKER_DIED or SERVER_DIED
+    error: str = ""
+
+    @property
+    def died(self) -> bool:
+        """True when its worker process died without a result (what MAX_RUN_ATTEMPTS counts)."""
+        return self.outcome == WORKER_DIED
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (metadata.json and the registry)."""
+        return {"attempt": self.number, "start_timesteps": self.start_timesteps, "started_at": self.started_at,
+                "end_timesteps": self.end_timesteps, "finished_at": self.finished_at, "outcome": self.outcome,
+                "error": self.error}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Attempt:
+        """The inverse of to_dict."""
+        return cls(int(data["attempt"]), int(data["start_timesteps"]), float(data["started_at"]),
+                   int(data.get("end_timesteps", 0)), float(data.get("finished_at", 0.0)),
+                   str(data.get("outcome", "")), str(data.get("error", "")))
+
+
 @dataclass(frozen=True)
 class RunRecord:
     """Everything the server knows about one run; what the run registry persists."""
@@ -95,6 +133,13 @@ class RunRecord:
     stop_requested: bool = False
     # True once the final model exists at model_path (SUCCEEDED, or CANCELLED after its final save).
     model_saved: bool = False
+    attempt: int = 1  # the attempt the run is on (or ended in); a resume starts the next one
+    attempts: tuple[Attempt, ...] = ()  # every launch so far, oldest first
+
+    @property
+    def deaths(self) -> int:
+        """Attempts whose worker died without a result."""
+        return sum(1 for attempt in self.attempts if attempt.died)
 
     def evolve(self, **changes: Any) -> RunRecord:
         """A copy with some fields changed."""

@@ -9,7 +9,7 @@ from rl_service.core.algorithms.hyperparams import HyperValue, format_value
 from rl_service.core.algorithms.registry import AlgorithmSpec, get_algorithm
 from rl_service.core.envs import ExternalEnvironments, env_spaces, is_external_env
 from rl_service.core.errors import InvalidHyperparameter, InvalidRequest
-from rl_service.core.runs.records import TrainingRequest
+from rl_service.core.runs.records import RunRecord, RunState, TrainingRequest
 from rl_service.core.seeds import seed_or_random
 
 MIN_CHECKPOINT_INTERVAL = 100
@@ -83,3 +83,16 @@ def _simulation_n_envs(request: TrainingRequest, values: dict[str, HyperValue], 
             f"hyperparameters['n_envs']: the simulation at {request.env_id} hosts {hosted} envs; omit n_envs or "
             f"set it to {hosted}", field="hyperparameters.n_envs")
     return {**values, "n_envs": hosted}
+
+
+def resume_budget(record: RunRecord, total_timesteps: int | None, max_total_timesteps: int) -> int:
+    """The total_timesteps a resumed run trains to; InvalidRequest for one it cannot take."""
+    total = record.total_timesteps if total_timesteps is None else total_timesteps
+    if total > max_total_timesteps:
+        raise InvalidRequest(f"total_timesteps: {total} exceeds this server's cap of {max_total_timesteps} "
+                             "(MAX_TOTAL_TIMESTEPS)", field="total_timesteps")
+    if total < record.timesteps_done or (record.state is RunState.SUCCEEDED and total <= record.timesteps_done):
+        raise InvalidRequest(
+            f"total_timesteps: the run has trained {record.timesteps_done} timesteps; give a larger total "
+            f"(got {total})", field="total_timesteps")
+    return total

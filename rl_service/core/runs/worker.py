@@ -27,10 +27,12 @@ from rl_service.core.algorithms.hyperparams import HyperValue
 from rl_service.core.algorithms.registry import ALGORITHMS
 from rl_service.core.envs import ExternalEnvironments, make_vec_env
 from rl_service.core.errors import EnvironmentUnavailable
+from rl_service.core.models.checkpoints import checkpoint_timesteps
 from rl_service.core.models.ports import ModelStore
 from rl_service.core.runs.events import CheckpointSaved, Failed, Finished, Progress, Started, WorkerEvent
 from rl_service.core.runs.jobs import RunJob
 from rl_service.core.runs.records import Metrics
+from rl_service.core.runs.resume import Restored, attempt_seed, has_replay_buffer, restore
 
 METRICS_WINDOW = 100  # episodes in the moving averages, as stable-baselines3's ep_info_buffer
 
@@ -81,29 +83,45 @@ class _Trainer:
         self.started = time.monotonic()
         self.last_checkpoint = ""
         self.last_checkpoint_steps = -1
+        self.start_timesteps = 0  # where this attempt began (a resumed run's checkpoint)
+        self.time_offset = 0.0  # seconds of training before this attempt, so history times keep rising
         self.model: Any = None  # set once built, for save_progress
 
     def run(self) -> None:
-        """Build env and model, learn with callbacks, save the final checkpoint and model."""
+        """Build env and model (or resume them), learn with callbacks, save the final checkpoint and model."""
         torch.set_num_threads(self.job.torch_threads)
         job = self.job
         spec = ALGORITHMS[job.algorithm]
         values = spec.schema.parse(job.hyperparameters)
         tensorboard = Path(job.tensorboard_dir) / job.run_id if job.tensorboard_dir else None
         logger = _capturing_logger(self.losses, tensorboard)
-        env = make_vec_env(job.env_id, _int_value(values, "n_envs", 1), job.seed, self.external_envs)
+        restored = None
+        # The env is built before the checkpoint loads (loading needs it): seed it by where the run resumes.
+        newest = self.store.latest_checkpoint(job.run_id) if job.resume else None
+        seed = attempt_seed(job.seed, (checkpoint_timesteps(newest) or 0) if newest is not None else 0)
+        env = make_vec_env(job.env_id, _int_value(values, "n_envs", 1), seed, self.external_envs)
         try:
-            model = spec.cls("MlpPolicy", env, seed=job.seed, device="cpu", verbose=0,
-                             **spec.constructor_kwargs(values))
+            if job.resume:
+                restored = restore(spec.cls, self.store, job.run_id, env, self.log)
+            if restored is not None:
+                model = restored.model
+                model.set_random_seed(seed)
+                self.resume_from(restored)
+            else:
+                model = spec.cls("MlpPolicy", env, seed=seed, device="cpu", verbose=0,
+                                 **spec.constructor_kwargs(values))
             model.set_logger(logger)
             self.model = model
             self.write_metadata(model, "running")
-            self.emit(Started(job.run_id, os.getpid()))
-            self.log.info("run started", algorithm=spec.name, env_id=job.env_id, seed=job.seed,
-                          total_timesteps=job.total_timesteps)
+            self.emit(Started(job.run_id, os.getpid(), self.start_timesteps))
+            self.log.info("run started", algorithm=spec.name, env_id=job.env_id, seed=seed, attempt=job.attempt,
+                          start_timesteps=self.start_timesteps, total_timesteps=job.total_timesteps)
             self.started = time.monotonic()
-            model.learn(total_timesteps=job.total_timesteps, callback=_ServiceCallback(self),
-                        log_interval=1, progress_bar=False)
+            remaining = job.total_timesteps - self.start_timesteps
+            if remaining > 0:
+                # stable-baselines3 adds num_timesteps to the total when it does not reset them: pass what is left.
+                model.learn(total_timesteps=remaining, callback=_ServiceCallback(self), log_interval=1,
+                            progress_bar=False, reset_num_timesteps=restored is None)
             self.timesteps = int(model.num_timesteps)
             stopped_early = self.timesteps < job.total_timesteps
             if self.last_checkpoint_steps != self.timesteps:
@@ -118,6 +136,16 @@ class _Trainer:
                       model_path=job.model_path)
         self.emit(Finished(job.run_id, self.timesteps, self.metrics(), job.model_path, self.last_checkpoint,
                            stopped_early))
+
+    def resume_from(self, restored: Restored) -> None:
+        """Continue the counters, the history and the moving averages from a loaded checkpoint."""
+        self.timesteps = self.start_timesteps = int(restored.model.num_timesteps)
+        self.last_checkpoint, self.last_checkpoint_steps = str(restored.checkpoint), self.timesteps
+        self.history = list(restored.episodes)
+        self.time_offset = float(self.history[-1]["time"]) if self.history else 0.0
+        for episode in self.history[-METRICS_WINDOW:]:
+            self.rewards.append(float(episode["reward"]))
+            self.lengths.append(float(episode["length"]))
 
     def save_progress(self) -> None:
         """Checkpoint what was learnt before a simulation failed: the env broke, not the weights (they only change
@@ -136,7 +164,7 @@ class _Trainer:
         self.history.append({
             "reward": reward,
             "length": length,
-            "time": round(time.monotonic() - self.started, 4),
+            "time": round(self.time_offset + time.monotonic() - self.started, 4),
             "timesteps": self.timesteps,
         })
 
@@ -147,13 +175,14 @@ class _Trainer:
             mean_episode_reward=sum(self.rewards) / len(self.rewards) if self.rewards else 0.0,
             mean_episode_length=sum(self.lengths) / len(self.lengths) if self.lengths else 0.0,
             episodes_completed=len(self.history),
-            steps_per_second=self.timesteps / elapsed,
+            steps_per_second=(self.timesteps - self.start_timesteps) / elapsed,
             losses=dict(self.losses),
         )
 
     def checkpoint(self, model: Any) -> None:
         """Save a checkpoint and tell the server."""
-        path = self.store.save_checkpoint(self.job.run_id, model, self.timesteps)
+        path = self.store.save_checkpoint(self.job.run_id, model, self.timesteps,
+                                          replay_buffer=self.job.save_replay_buffer and has_replay_buffer(model))
         self.last_checkpoint = str(path)
         self.last_checkpoint_steps = self.timesteps
         self.write_history()
@@ -183,6 +212,10 @@ class _Trainer:
             "action_space": repr(model.action_space),
             "created_at": job.created_at,
             "updated_at": time.time(),
+            "attempt": job.attempt,
+            # The server rewrites this list with how each attempt ended once this worker is done.
+            "attempts": [*job.attempts, {"attempt": job.attempt, "start_timesteps": self.start_timesteps,
+                                         "outcome": ""}],
             "versions": library_versions(),
         })
 
@@ -239,7 +272,9 @@ class _ServiceCallback(BaseCallback):
     def __init__(self, trainer: _Trainer) -> None:
         super().__init__(verbose=0)
         self.trainer = trainer
-        self.next_checkpoint = trainer.job.checkpoint_interval
+        interval = trainer.job.checkpoint_interval
+        # The same boundaries as an uninterrupted run: a resumed one continues at the next multiple.
+        self.next_checkpoint = (trainer.start_timesteps // interval + 1) * interval
         self.next_report = 0.0
 
     def _on_step(self) -> bool:
