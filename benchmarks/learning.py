@@ -328,8 +328,11 @@ def report(runs: list[dict[str, Any]], models_dir: Path, output: Path, quick: bo
 
 
 def resume(data: Path) -> None:
-    """Restart the server on data/server, start again every recorded run that did not succeed (interrupted when
-    a server stopped, cancelled), record them in data/runs_requeued.json and wait for them."""
+    """Restart the server on data/server and let every recorded run that did not succeed finish under its own
+    run id: those a shutdown or crash left unfinished resume by themselves (AUTO_RESUME), those that ended
+    CANCELLED or FAILED through ResumeTraining. Records them in data/runs_requeued.json and waits for them."""
+    from rl_service_proto.v1 import training_pb2 as pb
+
     server = start_server_process(data.resolve() / "server", "--max-concurrent-runs", "2",
                                   "--max-queued-runs", "100")
     try:
@@ -344,12 +347,13 @@ def resume(data: Path) -> None:
         again = [r for r in runs if r.get("state") != "SUCCEEDED"]
         started = []
         for run in again:
-            run_id = _start_run(stub, run["algorithm"], run["env_id"], run["timesteps"], run["seed"],
-                                run["hyperparameters"])
-            print(f"{run['key']} seed {run['seed']}: was {run.get('state')}, started again as {run_id}", flush=True)
+            status = stub.GetTrainingStatus(pb.RunRequest(run_id=run["run_id"]), timeout=30)
+            if status.is_done:
+                status = stub.ResumeTraining(pb.ResumeTrainingRequest(run_id=run["run_id"]), timeout=60)
+            print(f"{run['key']} seed {run['seed']}: was {run.get('state')}, resumed as attempt {status.attempt}",
+                  flush=True)
             started.append({key: run[key] for key in ("key", "algorithm", "env_id", "seed", "timesteps",
-                                                      "hyperparameters")}
-                           | {"run_id": run_id, "replaces": {"run_id": run["run_id"], "state": run.get("state")}})
+                                                      "hyperparameters", "run_id")})
         redone = {r["run_id"] for r in again}
         requeued = [r for r in requeued if r["run_id"] not in redone] + started
         path.write_text(json.dumps({"runs": requeued}, indent=1))

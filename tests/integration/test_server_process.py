@@ -180,6 +180,25 @@ def test_sigkill_of_the_server_alone_ends_its_workers_and_nothing_writes_after(t
         time.sleep(1)
         assert _snapshot(data) == before, "a file changed after the server was killed"
         assert any(name.startswith(f"checkpoints/{run_id}/checkpoint_") for name in before)
+    newest = max(int(name.split("_")[1]) for name in before if name.startswith(f"checkpoints/{run_id}/checkpoint_"))
+    # A plain restart resumes the run once, from the newest checkpoint the killed worker left.
+    restarted = _start(tmp_path, [], KEEP_CHECKPOINTS="2")
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{restarted[1]}") as channel:
+            stub = pb_grpc.TrainingServiceStub(channel)
+            deadline = time.monotonic() + 60
+            while (status := stub.GetTrainingStatus(pb.RunRequest(run_id=run_id))).timesteps_done <= newest:
+                assert time.monotonic() < deadline, status
+                time.sleep(0.1)
+            time.sleep(1)
+            status = stub.GetTrainingStatus(pb.RunRequest(run_id=run_id))
+            assert status.state == pb.RUNNING and status.attempt == 2, status
+            assert [a.outcome for a in status.attempts] == ["server died", ""]
+            assert status.attempts[1].start_timesteps == newest
+            act = stub.Act(pb.ActRequest(run_id=run_id, observation=[0.0] * 4), timeout=30)
+            assert act.model_timesteps >= newest
+    finally:
+        assert _terminate(restarted) == 0
 
 
 def test_a_second_server_on_the_same_data_dir_refuses_and_a_restart_clears_temp_files(tmp_path: Path) -> None:

@@ -9,8 +9,7 @@ import numpy as np
 from rl_service.core.algorithms.registry import get_algorithm
 from rl_service.core.envs import actions_to_flat, observations_from_flat
 from rl_service.core.errors import CapacityExceeded, InvalidRequest, ModelNotReady
-from rl_service.core.models.act_cache import ActCache
-from rl_service.core.models.checkpoints import checkpoint_timesteps
+from rl_service.core.models.act_cache import ActCache, LoadedPolicy
 from rl_service.core.models.ports import ModelStore
 from rl_service.core.models.run_exporters import ExportedModel, ExportSource, export_model, get_export_format
 from rl_service.core.runs.records import ActResult, RunRecord
@@ -31,17 +30,7 @@ class RunServing:
     def act(self, record: RunRecord, observations: list[float] | np.ndarray, deterministic: bool,
             single: bool) -> ActResult:
         """Actions from the run's newest model or checkpoint for one (single=True) or many observations."""
-        path = record.model_path if record.model_saved else record.last_checkpoint_path
-        try:  # the cache touches the file only when it loads it: a hit costs no system call
-            if not path:
-                raise FileNotFoundError(path)
-            policy = self._cache.get(record.run_id, record.algorithm, path, record.timesteps_done)
-        except FileNotFoundError:
-            try:
-                policy = self._cache.get(record.run_id, record.algorithm, self._fallback(record),
-                                         record.timesteps_done)
-            except FileNotFoundError:  # pruned between listing and loading
-                raise not_ready(record) from None
+        policy = self._policy(record)
         field = "observation" if single else "observations"
         batch = observations_from_flat(observations, policy.model.observation_space, field)
         if single and len(batch) != 1:
@@ -58,27 +47,31 @@ class RunServing:
     def export(self, record: RunRecord, format_name: str) -> ExportedModel:
         """The policy Act would use (final model, else newest checkpoint) exported in a registered format."""
         fmt = get_export_format(format_name)
-        path = Path(self.serving_path(record))
-        steps = checkpoint_timesteps(path)
+        policy = self._policy(record)
         source = ExportSource(run_id=record.run_id, algorithm=record.algorithm,
-                              algorithm_cls=get_algorithm(record.algorithm).cls, env_id=record.env_id, path=path,
-                              timesteps=record.timesteps_done if steps is None else steps)
+                              algorithm_cls=get_algorithm(record.algorithm).cls, env_id=record.env_id,
+                              path=Path(policy.path), timesteps=policy.timesteps)
         return export_model(fmt, source)
 
-
-    def serving_path(self, record: RunRecord) -> str:
-        """The file Act and exports use: the final model, else the run's recorded checkpoint, else the newest one
-        on disk (a checkpoint the record names may be gone: pruned, or lost with a crash); ModelNotReady if none."""
+    def _policy(self, record: RunRecord) -> LoadedPolicy:
+        """The final model, else the checkpoint the record names, else the newest on disk that loads (the named
+        one may be gone, pruned or lost with a crash, or cut short); ModelNotReady when there is none."""
         path = record.model_path if record.model_saved else record.last_checkpoint_path
-        if path and Path(path).exists():
-            return path
-        return self._fallback(record)
+        try:  # the cache touches the file only when it loads it: a hit costs no system call
+            if not path:
+                raise FileNotFoundError(path)
+            return self._cache.get(record.run_id, record.algorithm, path, record.timesteps_done)
+        except Exception:
+            return self._newest_loadable(record)
 
-    def _fallback(self, record: RunRecord) -> str:
-        latest = self._store.latest_checkpoint(record.run_id)
-        if latest is None:
-            raise not_ready(record)
-        return str(latest)
+    def _newest_loadable(self, record: RunRecord) -> LoadedPolicy:
+        """The run's newest checkpoint on disk that loads; ModelNotReady when none does."""
+        for checkpoint in reversed(self._store.checkpoints(record.run_id)):
+            try:
+                return self._cache.get(record.run_id, record.algorithm, str(checkpoint), record.timesteps_done)
+            except Exception:  # pruned meanwhile, or cut short by a crash: try the one before
+                continue
+        raise not_ready(record)
 
 
 def not_ready(record: RunRecord) -> ModelNotReady:
