@@ -26,13 +26,14 @@ def spec_request_from_proto(msg: pb.PolicySpec) -> PolicySpecRequest:
         box_high=tuple(msg.box.high) if which == "box" else (),
         hyperparameters=dict(msg.hyperparameters),
         seed=msg.seed if msg.HasField("seed") else None,
+        algorithm=msg.algorithm,
     )
 
 
 def spec_to_proto(spec: PolicySpec) -> pb.PolicySpec:
     """PolicySpec (validated) -> proto, with effective hyperparameters and the seed used."""
     msg = pb.PolicySpec(observation_shape=list(spec.observation_shape), hyperparameters=dict(spec.hyperparameters),
-                        seed=spec.seed)
+                        seed=spec.seed, algorithm=spec.algorithm)
     if spec.discrete_actions is not None:
         msg.discrete_n = spec.discrete_actions
     else:
@@ -47,7 +48,9 @@ def metrics_to_proto(stats: UpdateStats | None) -> pb.UpdateMetrics:
         return pb.UpdateMetrics()
     return pb.UpdateMetrics(loss=stats.loss, policy_loss=stats.policy_loss, entropy=stats.entropy,
                             episodes_used=stats.episodes, steps_used=stats.steps,
-                            mean_episode_return=stats.mean_return, grad_norm=stats.grad_norm)
+                            mean_episode_return=stats.mean_return, grad_norm=stats.grad_norm,
+                            value_loss=stats.value_loss, approx_kl=stats.approx_kl,
+                            clip_fraction=stats.clip_fraction, explained_variance=stats.explained_variance)
 
 
 def snapshot_to_proto(snapshot: PolicySnapshot) -> pb.PolicyInfo:

@@ -62,7 +62,8 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):  # type: ignore[misc]
             if chunks and chunk.policy_id and chunk.policy_id != chunks[0].policy_id:
                 raise InvalidRequest(f"policy_id: chunk {len(chunks)} names {quoted(chunk.policy_id)}, the stream "
                                      f"started with {chunks[0].policy_id!r}", field="policy_id")
-            size += _FLOAT_BYTES * (len(chunk.states) + len(chunk.actions) + len(chunk.rewards)) + len(chunk.dones)
+            size += (_FLOAT_BYTES * (len(chunk.states) + len(chunk.actions) + len(chunk.rewards) + len(chunk.log_probs))
+                     + len(chunk.dones) + len(chunk.truncated))
             if size > self._max_batch_bytes:
                 raise CapacityExceeded(f"batch: the assembled batch exceeds MAX_BATCH_BYTES={self._max_batch_bytes}"
                                        " bytes; send fewer transitions per batch", field="batch")
@@ -80,17 +81,20 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):  # type: ignore[misc]
             head.policy_id, joined("states", np.float32), joined("actions", np.float64),
             joined("rewards", np.float64), joined("dones", np.bool_),
             expected_version=head.expected_version if head.HasField("expected_version") else None,
-            flush=head.flush, return_model=head.return_model, sync=head.sync)
+            flush=head.flush, return_model=head.return_model, sync=head.sync,
+            truncated=joined("truncated", np.bool_), log_probs=joined("log_probs", np.float32),
+            behaviour_version=head.behaviour_version if head.HasField("behaviour_version") else None)
         return convert.outcome_to_proto(outcome)
 
     @guarded
     def ComputeLogProb(self, request: pb.LogProbRequest, context: grpc.ServicerContext) -> pb.LogProbResponse:
         which = request.WhichOneof("which")
-        log_probs, entropies, version = self._manager.log_prob(
+        log_probs, entropies, values, version = self._manager.log_prob(
             request.policy_id, convert.floats(request.states), convert.floats(request.actions, np.float64),
             version=request.version if which == "version" else None,
             checkpoint=request.checkpoint if which == "checkpoint" else None)
-        return pb.LogProbResponse(log_probs=log_probs.tolist(), entropies=entropies.tolist(), version=version)
+        return pb.LogProbResponse(log_probs=log_probs.tolist(), entropies=entropies.tolist(), values=values.tolist(),
+                                  version=version)
 
     @guarded
     def GetModel(self, request: pb.GetModelRequest, context: grpc.ServicerContext) -> pb.ModelBlob:

@@ -130,7 +130,7 @@ class PolicyServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def SendTrainingBatch(self, request, context):
-        """One REINFORCE update per batch that completes at least one episode.
+        """One REINFORCE update per batch that completes at least one episode; for PPO, one update per batch.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -43,6 +43,11 @@ class UpdateStats:
     steps: int
     mean_return: float  # undiscounted episode return, averaged over the batch's episodes
     grad_norm: float
+    # PPO's (ppo_update.py); None for REINFORCE.
+    value_loss: float | None = None
+    approx_kl: float | None = None
+    clip_fraction: float | None = None
+    explained_variance: float | None = None
 
 
 def discounted_returns(rewards: np.ndarray, gamma: float) -> np.ndarray:

@@ -1,4 +1,5 @@
-"""One named policy's mutable state in memory: network, optimizer, version, held tail, recent versions."""
+"""One named policy's mutable state in memory: network (and PPO's critic), optimizer, version, held tail, recent
+versions."""
 
 from __future__ import annotations
 
@@ -8,22 +9,27 @@ from collections import OrderedDict
 import torch
 
 from rl_service.core.algorithms.networks import PolicyNet
+from rl_service.core.algorithms.ppo_update import ValueNet
 from rl_service.core.algorithms.reinforce_update import UpdateStats
 from rl_service.core.models.policy_exporters import torchscript_bytes
 from rl_service.core.policies.experience import Transitions
 from rl_service.core.policies.records import PolicySnapshot
 from rl_service.core.policies.spec import PolicySpec
 
+CRITIC_PREFIX = "critic."  # a kept version's critic weights, beside the actor's (whose keys have no such prefix)
+
 
 class LivePolicy:
     """One policy's mutable state; every access holds `lock`."""
 
-    def __init__(self, policy_id: str, spec: PolicySpec, net: PolicyNet, created_at: float) -> None:
+    def __init__(self, policy_id: str, spec: PolicySpec, net: PolicyNet, created_at: float,
+                 critic: ValueNet | None = None) -> None:
         self.policy_id = policy_id
         self.spec = spec
         self.shape = spec.shape
         self.values = spec.values()
         self.net = net
+        self.critic = critic  # PPO's value network; None for REINFORCE
         self.optimizer = self.new_optimizer()
         self.version = 0
         self.tail = Transitions.empty(self.shape)
@@ -40,8 +46,13 @@ class LivePolicy:
         self.lock = threading.Lock()
 
     def new_optimizer(self) -> torch.optim.Optimizer:
-        """A fresh Adam over the network's parameters."""
-        return torch.optim.Adam(self.net.parameters(), lr=float(self.values["learning_rate"]))  # type: ignore[arg-type]
+        """A fresh Adam over the network's parameters (then the critic's, for PPO)."""
+        lr = float(self.values["learning_rate"])  # type: ignore[arg-type]
+        if self.critic is None:
+            return torch.optim.Adam(self.net.parameters(), lr=lr)
+        # eps 1e-5 as stable-baselines3's PPO; the actor's parameters come first, so their optimizer slots keep
+        # the indices a REINFORCE policy of the same architecture has.
+        return torch.optim.Adam([*self.net.parameters(), *self.critic.parameters()], lr=lr, eps=1e-5)
 
     def snapshot(self, durable_version: int, created: bool = False) -> PolicySnapshot:
         """The public view."""
@@ -56,7 +67,18 @@ class LivePolicy:
         return self.torchscript[1]
 
     def remember_version(self, keep: int) -> None:
-        """Keep the current weights under the current version for ComputeLogProb."""
-        self.recent[self.version] = {k: v.detach().clone() for k, v in self.net.state_dict().items()}
+        """Keep the current weights (the critic's under CRITIC_PREFIX) under the current version, for
+        ComputeLogProb and PPO's behaviour_version."""
+        weights = {k: v.detach().clone() for k, v in self.net.state_dict().items()}
+        if self.critic is not None:
+            weights.update({CRITIC_PREFIX + k: v.detach().clone() for k, v in self.critic.state_dict().items()})
+        self.recent[self.version] = weights
         while len(self.recent) > keep:
             self.recent.popitem(last=False)
+
+
+def split_weights(weights: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """A kept version's weights as (actor's state dict, critic's state dict; empty for REINFORCE)."""
+    actor = {k: v for k, v in weights.items() if not k.startswith(CRITIC_PREFIX)}
+    critic = {k[len(CRITIC_PREFIX):]: v for k, v in weights.items() if k.startswith(CRITIC_PREFIX)}
+    return actor, critic

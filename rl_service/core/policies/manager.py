@@ -1,7 +1,8 @@
 """Named policies trained from client-collected experience: the core of PolicyService.
 
 A client creates a policy under its own id, sends batches of (state, action, reward, done), and each batch that
-completes at least one episode runs one REINFORCE update. Every accepted change bumps the version by one, is
+completes at least one episode runs one REINFORCE update; for a PPO policy every batch runs one PPO update, on all
+of its transitions (nothing is held: see updates.py). Every accepted change bumps the version by one, is
 saved atomically (before the reply, or write-behind by the PolicyWriter: see writer.py) and wakes the subscribers
 of WatchModelUpdates, who always read the newest version and so never hold training up. Creating, deleting,
 setting weights and loading a checkpoint are on disk before they return in either sync mode.
@@ -17,25 +18,44 @@ from typing import Any
 import numpy as np
 import torch
 
-from rl_service.core.algorithms.hyperparams import HyperValue
-from rl_service.core.algorithms.networks import PolicyNet, action_distribution
-from rl_service.core.algorithms.reinforce_update import reinforce_update
+from rl_service.core.algorithms.reinforce_update import UpdateStats
 from rl_service.core.errors import (
     AlreadyExists,
-    CapacityExceeded,
     CheckpointNotFound,
     InvalidRequest,
     PolicyNotFound,
     VersionConflict,
 )
 from rl_service.core.models.policy_exporters import state_dict_bytes, weights_from_safetensors
-from rl_service.core.policies.experience import Transitions, split_episodes, validate_batch
-from rl_service.core.policies.live_policy import LivePolicy
+from rl_service.core.policies.experience import validate_batch
+from rl_service.core.policies.live_policy import LivePolicy, split_weights
 from rl_service.core.policies.ports import PolicyStore
+from rl_service.core.policies.ppo_batch import check_log_probs, check_truncated
 from rl_service.core.policies.records import BatchOutcome, CheckpointInfo, ModelUpdate, PolicyConfig, PolicySnapshot
-from rl_service.core.policies.spec import PolicySpecRequest, build_spec, check_name, new_net, with_seed
-from rl_service.core.policies.state_codec import apply_state, encode, encode_snapshot, net_weights, restore
+from rl_service.core.policies.spec import (
+    PolicySpecRequest,
+    build_spec,
+    check_name,
+    new_critic,
+    new_net,
+    with_seed,
+)
+from rl_service.core.policies.state_codec import (
+    apply_state,
+    critic_weights,
+    encode,
+    encode_snapshot,
+    net_weights,
+    restore,
+)
 from rl_service.core.policies.transactions import Rollback
+from rl_service.core.policies.updates import (
+    BatchSteps,
+    log_probs_of,
+    ppo_batch_update,
+    reinforce_batch,
+    values_of,
+)
 from rl_service.core.policies.writer import PolicyWriter, StateSnapshot
 from rl_service.core.watching import ChangeFeed
 
@@ -76,7 +96,7 @@ class PolicyManager:
                         return existing.snapshot(self._writer.durable_version(policy_id), created=False)
                 raise AlreadyExists(f"policy_id: {policy_id!r} already exists with a different spec (or initial "
                                     "weights were given); delete it first or choose another id", field="policy_id")
-            policy = LivePolicy(policy_id, spec, new_net(spec), time.time())
+            policy = LivePolicy(policy_id, spec, new_net(spec), time.time(), new_critic(spec))
             if initial_weights:
                 policy.net.load_state_dict(weights_from_safetensors(initial_weights, policy.net, "initial_weights"))
             policy.remember_version(self._config.versions_kept)
@@ -85,7 +105,7 @@ class PolicyManager:
             self._policies[policy_id] = policy
             self._feed.bump(policy_id)
         self._log.info("policy created", policy_id=policy_id, observation_shape=list(spec.observation_shape),
-                       discrete_actions=spec.discrete_actions)
+                       discrete_actions=spec.discrete_actions, algorithm=spec.algorithm)
         return policy.snapshot(self._writer.durable_version(policy_id), created=True)
 
     def get(self, policy_id: str) -> PolicySnapshot:
@@ -122,45 +142,38 @@ class PolicyManager:
 
     def send_batch(self, policy_id: str, states: np.ndarray, actions: np.ndarray, rewards: np.ndarray,
                    dones: np.ndarray, expected_version: int | None = None, flush: bool = False,
-                   return_model: bool = False, sync: bool = False) -> BatchOutcome:
+                   return_model: bool = False, sync: bool = False, truncated: np.ndarray | None = None,
+                   log_probs: np.ndarray | None = None, behaviour_version: int | None = None) -> BatchOutcome:
         """Validate, join to the held tail, split into episodes, update once; nothing changes on any error.
 
         With `sync`, return only once the resulting state is on disk (a no-op when every change is saved before
-        the reply); NotDurable when that save fails, though the batch was applied.
+        the reply); NotDurable when that save fails, though the batch was applied. `truncated`, `log_probs` and
+        `behaviour_version` are PPO's (see updates.ppo_batch_update); REINFORCE checks `truncated` and otherwise
+        ignores it.
         """
         policy = self._get(policy_id)
         batch = validate_batch(policy.shape, states, actions, rewards, dones)
+        cut = check_truncated(np.zeros(0, dtype=bool) if truncated is None else truncated, batch)
+        client_log_probs = None
+        if log_probs is not None and log_probs.size:
+            if behaviour_version is not None:
+                raise InvalidRequest("log_probs: give the behaviour policy as log_probs or as behaviour_version, "
+                                     "not both", field="log_probs")
+            client_log_probs = check_log_probs(policy.shape, log_probs, len(batch))
+        if not policy.spec.is_ppo and (client_log_probs is not None or behaviour_version is not None):
+            name = "log_probs" if client_log_probs is not None else "behaviour_version"
+            raise InvalidRequest(f"{name}: policy {policy_id!r} learns with {policy.spec.algorithm}, which has no "
+                                 "importance ratio; leave it unset", field=name)
         with policy.lock:
             self._check_live(policy, expected_version)
             behind = self._writer.writes_behind  # else saved before the reply (and rolled back if that fails)
-            joined = policy.tail.concat(batch) if len(policy.tail) else batch
-            episodes, tail = split_episodes(joined)
-            if len(tail) > self._config.max_pending_steps:
-                raise CapacityExceeded(
-                    f"dones: the unfinished episode would hold {len(tail)} transitions, over the limit of "
-                    f"{self._config.max_pending_steps}; end episodes with done=true", field="dones")
-            if not episodes:
-                if flush:
-                    raise InvalidRequest(
-                        f"dones: flush was asked but the batch (after {len(policy.tail)} held transitions) "
-                        "completes no episode; mark the episode's last transition done", field="dones")
-                with Rollback(policy, tensors=not behind):
-                    # The model did not change: no new revision, so subscribers are not told of it again.
-                    policy.tail = tail
-                    policy.updated_at = time.time()
-                    self._persist(policy, at_once=not behind)
-                stats = None
+            steps = BatchSteps(self._commit, self._persist, behind)
+            if policy.spec.is_ppo:
+                stats: UpdateStats | None = ppo_batch_update(policy, batch, cut, client_log_probs,
+                                                             behaviour_version, steps)
             else:
-                gamma, beta = float(policy.values["gamma"]), float(policy.values["beta"])  # type: ignore[arg-type]
-                with Rollback(policy, tensors=not behind):
-                    stats = reinforce_update(policy.net, policy.optimizer, episodes, gamma, beta,
-                                             _optional_float(policy.values["max_grad_norm"]))
-                    policy.tail = tail
-                    policy.episodes_trained += stats.episodes
-                    policy.steps_trained += stats.steps
-                    policy.last_update = stats
-                    self._commit(policy, new_version=True, at_once=not behind)
-            change, version = policy.change, policy.version
+                stats = reinforce_batch(policy, batch, flush, self._config.max_pending_steps, steps)
+            change, version, pending = policy.change, policy.version, len(policy.tail)
             durable = self._writer.durable_version(policy_id)
             model = policy.torchscript_now() if return_model and stats is not None else b""
         if stats is not None:
@@ -168,7 +181,7 @@ class PolicyManager:
         if sync:
             self._writer.wait(policy_id, change)  # outside the lock: other batches go on while this one waits
             durable = self._writer.durable_version(policy_id)  # this batch's version, or a newer one's
-        return BatchOutcome(policy_id, version, stats is not None, stats, len(tail), durable, model)
+        return BatchOutcome(policy_id, version, stats is not None, stats, pending, durable, model)
 
     def set_weights(self, policy_id: str, data: bytes, expected_version: int | None = None) -> PolicySnapshot:
         """Replace the weights with a safetensors state dict (the optimizer restarts); version + 1."""
@@ -187,8 +200,9 @@ class PolicyManager:
     # ----------------------------------------------------------------- reading the policy
 
     def log_prob(self, policy_id: str, states: np.ndarray, actions: np.ndarray, version: int | None = None,
-                 checkpoint: str | None = None) -> tuple[np.ndarray, np.ndarray, int]:
-        """Log-probabilities and entropies of actions in states, under the current, a kept or a saved version."""
+                 checkpoint: str | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+        """Log-probabilities and entropies of actions in states, and the critic's values of the states (PPO; empty
+        for REINFORCE), under the current, a kept or a saved version."""
         policy = self._get(policy_id)
         shape = policy.shape
         count = actions.size // shape.action_size if actions.size % shape.action_size == 0 else -1
@@ -202,16 +216,23 @@ class PolicyManager:
                 tensors, metadata = self._checkpoint(policy, checkpoint)
                 net, used = new_net(policy.spec), int(metadata["version"])
                 net.load_state_dict(net_weights(tensors))
+                critic = new_critic(policy.spec)
+                if critic is not None:
+                    critic.load_state_dict(critic_weights(tensors))
             elif version is not None and version != policy.version:
                 if version not in policy.recent:
                     raise CheckpointNotFound(
                         f"version: {version} is not kept; kept versions are {sorted(policy.recent)}", field="version")
                 net, used = new_net(policy.spec), version
-                net.load_state_dict(policy.recent[version])
+                actor_weights, kept_critic = split_weights(policy.recent[version])
+                net.load_state_dict(actor_weights)
+                critic = new_critic(policy.spec)
+                if critic is not None:
+                    critic.load_state_dict(kept_critic)
             else:
-                # The current version: evaluate the live network under the lock rather than copy it.
-                return (*_log_probs(policy.net, batch), policy.version)
-        return (*_log_probs(net, batch), used)
+                # The current version: evaluate the live networks under the lock rather than copy them.
+                return (*log_probs_of(policy.net, batch), values_of(policy.critic, batch), policy.version)
+        return (*log_probs_of(net, batch), values_of(critic, batch), used)
 
     def model(self, policy_id: str, torchscript: bool) -> tuple[int, bytes]:
         """The current version as TorchScript or as a safetensors state dict."""
@@ -347,15 +368,3 @@ class PolicyManager:
         return ModelUpdate(policy.policy_id, policy.version, policy.last_update,
                            self._writer.durable_version(policy.policy_id),
                            policy.torchscript_now() if include_model else b"")
-
-
-def _log_probs(net: PolicyNet, batch: Transitions) -> tuple[np.ndarray, np.ndarray]:
-    """Log-probabilities of the batch's actions and the policy's entropies in its states."""
-    with torch.no_grad():
-        distribution = action_distribution(net, torch.as_tensor(batch.states))
-        return (distribution.log_prob(torch.as_tensor(batch.actions)).numpy(),
-                distribution.entropy().numpy())
-
-
-def _optional_float(value: HyperValue) -> float | None:
-    return None if value is None else float(value)  # type: ignore[arg-type]

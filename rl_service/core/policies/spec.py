@@ -13,8 +13,9 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-from rl_service.core.algorithms.hyperparams import HyperValue, Param, format_value, merge
+from rl_service.core.algorithms.hyperparams import HyperValue, Param, Schema, format_value, merge
 from rl_service.core.algorithms.networks import PolicyNet, build_policy_net
+from rl_service.core.algorithms.ppo_update import ValueNet, ppo_init
 from rl_service.core.algorithms.registry import ACTIVATIONS
 from rl_service.core.errors import InvalidHyperparameter, InvalidRequest, quoted
 from rl_service.core.policies.experience import SpaceShape
@@ -34,6 +35,30 @@ NAMED_POLICY_SCHEMA = merge((
           help="gradient clipping norm (none: no clipping)"),
     Param("log_std_init", "float", 0.0, -20.0, 2.0, help="initial log standard deviation (Box actions)"),
 ))
+
+# PPO's usual meanings, stable-baselines3's defaults (no schedules: a named policy has no end of training).
+PPO_POLICY_SCHEMA = merge((
+    Param("learning_rate", "float", 3e-4, 0.0, 1.0, low_exclusive=True, help="Adam step size (actor and critic)"),
+    Param("n_epochs", "int", 10, 1, 1000, help="passes over each batch"),
+    Param("batch_size", "int", 64, 1, 1_000_000, help="minibatch size"),
+    Param("clip_range", "float", 0.2, 0.0, 10.0, low_exclusive=True, help="clipping of the probability ratio"),
+    Param("gamma", "float", 0.99, 0.0, 1.0, help="discount factor"),
+    Param("gae_lambda", "float", 0.95, 0.0, 1.0, help="GAE bias/variance trade-off"),
+    Param("ent_coef", "float", 0.0, 0.0, 10.0, help="entropy bonus weight"),
+    Param("vf_coef", "float", 0.5, 0.0, 100.0, help="value loss weight"),
+    Param("max_grad_norm", "float", 0.5, 0.0, 1e6, low_exclusive=True, optional=True,
+          help="gradient clipping norm (none: no clipping)"),
+    Param("target_kl", "float", None, 0.0, 100.0, low_exclusive=True, optional=True,
+          help="stop the epochs early once the approximate KL passes 1.5 x this (none: never)"),
+    Param("normalize_advantage", "bool", True, help="normalise advantages within each minibatch"),
+    Param("net_arch", "net_arch", (64, 64), help="hidden layer widths of the actor and of the critic"),
+    Param("activation_fn", "choice", "tanh", choices=("tanh", "relu"), help="hidden layer activation"),
+    Param("log_std_init", "float", 0.0, -20.0, 2.0, help="initial log standard deviation (Box actions)"),
+))
+
+# The learning algorithm of a named policy -> its hyperparameter schema.
+POLICY_ALGORITHMS: dict[str, Schema] = {"reinforce": NAMED_POLICY_SCHEMA, "ppo": PPO_POLICY_SCHEMA}
+DEFAULT_ALGORITHM = "reinforce"
 
 
 def check_name(value: str, field_name: str) -> str:
@@ -56,6 +81,7 @@ class PolicySpecRequest:
     box_high: tuple[float, ...] = ()
     hyperparameters: Mapping[str, str] = field(default_factory=dict)
     seed: int | None = None
+    algorithm: str = ""  # empty: DEFAULT_ALGORITHM
 
 
 @dataclass(frozen=True)
@@ -69,6 +95,12 @@ class PolicySpec:
     action_high: tuple[float, ...]
     hyperparameters: Mapping[str, str]
     seed: int
+    algorithm: str = DEFAULT_ALGORITHM
+
+    @property
+    def is_ppo(self) -> bool:
+        """Whether the policy has a critic and learns with PPO."""
+        return self.algorithm == "ppo"
 
     @property
     def shape(self) -> SpaceShape:
@@ -80,12 +112,14 @@ class PolicySpec:
 
     def values(self) -> dict[str, HyperValue]:
         """The hyperparameters parsed back into typed values."""
-        return NAMED_POLICY_SCHEMA.parse(self.hyperparameters)
+        return POLICY_ALGORITHMS[self.algorithm].parse(self.hyperparameters)
 
     def to_json(self) -> str:
         """Canonical JSON (also the identity compared by idempotent creation)."""
         data = asdict(self)
         data["hyperparameters"] = dict(sorted(self.hyperparameters.items()))
+        if self.algorithm == DEFAULT_ALGORITHM:
+            del data["algorithm"]  # a REINFORCE spec keeps the identity (and files) it had before PPO existed
         return json.dumps(data, sort_keys=True)
 
     @classmethod
@@ -94,7 +128,7 @@ class PolicySpec:
         data = json.loads(text)
         return cls(tuple(data["observation_shape"]), data["discrete_actions"], tuple(data["action_shape"]),
                    tuple(data["action_low"]), tuple(data["action_high"]), dict(data["hyperparameters"]),
-                   int(data["seed"]))
+                   int(data["seed"]), str(data.get("algorithm", DEFAULT_ALGORITHM)))
 
 
 def build_spec(request: PolicySpecRequest) -> PolicySpec:
@@ -123,13 +157,17 @@ def build_spec(request: PolicySpecRequest) -> PolicySpec:
                                      "unbounded), without NaN", field=f"spec.box.{name}")
         if low and high and any(lo > hi for lo, hi in zip(low, high, strict=True)):
             raise InvalidRequest("spec.box: every low must be <= its high", field="spec.box.low")
+    algorithm = request.algorithm.strip().lower() or DEFAULT_ALGORITHM
+    if algorithm not in POLICY_ALGORITHMS:
+        raise InvalidRequest(f"spec.algorithm: unknown algorithm {quoted(request.algorithm)}; use one of "
+                             f"{', '.join(sorted(POLICY_ALGORITHMS))}", field="spec.algorithm")
     seed = seed_or_random(request.seed, "spec.seed")
     try:
-        values = NAMED_POLICY_SCHEMA.parse(request.hyperparameters)
+        values = POLICY_ALGORITHMS[algorithm].parse(request.hyperparameters)
     except InvalidHyperparameter as exc:  # the hyperparameters sit inside the spec in PolicyService's requests
         raise InvalidHyperparameter(f"spec.{exc.message}", field=f"spec.{exc.field}") from None
     effective = {key: format_value(value) for key, value in sorted(values.items())}
-    return PolicySpec(obs_shape, request.discrete_actions, action_shape, low, high, effective, seed)
+    return PolicySpec(obs_shape, request.discrete_actions, action_shape, low, high, effective, seed, algorithm)
 
 
 def with_seed(spec: PolicySpec, seed: int) -> PolicySpec:
@@ -146,7 +184,20 @@ def new_net(spec: PolicySpec) -> PolicyNet:
         torch.manual_seed(spec.seed)
         net = build_policy_net(spec.shape.observation_size, action_space, values["net_arch"],  # type: ignore[arg-type]
                                ACTIVATIONS[str(values["activation_fn"])], float(values["log_std_init"]))  # type: ignore[arg-type]
+        if spec.is_ppo:
+            ppo_init(net)
     return net
+
+
+def new_critic(spec: PolicySpec) -> ValueNet | None:
+    """A fresh critic for a PPO spec (None for REINFORCE), its weights fixed by the spec's seed."""
+    if not spec.is_ppo:
+        return None
+    values = spec.values()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec.seed + 1)  # not the actor's stream: the two networks start unrelated
+        return ValueNet(spec.shape.observation_size, values["net_arch"],  # type: ignore[arg-type]
+                        ACTIVATIONS[str(values["activation_fn"])])
 
 
 def _action_space(spec: PolicySpec) -> Any:

@@ -1,7 +1,9 @@
 """The on-disk format of a named policy (state.safetensors and named checkpoints): tensors plus string metadata.
 
 Weights, Adam's state and the held tail are tensors; everything else is metadata strings (JSON where
-structured). Nothing is pickled, so a file from anywhere can be loaded without running code.
+structured). Nothing is pickled, so a file from anywhere can be loaded without running code. A PPO policy's state
+(format v2) adds the critic's weights ("critic.<name>"); its optimizer slots cover the actor's parameters, then
+the critic's. A REINFORCE policy's state is still written as v1, so an older server reads it.
 """
 
 from __future__ import annotations
@@ -16,9 +18,11 @@ import torch
 from rl_service.core.algorithms.reinforce_update import UpdateStats
 from rl_service.core.policies.experience import Transitions
 from rl_service.core.policies.live_policy import LivePolicy
-from rl_service.core.policies.spec import PolicySpec, new_net
+from rl_service.core.policies.spec import PolicySpec, new_critic, new_net
 
 STATE_FORMAT = "rl_service.named_policy.v1"
+STATE_FORMAT_V2 = "rl_service.named_policy.v2"  # with a critic (PPO)
+STATE_FORMATS = (STATE_FORMAT, STATE_FORMAT_V2)
 
 
 def net_weights(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -26,9 +30,16 @@ def net_weights(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {key[len("net."):]: value for key, value in tensors.items() if key.startswith("net.")}
 
 
+def critic_weights(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The critic's state dict out of an encoded PPO policy state (keys "critic.<name>"; none for REINFORCE)."""
+    return {key[len("critic."):]: value for key, value in tensors.items() if key.startswith("critic.")}
+
+
 def encode(policy: LivePolicy) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """The policy's whole state as tensors plus string metadata (the safetensors layout; no pickle)."""
     tensors: dict[str, torch.Tensor] = {f"net.{k}": v for k, v in policy.net.state_dict().items()}
+    if policy.critic is not None:
+        tensors.update({f"critic.{k}": v for k, v in policy.critic.state_dict().items()})
     optimizer = policy.optimizer.state_dict()
     for index, slots in optimizer["state"].items():
         for key, value in slots.items():
@@ -39,7 +50,7 @@ def encode(policy: LivePolicy) -> tuple[dict[str, torch.Tensor], dict[str, str]]
     tensors["tail.rewards"] = torch.as_tensor(tail.rewards)
     tensors["tail.dones"] = torch.as_tensor(tail.dones)
     metadata = {
-        "format": STATE_FORMAT,
+        "format": STATE_FORMAT if policy.critic is None else STATE_FORMAT_V2,
         "policy_id": policy.policy_id,
         "spec": policy.spec.to_json(),
         "version": str(policy.version),
@@ -66,6 +77,8 @@ def encode_snapshot(policy: LivePolicy) -> tuple[dict[str, torch.Tensor], dict[s
 def apply_state(policy: LivePolicy, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> None:
     """Load an encoded state into a policy of the same spec."""
     policy.net.load_state_dict(net_weights(tensors))
+    if policy.critic is not None:
+        policy.critic.load_state_dict(critic_weights(tensors))
     state: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         if key.startswith("optim."):
@@ -86,10 +99,10 @@ def apply_state(policy: LivePolicy, tensors: Mapping[str, torch.Tensor], metadat
 def restore(policy_id: str, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str],
             versions_kept: int) -> LivePolicy:
     """A policy from its saved state."""
-    if metadata.get("format") != STATE_FORMAT:
+    if metadata.get("format") not in STATE_FORMATS:
         raise ValueError(f"unknown state format {metadata.get('format')!r}")
     spec = PolicySpec.from_json(metadata["spec"])
-    policy = LivePolicy(policy_id, spec, new_net(spec), float(metadata["created_at"]))
+    policy = LivePolicy(policy_id, spec, new_net(spec), float(metadata["created_at"]), new_critic(spec))
     apply_state(policy, tensors, metadata)
     policy.updated_at = float(metadata["updated_at"])
     policy.remember_version(versions_kept)
