@@ -155,7 +155,7 @@ def write_results(output: Path, sections: list[Section], facts: dict[str, Any], 
     return md_path, json_path
 
 
-SECTION_ORDER = ["overhead", "external_env", "act", "experience", "learning", "footprint"]
+SECTION_ORDER = ["overhead", "external_env", "act", "experience", "learning", "footprint", "chaos", "policy_learning"]
 
 
 def render_markdown(sections: dict[str, Any], findings: Path | None = None) -> str:
