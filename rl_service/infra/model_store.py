@@ -124,9 +124,10 @@ class FileModelStore:
         atomic_write_json(path, data)
 
     def _prune(self, run_id: str) -> None:
-        kept = self.checkpoints(run_id)[-self.keep_checkpoints:]
-        oldest_kept = min((checkpoint_timesteps(p) or 0 for p in kept), default=0)
-        for old in self.checkpoints(run_id)[: -self.keep_checkpoints]:
+        found = self.checkpoints(run_id)  # oldest first
+        kept, pruned = found[-self.keep_checkpoints:], found[:-self.keep_checkpoints]
+        oldest_kept = (checkpoint_timesteps(kept[0]) or 0) if kept else 0
+        for old in pruned:
             old.unlink(missing_ok=True)
         for entry in self.checkpoint_run_dir(run_id).iterdir():  # buffers of pruned checkpoints
             steps = replay_buffer_timesteps(entry)

@@ -137,7 +137,7 @@ def _to_row(record: RunRecord) -> tuple[Any, ...]:
         record.checkpoint_interval, record.model_path, record.last_checkpoint_path, record.error,
         json.dumps(record.metrics.to_dict()), record.created_at, record.started_at, record.finished_at,
         int(record.stop_requested), int(record.model_saved), record.attempt,
-        json.dumps([attempt.to_dict() for attempt in record.attempts]),
+        json.dumps(record.attempt_dicts()),
     )
 
 

@@ -62,11 +62,14 @@ class RunServing:
                 raise FileNotFoundError(path)
             return self._cache.get(record.run_id, record.algorithm, path, record.timesteps_done)
         except Exception:
-            return self._newest_loadable(record)
+            return self._newest_loadable(record, failed=path)
 
-    def _newest_loadable(self, record: RunRecord) -> LoadedPolicy:
-        """The run's newest checkpoint on disk that loads; ModelNotReady when none does."""
+    def _newest_loadable(self, record: RunRecord, failed: str) -> LoadedPolicy:
+        """The run's newest checkpoint on disk that loads, other than the one that just `failed`; ModelNotReady
+        when none does."""
         for checkpoint in reversed(self._store.checkpoints(record.run_id)):
+            if str(checkpoint) == failed:  # loading it again would fail again
+                continue
             try:
                 return self._cache.get(record.run_id, record.algorithm, str(checkpoint), record.timesteps_done)
             except Exception:  # pruned meanwhile, or cut short by a crash: try the one before

@@ -68,6 +68,6 @@ def job_for(record: RunRecord, resume: bool, progress_interval: float, torch_thr
         hyperparameters=record.hyperparameters, checkpoint_interval=record.checkpoint_interval,
         model_path=record.model_path, progress_interval=progress_interval, torch_threads=torch_threads,
         created_at=record.created_at, tensorboard_dir=str(tensorboard_dir) if tensorboard_dir else None,
-        resume=resume, attempt=record.attempt, attempts=tuple(a.to_dict() for a in record.attempts),
+        resume=resume, attempt=record.attempt, attempts=tuple(record.attempt_dicts()),
         save_replay_buffer=save_replay_buffer,
     )

@@ -281,7 +281,7 @@ class Orchestrator:
                 self._enqueue(recovered)
             else:
                 self._registry.update(recovered)
-                self._store.record_attempts(record.run_id, [a.to_dict() for a in recovered.attempts])
+                self._store.record_attempts(recovered.run_id, recovered.attempt_dicts())
 
     def _check_queue_room(self) -> None:
         """CapacityExceeded when every slot is busy and the queue is full (caller holds the lock)."""
@@ -329,7 +329,7 @@ class Orchestrator:
         if record.state is RunState.PENDING and before.state is RunState.RUNNING:  # its worker died: next attempt
             self._log.warning("worker died; the run resumes", run_id=run_id, experiment_id=record.experiment_id,
                               attempt=record.attempt, deaths=record.deaths)
-            self._store.record_attempts(run_id, [a.to_dict() for a in record.attempts])
+            self._store.record_attempts(run_id, record.attempt_dicts())
             self._enqueue(record, first=True)
             self._cond.notify_all()
             self._launch_ready()
@@ -368,7 +368,7 @@ class Orchestrator:
         self._remember_finished(record)
         self._set(record)
         del self._live[record.run_id]
-        self._store.record_attempts(record.run_id, [a.to_dict() for a in record.attempts])
+        self._store.record_attempts(record.run_id, record.attempt_dicts())
         self._feed.forget(record.run_id)  # a terminal record never changes again
         self._log.info("run ended", run_id=record.run_id, experiment_id=record.experiment_id,
                        state=record.state.name, timesteps=record.timesteps_done, error=record.error or None)

@@ -136,6 +136,10 @@ class RunRecord:
     attempt: int = 1  # the attempt the run is on (or ended in); a resume starts the next one
     attempts: tuple[Attempt, ...] = ()  # every launch so far, oldest first
 
+    def attempt_dicts(self) -> list[dict[str, Any]]:
+        """Every attempt in its JSON-ready form (metadata.json, the worker's job)."""
+        return [attempt.to_dict() for attempt in self.attempts]
+
     @property
     def deaths(self) -> int:
         """Attempts whose worker died without a result."""
