@@ -85,6 +85,23 @@ class Settings(BaseSettings):
         "", description="comma-separated modules imported by the server and every worker at start-up, so the "
                         "Gymnasium environments they register can be trained (as rl-baselines3-zoo's --gym-packages)")
 
+    # Security (see README "Secure set-up"). Files are read once at start-up; a bad one stops the server.
+    tls_cert_file: Path | None = Field(None, description="PEM certificate chain: with TLS_KEY_FILE, serve TLS only")
+    tls_key_file: Path | None = Field(None, description="PEM private key of TLS_CERT_FILE")
+    tls_client_ca_file: Path | None = Field(
+        None, description="PEM CA bundle: clients must present a certificate it signed (mutual TLS)")
+    auth_tokens_file: Path | None = Field(
+        None, description="bearer tokens, one `NAME ROLE sha256:HEX` line each; unset: no authentication")
+    allow_insecure: bool = Field(
+        False, description="start on a non-loopback GRPC_HOST without TLS and tokens (logs a warning)")
+    max_policies: int = Field(1000, ge=1, le=1_000_000, description="named policies the server holds at most")
+    max_network_parameters: int = Field(
+        10_000_000, ge=1000, le=2_000_000_000,
+        description="parameters one network (a run's policy, a named policy's actor or critic) may have")
+    external_env_ca_file: Path | None = Field(
+        None, description="PEM CA bundle that grpcs:// simulations' certificates must chain to "
+                          "(unset: the system's roots)")
+
     @field_validator("gym_packages")
     @classmethod
     def _check_gym_packages(cls, value: str) -> str:

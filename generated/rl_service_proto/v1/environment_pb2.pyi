@@ -353,22 +353,53 @@ class ResetRequest(_message.Message):
 Global___ResetRequest: _TypeAlias = ResetRequest  # noqa: Y015
 
 @_typing.final
+class ActionMasks(_message.Message):
+    """Optional action masks (Discrete action spaces only): num_envs * n flags back to back, true = the action is legal
+    in that env's current state. Empty: every action is legal. Sent by simulations with illegal moves (board games,
+    menus); a MaskablePPO run uses them, other algorithms ignore them.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LEGAL_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def legal(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bool]: ...
+    def __init__(
+        self,
+        *,
+        legal: _abc.Iterable[_builtins.bool] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["legal", b"legal"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ActionMasks: _TypeAlias = ActionMasks  # noqa: Y015
+
+@_typing.final
 class ResetResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     OBSERVATIONS_FIELD_NUMBER: _builtins.int
+    ACTION_MASKS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def observations(self) -> Global___Tensor:
         """num_envs first observations"""
+
+    @_builtins.property
+    def action_masks(self) -> Global___ActionMasks:
+        """optional: the legal actions in each first observation's state"""
 
     def __init__(
         self,
         *,
         observations: Global___Tensor | None = ...,
+        action_masks: Global___ActionMasks | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["observations", b"observations"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["action_masks", b"action_masks", "observations", b"observations"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["observations", b"observations"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action_masks", b"action_masks", "observations", b"observations"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -407,6 +438,7 @@ class StepResponse(_message.Message):
     TERMINATED_FIELD_NUMBER: _builtins.int
     TRUNCATED_FIELD_NUMBER: _builtins.int
     FINAL_OBSERVATIONS_FIELD_NUMBER: _builtins.int
+    ACTION_MASKS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def observations(self) -> Global___Tensor:
         """num_envs observations. Auto-reset: for an env whose episode ended in this step, the first observation of its
@@ -431,6 +463,10 @@ class StepResponse(_message.Message):
         (no payload, or an empty payload) when no env ended.
         """
 
+    @_builtins.property
+    def action_masks(self) -> Global___ActionMasks:
+        """optional: the legal actions in each returned observation's state"""
+
     def __init__(
         self,
         *,
@@ -439,10 +475,11 @@ class StepResponse(_message.Message):
         terminated: _abc.Iterable[_builtins.bool] | None = ...,
         truncated: _abc.Iterable[_builtins.bool] | None = ...,
         final_observations: Global___Tensor | None = ...,
+        action_masks: Global___ActionMasks | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["final_observations", b"final_observations", "observations", b"observations"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["action_masks", b"action_masks", "final_observations", b"final_observations", "observations", b"observations"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["final_observations", b"final_observations", "observations", b"observations", "rewards", b"rewards", "terminated", b"terminated", "truncated", b"truncated"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action_masks", b"action_masks", "final_observations", b"final_observations", "observations", b"observations", "rewards", b"rewards", "terminated", b"terminated", "truncated", b"truncated"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -297,6 +297,7 @@ class PolicyInfo(_message.Message):
     UPDATED_AT_FIELD_NUMBER: _builtins.int
     CREATED_FIELD_NUMBER: _builtins.int
     DURABLE_VERSION_FIELD_NUMBER: _builtins.int
+    OWNER_FIELD_NUMBER: _builtins.int
     policy_id: _builtins.str
     version: _builtins.int
     """+1 per accepted update (batch or weights)"""
@@ -310,6 +311,8 @@ class PolicyInfo(_message.Message):
     """CreatePolicy: false when an identical policy already existed"""
     durable_version: _builtins.int
     """The newest version known to be on disk (POLICY_SYNC=background saves behind the reply; `always`: = version)."""
+    owner: _builtins.str
+    """the token name that created the policy ("" when the server has no tokens)"""
     @_builtins.property
     def spec(self) -> Global___PolicySpec:
         """hyperparameters with every default filled in, and the seed used"""
@@ -330,10 +333,11 @@ class PolicyInfo(_message.Message):
         updated_at: _builtins.float = ...,
         created: _builtins.bool = ...,
         durable_version: _builtins.int = ...,
+        owner: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["last_update", b"last_update", "spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "created_at", b"created_at", "durable_version", b"durable_version", "episodes_trained", b"episodes_trained", "last_update", b"last_update", "pending_steps", b"pending_steps", "policy_id", b"policy_id", "spec", b"spec", "steps_trained", b"steps_trained", "updated_at", b"updated_at", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "created_at", b"created_at", "durable_version", b"durable_version", "episodes_trained", b"episodes_trained", "last_update", b"last_update", "owner", b"owner", "pending_steps", b"pending_steps", "policy_id", b"policy_id", "spec", b"spec", "steps_trained", b"steps_trained", "updated_at", b"updated_at", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -273,6 +273,9 @@ class TrainingStatus(_message.Message):
     STOP_REQUESTED_FIELD_NUMBER: _builtins.int
     ATTEMPT_FIELD_NUMBER: _builtins.int
     ATTEMPTS_FIELD_NUMBER: _builtins.int
+    OWNER_FIELD_NUMBER: _builtins.int
+    LAST_EVALUATION_FIELD_NUMBER: _builtins.int
+    BEST_EVALUATION_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     experiment_id: _builtins.str
     algorithm: _builtins.str
@@ -297,6 +300,8 @@ class TrainingStatus(_message.Message):
     stop_requested: _builtins.bool
     attempt: _builtins.int
     """1 for the first attempt; each resume starts the next"""
+    owner: _builtins.str
+    """the token name that started the run ("" when the server has no tokens)"""
     @_builtins.property
     def metrics(self) -> Global___TrainingMetrics: ...
     @_builtins.property
@@ -306,6 +311,14 @@ class TrainingStatus(_message.Message):
     @_builtins.property
     def attempts(self) -> _containers.RepeatedCompositeFieldContainer[Global___RunAttempt]:
         """every attempt launched so far, oldest first"""
+
+    @_builtins.property
+    def last_evaluation(self) -> Global___Evaluation:
+        """unset until the run's first evaluation (hyperparameter eval_freq)"""
+
+    @_builtins.property
+    def best_evaluation(self) -> Global___Evaluation:
+        """the highest mean so far; its model is served as model "best" """
 
     def __init__(
         self,
@@ -330,14 +343,52 @@ class TrainingStatus(_message.Message):
         stop_requested: _builtins.bool = ...,
         attempt: _builtins.int = ...,
         attempts: _abc.Iterable[Global___RunAttempt] | None = ...,
+        owner: _builtins.str = ...,
+        last_evaluation: Global___Evaluation | None = ...,
+        best_evaluation: Global___Evaluation | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["metrics", b"metrics"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["best_evaluation", b"best_evaluation", "last_evaluation", b"last_evaluation", "metrics", b"metrics"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["algorithm", b"algorithm", "attempt", b"attempt", "attempts", b"attempts", "created_at", b"created_at", "env_id", b"env_id", "error", b"error", "experiment_id", b"experiment_id", "finished_at", b"finished_at", "hyperparameters", b"hyperparameters", "is_done", b"is_done", "last_checkpoint_path", b"last_checkpoint_path", "metrics", b"metrics", "model_path", b"model_path", "run_id", b"run_id", "seed", b"seed", "started_at", b"started_at", "state", b"state", "stop_requested", b"stop_requested", "timesteps_done", b"timesteps_done", "total_timesteps", b"total_timesteps"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["algorithm", b"algorithm", "attempt", b"attempt", "attempts", b"attempts", "best_evaluation", b"best_evaluation", "created_at", b"created_at", "env_id", b"env_id", "error", b"error", "experiment_id", b"experiment_id", "finished_at", b"finished_at", "hyperparameters", b"hyperparameters", "is_done", b"is_done", "last_checkpoint_path", b"last_checkpoint_path", "last_evaluation", b"last_evaluation", "metrics", b"metrics", "model_path", b"model_path", "owner", b"owner", "run_id", b"run_id", "seed", b"seed", "started_at", b"started_at", "state", b"state", "stop_requested", b"stop_requested", "timesteps_done", b"timesteps_done", "total_timesteps", b"total_timesteps"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___TrainingStatus: _TypeAlias = TrainingStatus  # noqa: Y015
+
+@_typing.final
+class Evaluation(_message.Message):
+    """Deterministic episodes on a separate environment instance with its own seed."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MEAN_REWARD_FIELD_NUMBER: _builtins.int
+    STD_REWARD_FIELD_NUMBER: _builtins.int
+    TIMESTEPS_FIELD_NUMBER: _builtins.int
+    EPISODES_FIELD_NUMBER: _builtins.int
+    MEAN_LENGTH_FIELD_NUMBER: _builtins.int
+    mean_reward: _builtins.float
+    std_reward: _builtins.float
+    timesteps: _builtins.int
+    """the run's timesteps when it was evaluated"""
+    episodes: _builtins.int
+    """episodes averaged (hyperparameter n_eval_episodes)"""
+    mean_length: _builtins.float
+    def __init__(
+        self,
+        *,
+        mean_reward: _builtins.float = ...,
+        std_reward: _builtins.float = ...,
+        timesteps: _builtins.int = ...,
+        episodes: _builtins.int = ...,
+        mean_length: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["episodes", b"episodes", "mean_length", b"mean_length", "mean_reward", b"mean_reward", "std_reward", b"std_reward", "timesteps", b"timesteps"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Evaluation: _TypeAlias = Evaluation  # noqa: Y015
 
 @_typing.final
 class RunAttempt(_message.Message):
@@ -505,11 +556,21 @@ class ActRequest(_message.Message):
     RUN_ID_FIELD_NUMBER: _builtins.int
     OBSERVATION_FIELD_NUMBER: _builtins.int
     DETERMINISTIC_FIELD_NUMBER: _builtins.int
+    ACTION_MASK_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     deterministic: _builtins.bool
+    model: _builtins.str
+    """"latest" (also when empty): the newest model or checkpoint; "best": the best"""
     @_builtins.property
     def observation(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
         """flattened, row-major"""
+
+    @_builtins.property
+    def action_mask(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bool]:
+        """Optional, Discrete action spaces: one flag per action, true = legal; empty: every action is legal. The
+        answer is always a legal action.
+        """
 
     def __init__(
         self,
@@ -517,10 +578,12 @@ class ActRequest(_message.Message):
         run_id: _builtins.str = ...,
         observation: _abc.Iterable[_builtins.float] | None = ...,
         deterministic: _builtins.bool = ...,
+        action_mask: _abc.Iterable[_builtins.bool] | None = ...,
+        model: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["deterministic", b"deterministic", "observation", b"observation", "run_id", b"run_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action_mask", b"action_mask", "deterministic", b"deterministic", "model", b"model", "observation", b"observation", "run_id", b"run_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -561,20 +624,30 @@ class ActBatchRequest(_message.Message):
     RUN_ID_FIELD_NUMBER: _builtins.int
     OBSERVATIONS_FIELD_NUMBER: _builtins.int
     DETERMINISTIC_FIELD_NUMBER: _builtins.int
+    ACTION_MASKS_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     deterministic: _builtins.bool
+    model: _builtins.str
+    """as ActRequest.model"""
     @_builtins.property
     def observations(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]: ...
+    @_builtins.property
+    def action_masks(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bool]:
+        """optional: back to back, one flag per action for each observation"""
+
     def __init__(
         self,
         *,
         run_id: _builtins.str = ...,
         observations: _abc.Iterable[_builtins.float] | None = ...,
         deterministic: _builtins.bool = ...,
+        action_masks: _abc.Iterable[_builtins.bool] | None = ...,
+        model: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["deterministic", b"deterministic", "observations", b"observations", "run_id", b"run_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action_masks", b"action_masks", "deterministic", b"deterministic", "model", b"model", "observations", b"observations", "run_id", b"run_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -714,18 +787,22 @@ class ExportModelRequest(_message.Message):
 
     RUN_ID_FIELD_NUMBER: _builtins.int
     FORMAT_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     format: _builtins.str
     """"torchscript", "onnx" or "sb3" (case-insensitive)"""
+    model: _builtins.str
+    """as ActRequest.model"""
     def __init__(
         self,
         *,
         run_id: _builtins.str = ...,
         format: _builtins.str = ...,
+        model: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["format", b"format", "run_id", b"run_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["format", b"format", "model", b"model", "run_id", b"run_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
