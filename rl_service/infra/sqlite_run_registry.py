@@ -12,7 +12,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from rl_service.core.runs.records import Attempt, Metrics, RunFilter, RunRecord, RunState
+from rl_service.core.runs.records import Attempt, Evaluation, Metrics, RunFilter, RunRecord, RunState
 
 # Version 1: the first table (files written before versioning have user_version 0 and this table).
 _SCHEMA_V1 = """
@@ -48,6 +48,12 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE runs ADD COLUMN attempts TEXT NOT NULL DEFAULT '[]';
     CREATE INDEX IF NOT EXISTS runs_state ON runs (state, created_at);
     """,
+    # 3: who started a run (a token's name), and its last and best evaluations (JSON objects, '' for none).
+    """
+    ALTER TABLE runs ADD COLUMN owner TEXT NOT NULL DEFAULT '';
+    ALTER TABLE runs ADD COLUMN last_evaluation TEXT NOT NULL DEFAULT '';
+    ALTER TABLE runs ADD COLUMN best_evaluation TEXT NOT NULL DEFAULT '';
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -55,6 +61,7 @@ _COLUMNS = (
     "run_id", "experiment_id", "algorithm", "env_id", "state", "total_timesteps", "timesteps_done", "seed",
     "hyperparameters", "checkpoint_interval", "model_path", "last_checkpoint_path", "error", "metrics",
     "created_at", "started_at", "finished_at", "stop_requested", "model_saved", "attempt", "attempts",
+    "owner", "last_evaluation", "best_evaluation",
 )
 
 
@@ -137,8 +144,17 @@ def _to_row(record: RunRecord) -> tuple[Any, ...]:
         record.checkpoint_interval, record.model_path, record.last_checkpoint_path, record.error,
         json.dumps(record.metrics.to_dict()), record.created_at, record.started_at, record.finished_at,
         int(record.stop_requested), int(record.model_saved), record.attempt,
-        json.dumps(record.attempt_dicts()),
+        json.dumps(record.attempt_dicts()), record.owner, _evaluation_json(record.last_evaluation),
+        _evaluation_json(record.best_evaluation),
     )
+
+
+def _evaluation_json(evaluation: Evaluation | None) -> str:
+    return json.dumps(evaluation.to_dict()) if evaluation is not None else ""
+
+
+def _evaluation(text: str) -> Evaluation | None:
+    return Evaluation.from_dict(json.loads(text)) if text else None
 
 
 def _from_row(row: tuple[Any, ...]) -> RunRecord:
@@ -165,4 +181,7 @@ def _from_row(row: tuple[Any, ...]) -> RunRecord:
         model_saved=bool(data["model_saved"]),
         attempt=int(data["attempt"]),
         attempts=tuple(Attempt.from_dict(item) for item in json.loads(data["attempts"])),
+        owner=data["owner"],
+        last_evaluation=_evaluation(data["last_evaluation"]),
+        best_evaluation=_evaluation(data["best_evaluation"]),
     )

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from rl_service.core.runs.records import Attempt, Metrics, RunFilter, RunRecord, RunState
+from rl_service.core.runs.records import Attempt, Evaluation, Metrics, RunFilter, RunRecord, RunState
 from rl_service.infra.sqlite_run_registry import SCHEMA_VERSION, SqliteRunRegistry
 
 
@@ -197,3 +197,14 @@ def test_usable_from_several_threads(registry: SqliteRunRegistry) -> None:
         thread.join()
     assert errors == []
     assert len(registry.find(RunFilter())) == 80
+
+
+def test_owner_and_evaluations_round_trip(registry: SqliteRunRegistry) -> None:
+    last = Evaluation(mean_reward=120.5, std_reward=3.25, timesteps=5000, episodes=5, mean_length=120.5)
+    best = Evaluation(mean_reward=200.0, std_reward=0.0, timesteps=4000, episodes=5)
+    registry.insert(make_record("run-owned", owner="alice"))
+    assert registry.get("run-owned").last_evaluation is None  # type: ignore[union-attr]
+    registry.update(make_record("run-owned", owner="alice", last_evaluation=last, best_evaluation=best))
+    got = registry.get("run-owned")
+    assert got is not None
+    assert (got.owner, got.last_evaluation, got.best_evaluation) == ("alice", last, best)

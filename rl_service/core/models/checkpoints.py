@@ -31,3 +31,8 @@ def replay_buffer_timesteps(path: str | Path) -> int | None:
     """The timesteps of the checkpoint a replay-buffer file belongs to, or None for any other file."""
     match = _REPLAY_BUFFER_NAME.match(Path(path).name)
     return int(match.group(1)) if match else None
+
+
+# The best evaluated model of a run (hyperparameter eval_freq), in the run's directory under MODELS_DIR beside
+# metadata.json; replaced whenever an evaluation beats the best so far. Served and exported as model "best".
+BEST_MODEL_NAME = "best_model.zip"

@@ -110,6 +110,28 @@ class Attempt:
 
 
 @dataclass(frozen=True)
+class Evaluation:
+    """One evaluation: deterministic episodes on a separate environment instance (hyperparameter eval_freq)."""
+
+    mean_reward: float
+    std_reward: float
+    timesteps: int
+    episodes: int
+    mean_length: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (the registry, events)."""
+        return {"mean_reward": self.mean_reward, "std_reward": self.std_reward, "timesteps": self.timesteps,
+                "episodes": self.episodes, "mean_length": self.mean_length}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Evaluation:
+        """The inverse of to_dict."""
+        return cls(float(data["mean_reward"]), float(data["std_reward"]), int(data["timesteps"]),
+                   int(data["episodes"]), float(data.get("mean_length", 0.0)))
+
+
+@dataclass(frozen=True)
 class RunRecord:
     """Everything the server knows about one run; what the run registry persists."""
 
@@ -135,6 +157,9 @@ class RunRecord:
     model_saved: bool = False
     attempt: int = 1  # the attempt the run is on (or ended in); a resume starts the next one
     attempts: tuple[Attempt, ...] = ()  # every launch so far, oldest first
+    owner: str = ""  # the token name that started the run ("" on a server without tokens)
+    last_evaluation: Evaluation | None = None
+    best_evaluation: Evaluation | None = None  # its model is served as model "best"
 
     def attempt_dicts(self) -> list[dict[str, Any]]:
         """Every attempt in its JSON-ready form (metadata.json, the worker's job)."""
