@@ -102,6 +102,17 @@ class Settings(BaseSettings):
         None, description="PEM CA bundle that grpcs:// simulations' certificates must chain to "
                           "(unset: the system's roots)")
 
+    # Where runs train (see docs/architecture.md, "Executors").
+    executor: Literal["local", "ray"] = Field(
+        "local", description="local: one process per run on this machine; ray: one Ray actor per run on a cluster")
+    ray_address: str = Field("", description="EXECUTOR=ray: the Ray cluster to join (unset: start a local Ray "
+                                             "instance bound to loopback)")
+    ray_cpus_per_run: float = Field(1.0, gt=0, le=1024, description="EXECUTOR=ray: CPUs each run's actor reserves")
+    health_port: int | None = Field(
+        None, ge=0, le=65535,
+        description="also serve grpc.health.v1 alone, in plaintext, on this port (for Kubernetes' native gRPC "
+                    "probes, which cannot speak TLS); unset: health only on GRPC_PORT")
+
     @field_validator("gym_packages")
     @classmethod
     def _check_gym_packages(cls, value: str) -> str:
