@@ -324,6 +324,7 @@ def test_a_simulation_whose_certificate_does_not_verify_is_refused_at_start(pki:
         assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert expired.address in (info.value.details() or "")
         assert "certificate has expired" in (info.value.details() or "")
+        assert "EXTERNAL_ENV_CA_FILE" in (info.value.details() or "")
         assert expired.servicer.calls["GetSpec"] == 0, "no RPC reached an unverified simulation"
     finally:
         expired.stop()

@@ -98,7 +98,7 @@ def _get_spec(stub: pb_grpc.EnvironmentServiceStub, address: ExternalAddress, op
     except grpc.RpcError as exc:
         code, details = exc.code(), exc.details()
         if code in _RETRYABLE:
-            raise _Lost("GetSpec", f"{code.name}: {details}") from None
+            raise _Lost("GetSpec", f"{code.name}: {details}{_tls_hint(address, details)}") from None
         if code == grpc.StatusCode.DEADLINE_EXCEEDED:
             raise _Lost("GetSpec", f"no answer to GetSpec within {options.connect_timeout:g}s "
                                    "(ENV_CONNECT_TIMEOUT_SECONDS)") from None
@@ -108,6 +108,14 @@ def _get_spec(stub: pb_grpc.EnvironmentServiceStub, address: ExternalAddress, op
         return spec_from_proto(message)
     except MalformedData as exc:
         raise EnvironmentProtocolError(f"env {address} sent a malformed spec: {exc}", field="env_id") from None
+
+
+def _tls_hint(address: ExternalAddress, details: str | None) -> str:
+    """What to check when a grpcs:// simulation's certificate did not verify."""
+    if address.tls and "CERTIFICATE_VERIFY_FAILED" in (details or ""):
+        return (" (the simulation's certificate does not verify against EXTERNAL_ENV_CA_FILE, or the system's roots "
+                "when it is unset, for the host in the address)")
+    return ""
 
 
 class SessionStream:
