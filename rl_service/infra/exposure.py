@@ -51,10 +51,14 @@ def check_exposure(host: str, *, tls: bool, tokens: bool, allow_insecure: bool) 
     if not allow_insecure:
         raise InsecureBindRefused(
             f"refusing to listen on GRPC_HOST={host!r}, which is not a loopback address, without {what}: set "
-            f"{' and '.join(_settings(tls, tokens))}, or GRPC_HOST=127.0.0.1, or ALLOW_INSECURE=true to start "
-            "anyway")
+            f"{_listed(_settings(tls, tokens))}, or GRPC_HOST=127.0.0.1, or ALLOW_INSECURE=true to start anyway")
     return (f"listening on GRPC_HOST={host!r}, which is not a loopback address, without {what}, because "
             "ALLOW_INSECURE=true: anyone who can reach the port can use the service")
+
+
+def _listed(names: list[str]) -> str:
+    """'A', 'A and B', 'A, B and C'."""
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
 
 
 def _settings(tls: bool, tokens: bool) -> list[str]:
