@@ -72,8 +72,8 @@ class Settings(BaseSettings):
                                               "(a server's own death does not count)")
     save_replay_buffer: bool = Field(True, description="save off-policy replay buffers with each checkpoint")
     external_env_allowed_hosts: str = Field(
-        DEFAULT_ALLOWED_HOSTS, description="hosts a grpc:// env may be on: hostnames, IPs, CIDR networks, * (any), "
-                                           "none")
+        DEFAULT_ALLOWED_HOSTS, description="hosts a grpc:// or grpcs:// env may be on: hostnames, IPs, CIDR "
+                                           "networks, * (any), none")
     external_env_socket_dir: Path | None = Field(
         None, description="directory a unix: env's socket must be in (unset: unix: addresses are refused)")
     env_step_timeout_seconds: float = Field(10.0, gt=0, le=3600, description="deadline of each env Reset and Step")
