@@ -10,6 +10,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from rl_service.infra.config_errors import ConfigurationError
 from rl_service.infra.settings import Settings, describe_validation_error
 
 # flag -> Settings field; every flag is optional and only overrides when given.
@@ -60,6 +61,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         # On the main thread, which lives as long as the process: the fork server dies when the thread that
         # started it ends. OSError includes DataDirInUse (another server holds DATA_DIR).
         running = build_server(settings)
+    except ConfigurationError as exc:
+        # A file a setting names is unusable, or the address needs TLS and tokens: one line, as for a bad value.
+        sys.stderr.write(f"cannot start: {exc}\n")
+        return 2
     except OSError as exc:
         get_logger("server").error("cannot start", error=str(exc))
         return 1

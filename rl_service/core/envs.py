@@ -27,8 +27,9 @@ from rl_service.core.errors import (
 )
 
 _OBSERVATION_SPACES = (gym.spaces.Box, gym.spaces.Discrete, gym.spaces.MultiDiscrete, gym.spaces.MultiBinary)
-# A simulation's address: grpc://host:port, or unix:PATH (a unix domain socket, gRPC's naming).
-EXTERNAL_ENV_PREFIXES = ("grpc://", "unix:")
+# A simulation's address: grpc://host:port, grpcs://host:port (TLS), or unix:PATH (a unix domain socket, gRPC's
+# naming).
+EXTERNAL_ENV_PREFIXES = ("grpc://", "grpcs://", "unix:")
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,7 @@ class ExternalEnvironments(Protocol):
 
 
 def is_external_env(env_id: str) -> bool:
-    """True when env_id is a simulation's address (grpc://host:port, unix:PATH) rather than a Gymnasium id.
+    """True when env_id is a simulation's address (grpc:// or grpcs://host:port, unix:PATH), not a Gymnasium id.
 
     Checked before check_env_id, which refuses every id holding ':' as a module path.
     """

@@ -1,8 +1,9 @@
 """Command line of the reference environment server (`python -m rl_service.envserver`, `rl-service env-server`).
 
 The first line on stdout is "serving <env> (<n> envs) on <address>", the address being grpc://<host>:<port> (so a
-parent process that asked for port 0 can read the port) or, with --unix, unix:///<absolute path>. SIGTERM or
-SIGINT stops it (and removes the socket file).
+parent process that asked for port 0 can read the port), grpcs://<host>:<port> with --tls-cert-file and
+--tls-key-file (TLS only), or, with --unix, unix:///<absolute path>. SIGTERM or SIGINT stops it (and removes the
+socket file).
 """
 
 from __future__ import annotations
@@ -21,9 +22,12 @@ from rl_service.envserver.reference_server import (
 )
 from rl_service.infra.external_env.codec import MAX_NUM_ENVS
 from rl_service.infra.external_env.env_batch import EnvBatch
+from rl_service.infra.tls import TlsFileError, load_server_tls
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 50061
+# Names in error messages (the third is never used: the training service presents no client certificate).
+_TLS_FLAGS = ("--tls-cert-file", "--tls-key-file", "--tls-client-ca-file")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--unix", metavar="PATH",
                         help="listen on this unix domain socket instead of a TCP port (a stale socket left there by "
                              "a previous run is replaced; any other file is not)")
+    parser.add_argument("--tls-cert-file", metavar="PEM",
+                        help="serve TLS only (grpcs://) with this certificate chain; needs --tls-key-file")
+    parser.add_argument("--tls-key-file", metavar="PEM", help="the private key of --tls-cert-file")
     parser.add_argument("--raw-observations", action="store_true",
                         help="send observations as little-endian bytes (fastest for large observations)")
     parser.add_argument("--max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES,
@@ -55,6 +62,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--unix cannot be combined with --host or --port")
     if args.port is not None and not 0 <= args.port <= 65535:
         parser.error("--port must be in 0..65535")
+    if args.unix is not None and args.tls_cert_file is not None:
+        parser.error("--unix cannot be combined with --tls-cert-file (TLS is served on --host/--port)")
+    try:
+        tls = load_server_tls(args.tls_cert_file, args.tls_key_file, names=_TLS_FLAGS)
+    except TlsFileError as exc:
+        parser.error(str(exc))
     try:
         batch = EnvBatch.from_gym_id(args.env, args.num_envs, version=server_version())
     except Exception as exc:  # unknown id, missing optional dependency, ...
@@ -63,7 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         handle = start_env_server(ReferenceEnvironmentServicer(batch, args.raw_observations),
                                   args.host or DEFAULT_HOST, DEFAULT_PORT if args.port is None else args.port,
-                                  max_message_bytes=args.max_message_bytes, unix_socket=args.unix)
+                                  max_message_bytes=args.max_message_bytes, unix_socket=args.unix, tls=tls)
     except (OSError, ValueError) as exc:
         print(f"env-server: {exc}", file=sys.stderr)
         batch.close()

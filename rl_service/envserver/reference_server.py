@@ -24,6 +24,7 @@ from grpc_reflection.v1alpha import reflection
 from rl_service.infra.external_env.address import MAX_SOCKET_PATH_BYTES, unix_target
 from rl_service.infra.external_env.codec import BatchCodec, MalformedData, spec_to_proto
 from rl_service.infra.external_env.env_batch import EnvBatch, ResetNeeded
+from rl_service.infra.tls import ServerTls
 from rl_service_proto.v1 import environment_pb2 as pb
 from rl_service_proto.v1 import environment_pb2_grpc as pb_grpc
 
@@ -153,14 +154,15 @@ class EnvServerHandle:
     servicer: Any
     socket_path: str | None = None  # absolute
     socket_inode: int | None = None  # the socket file this server created (stop removes only that one)
+    tls: bool = False  # serves TLS only (grpcs://)
 
     @property
     def address(self) -> str:
-        """grpc://host:port or unix:///absolute/path, as StartTraining takes it."""
+        """grpc://host:port, grpcs://host:port (TLS) or unix:///absolute/path, as StartTraining takes it."""
         if self.socket_path is not None:
             return f"unix://{self.socket_path}"
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"grpc://{host}:{self.port}"
+        return f"{'grpcs' if self.tls else 'grpc'}://{host}:{self.port}"
 
     def stop(self, grace: float | None = 0) -> None:
         """Stop serving (in-flight calls are cancelled after `grace` seconds) and remove the socket file."""
@@ -179,9 +181,12 @@ class EnvServerHandle:
 
 def start_env_server(servicer: pb_grpc.EnvironmentServiceServicer, host: str = "127.0.0.1", port: int = 0,
                      max_workers: int = 8, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-                     unix_socket: str | os.PathLike[str] | None = None) -> EnvServerHandle:
-    """Serve `servicer` (plus health and reflection) on host:port (0: any free port), or on the unix socket
-    `unix_socket` instead (a stale socket left there is replaced), and return at once."""
+                     unix_socket: str | os.PathLike[str] | None = None, tls: ServerTls | None = None
+                     ) -> EnvServerHandle:
+    """Serve `servicer` (plus health and reflection) on host:port (0: any free port), TLS only when `tls` is
+    given, or on the unix socket `unix_socket` instead (a stale socket left there is replaced); return at once."""
+    if tls is not None and unix_socket is not None:
+        raise ValueError("TLS is served on host:port (grpcs://), not on a unix socket")
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="env-rpc"),
                          options=[("grpc.max_receive_message_length", max_message_bytes),
                                   ("grpc.max_send_message_length", max_message_bytes),
@@ -199,14 +204,14 @@ def start_env_server(servicer: pb_grpc.EnvironmentServiceServicer, host: str = "
     else:
         bound = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:
-        actual = server.add_insecure_port(bound)
+        actual = server.add_insecure_port(bound) if tls is None else server.add_secure_port(bound, tls.credentials())
     except RuntimeError as exc:
         raise OSError(f"cannot listen on {bound}: {exc}") from None
     server.start()
     for name in ("", ENVIRONMENT_SERVICE):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     if socket_path is None:
-        return EnvServerHandle(server, actual, host, servicer)
+        return EnvServerHandle(server, actual, host, servicer, tls=tls is not None)
     return EnvServerHandle(server, 0, "", servicer, socket_path, os.lstat(socket_path).st_ino)
 
 
@@ -243,11 +248,12 @@ def _make_way_for_socket(path: str) -> None:
 
 
 def serve_gym(env_id: str, num_envs: int, host: str = "127.0.0.1", port: int = 0,
-              raw_observations: bool = False, unix_socket: str | os.PathLike[str] | None = None) -> EnvServerHandle:
+              raw_observations: bool = False, unix_socket: str | os.PathLike[str] | None = None,
+              tls: ServerTls | None = None) -> EnvServerHandle:
     """Serve num_envs instances of a Gymnasium id (a reference server in one call, for tests and benchmarks)."""
     batch = EnvBatch.from_gym_id(env_id, num_envs, version=server_version())
     return start_env_server(ReferenceEnvironmentServicer(batch, raw_observations), host, port,
-                            unix_socket=unix_socket)
+                            unix_socket=unix_socket, tls=tls)
 
 
 def server_version() -> str:

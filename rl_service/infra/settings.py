@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from rl_service.infra.external_env.address import DEFAULT_ALLOWED_HOSTS, MAX_SOCKET_PATH_BYTES, HostAllowList
@@ -72,8 +72,8 @@ class Settings(BaseSettings):
                                               "(a server's own death does not count)")
     save_replay_buffer: bool = Field(True, description="save off-policy replay buffers with each checkpoint")
     external_env_allowed_hosts: str = Field(
-        DEFAULT_ALLOWED_HOSTS, description="hosts a grpc:// env may be on: hostnames, IPs, CIDR networks, * (any), "
-                                           "none")
+        DEFAULT_ALLOWED_HOSTS, description="hosts a grpc:// or grpcs:// env may be on: hostnames, IPs, CIDR "
+                                           "networks, * (any), none")
     external_env_socket_dir: Path | None = Field(
         None, description="directory a unix: env's socket must be in (unset: unix: addresses are refused)")
     env_step_timeout_seconds: float = Field(10.0, gt=0, le=3600, description="deadline of each env Reset and Step")
@@ -87,9 +87,11 @@ class Settings(BaseSettings):
 
     # Security (see README "Secure set-up"). Files are read once at start-up; a bad one stops the server.
     tls_cert_file: Path | None = Field(None, description="PEM certificate chain: with TLS_KEY_FILE, serve TLS only")
-    tls_key_file: Path | None = Field(None, description="PEM private key of TLS_CERT_FILE")
+    # validate_default: the pair rules below must also run when the second file is left unset.
+    tls_key_file: Path | None = Field(None, validate_default=True, description="PEM private key of TLS_CERT_FILE")
     tls_client_ca_file: Path | None = Field(
-        None, description="PEM CA bundle: clients must present a certificate it signed (mutual TLS)")
+        None, validate_default=True,
+        description="PEM CA bundle: clients must present a certificate it signed (mutual TLS)")
     auth_tokens_file: Path | None = Field(
         None, description="bearer tokens, one `NAME ROLE sha256:HEX` line each; unset: no authentication")
     allow_insecure: bool = Field(
@@ -145,6 +147,27 @@ class Settings(BaseSettings):
         if len(os.fsencode(os.path.realpath(value))) + 2 > MAX_SOCKET_PATH_BYTES:
             raise ValueError(f"{value} is too long: a socket path inside it must fit in {MAX_SOCKET_PATH_BYTES} "
                              "bytes (sun_path)")
+        return value
+
+    @field_validator("tls_key_file")
+    @classmethod
+    def _check_tls_pair(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        # The files are read at start-up (rl_service.infra.tls); here only the rule that they come in pairs.
+        if "tls_cert_file" not in info.data:
+            return value  # TLS_CERT_FILE itself is invalid and reported
+        cert = info.data["tls_cert_file"]
+        if cert is not None and value is None:
+            raise ValueError("is required when TLS_CERT_FILE is set (TLS takes a certificate and its key)")
+        if cert is None and value is not None:
+            raise ValueError("is set, but TLS_CERT_FILE is not (TLS takes a certificate and its key)")
+        return value
+
+    @field_validator("tls_client_ca_file")
+    @classmethod
+    def _check_client_ca(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        if value is not None and info.data.get("tls_cert_file") is None and "tls_cert_file" in info.data:
+            raise ValueError("is set, but TLS_CERT_FILE is not: mutual TLS needs the server's own certificate and "
+                             "key (TLS_CERT_FILE, TLS_KEY_FILE)")
         return value
 
     @field_validator("log_level", mode="before")

@@ -26,6 +26,7 @@ from rl_service.infra.process_lifeline import exit_later
 from rl_service.infra.settings import Settings
 from rl_service.infra.sqlite_run_registry import SqliteRunRegistry
 from rl_service.transport.policy_servicer import PolicyServicer
+from rl_service.transport.port_security import PortSecurity
 from rl_service.transport.stream_slots import StreamSlots
 from rl_service.transport.training_servicer import TrainingServicer
 from rl_service_proto.v1 import policy_pb2, policy_pb2_grpc, training_pb2, training_pb2_grpc
@@ -97,20 +98,24 @@ def orchestrator_config(settings: Settings) -> OrchestratorConfig:
 
 
 def build_server(settings: Settings) -> RunningServer:
-    """Own the data directories (lock, crash leftovers), then build and start the rest (DataDirInUse: refused)."""
+    """Read the files settings name (ConfigurationError: refused before anything is created), own the data
+    directories (lock, crash leftovers), then build and start the rest (DataDirInUse: refused)."""
+    security = PortSecurity.from_settings(settings)  # TLS files and the exposure rule
+    config = orchestrator_config(settings)  # reads EXTERNAL_ENV_CA_FILE
     lock = DataDirLock.acquire(settings.data_dir)
     try:
         removed = remove_temp_files(settings.data_dir, settings.models_root, settings.checkpoint_root,
                                     settings.policies_root)
         if removed:
             get_logger("server").info("removed temp files left by interrupted writes", count=removed)
-        return _build_started(settings, lock)
+        return _build_started(settings, lock, config, security)
     except BaseException:
         lock.release()
         raise
 
 
-def _build_started(settings: Settings, lock: DataDirLock) -> RunningServer:
+def _build_started(settings: Settings, lock: DataDirLock, config: OrchestratorConfig,
+                   security: PortSecurity) -> RunningServer:
     """Create every component, bind, start; health turns SERVING only once all of it is ready."""
     import torch
 
@@ -121,7 +126,6 @@ def _build_started(settings: Settings, lock: DataDirLock) -> RunningServer:
     registry = SqliteRunRegistry(settings.registry_path)
     for module in settings.gym_modules:  # their Gymnasium registrations, here for validation and Act
         importlib.import_module(module)
-    config = orchestrator_config(settings)
     executor = LocalProcessExecutor(run_worker, WorkerServices(store, config.external_envs),
                                     settings.worker_start_method, (*WORKER_PRELOAD, *settings.gym_modules),
                                     log_level=settings.log_level, log_format=settings.log_format, lock_fd=lock.fd)
@@ -151,15 +155,18 @@ def _build_started(settings: Settings, lock: DataDirLock) -> RunningServer:
     reflection.enable_server_reflection(
         (TRAINING_SERVICE, POLICY_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
          reflection.SERVICE_NAME), server)
+    if security.insecure_warning:
+        log.warning(security.insecure_warning)
     try:
-        port = server.add_insecure_port(settings.address)
+        port = security.bind(server, settings.address)
     except RuntimeError as exc:
         orchestrator.shutdown(0)
         raise OSError(f"cannot listen on {settings.address}: {exc}") from None
     server.start()
     for service in HEALTH_SERVICES:
         health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
-    log.info("server started", address=f"{settings.grpc_host}:{port}", models_dir=str(settings.models_root),
+    log.info("server started", address=f"{settings.grpc_host}:{port}", transport=security.mode,
+             models_dir=str(settings.models_root),
              checkpoint_dir=str(settings.checkpoint_root), max_concurrent_runs=settings.max_concurrent_runs)
     return RunningServer(server, port, orchestrator, policies, health_servicer, settings, lock)
 

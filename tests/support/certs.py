@@ -32,6 +32,8 @@ class Pem:
 class TestPki:
     """Everything a TLS test needs, under one directory."""
 
+    __test__ = False  # a name starting with Test, not a test class
+
     ca: Pem
     server: Pem
     client: Pem
@@ -59,7 +61,7 @@ def _name(common_name: str) -> x509.Name:
 
 def _ca(directory: Path, name: str) -> tuple[Pem, x509.Certificate, ec.EllipticCurvePrivateKey]:
     key = _key()
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     cert = (x509.CertificateBuilder().subject_name(_name(name)).issuer_name(_name(name))
             .public_key(key.public_key()).serial_number(x509.random_serial_number())
             .not_valid_before(now - dt.timedelta(days=1)).not_valid_after(now + dt.timedelta(days=30))
@@ -75,7 +77,7 @@ def _ca(directory: Path, name: str) -> tuple[Pem, x509.Certificate, ec.EllipticC
 def _leaf(directory: Path, name: str, issuer: x509.Certificate, issuer_key: ec.EllipticCurvePrivateKey, *,
           server: bool, expired: bool = False) -> Pem:
     key = _key()
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     start, end = ((now - dt.timedelta(days=10), now - dt.timedelta(days=1)) if expired
                   else (now - dt.timedelta(days=1), now + dt.timedelta(days=30)))
     builder = (x509.CertificateBuilder().subject_name(_name(name)).issuer_name(issuer.subject)

@@ -264,3 +264,59 @@ def test_bad_socket_dir_settings_name_the_variable(tmp_path: Path, monkeypatch: 
     monkeypatch.delenv("EXTERNAL_ENV_SOCKET_DIR")
     with pytest.raises(ValidationError, match="NUL byte"):
         make_settings(tmp_path, external_env_socket_dir="a\x00b")
+
+
+@pytest.mark.parametrize(("text", "host", "target"), [
+    ("grpcs://127.0.0.1:50061", "127.0.0.1", "127.0.0.1:50061"),
+    (" GRPCS://Sim.Example:443 ", "sim.example", "sim.example:443"),
+    ("grpcs://[::1]:50061", "::1", "[::1]:50061"),
+])
+def test_grpcs_addresses_are_tls_and_otherwise_the_same(text: str, host: str, target: str) -> None:
+    address = parse_address(text)
+    assert address.tls and address.host == host and address.target == target and not address.is_unix
+    assert is_external_env(text)
+    assert not parse_address("grpc://127.0.0.1:1").tls and not parse_address("unix:sim.sock").tls
+    assert pickle.loads(pickle.dumps(address)) == address
+    with pytest.raises(ValueError):
+        ExternalAddress(url="x", socket_path="/s.sock", tls=True)  # TLS is never a unix: address's
+
+
+@pytest.mark.parametrize("text", ["grpcs://127.0.0.1", "grpcs://user@127.0.0.1:1", "grpcs://127.0.0.1:1/p",
+                                  "grpcss://127.0.0.1:1", "https://127.0.0.1:1"])
+def test_malformed_grpcs_addresses_are_refused(text: str) -> None:
+    with pytest.raises(InvalidRequest) as info:
+        parse_address(text)
+    assert info.value.field == "env_id" and "grpcs://" in info.value.message
+
+
+def test_the_allow_list_applies_to_grpcs_as_to_grpc() -> None:
+    environments = GrpcExternalEnvironments(HostAllowList.parse("sim.example,10.0.0.0/8"))
+    assert environments.check("grpcs://sim.example:443").tls
+    assert environments.check("grpcs://10.1.2.3:443").tls
+    for refused in ("grpcs://127.0.0.1:443", "grpcs://other.example:443"):
+        with pytest.raises(PermissionDenied) as info:
+            environments.check(refused)
+        assert "EXTERNAL_ENV_ALLOWED_HOSTS" in info.value.message and "nothing was contacted" in info.value.message
+
+
+def test_external_env_ca_file_is_read_at_start_up(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from rl_service.infra.tls import TlsFileError
+    from tests.support.certs import make_test_pki
+
+    pki = make_test_pki(tmp_path / "pki")
+    monkeypatch.setenv("EXTERNAL_ENV_CA_FILE", str(pki.ca.cert))
+    environments = GrpcExternalEnvironments.from_settings(make_settings(tmp_path))
+    assert environments.options.tls_roots == pki.ca.cert_bytes()  # bytes: a worker reads no file
+    assert pickle.loads(pickle.dumps(environments)) == environments
+    monkeypatch.setenv("EXTERNAL_ENV_CA_FILE", str(tmp_path / "missing.pem"))
+    with pytest.raises(TlsFileError) as info:
+        GrpcExternalEnvironments.from_settings(make_settings(tmp_path))
+    assert str(info.value).startswith("EXTERNAL_ENV_CA_FILE: cannot read")
+    monkeypatch.setenv("EXTERNAL_ENV_CA_FILE", str(pki.server.key))
+    with pytest.raises(TlsFileError, match=r"^EXTERNAL_ENV_CA_FILE: .* holds no"):
+        GrpcExternalEnvironments.from_settings(make_settings(tmp_path))
+    # Unset: the system's bundle (SSL_CERT_FILE overrides where it is), read at start-up too.
+    monkeypatch.delenv("EXTERNAL_ENV_CA_FILE")
+    monkeypatch.setenv("SSL_CERT_FILE", str(pki.other_ca.cert))
+    assert GrpcExternalEnvironments.from_settings(make_settings(tmp_path)).options.tls_roots == \
+        pki.other_ca.cert_bytes()

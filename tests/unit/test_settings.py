@@ -141,3 +141,26 @@ def test_empty_models_dir_means_default(monkeypatch: pytest.MonkeyPatch, tmp_pat
     monkeypatch.setenv("DATA_DIR", str(tmp_path / "d"))
     monkeypatch.setenv("MODELS_DIR", "")
     assert Settings().models_root == tmp_path / "d" / "models"
+
+
+@pytest.mark.parametrize(("env", "variable", "words"), [
+    ({"TLS_CERT_FILE": "/etc/rl/server.crt"}, "TLS_KEY_FILE", "is required when TLS_CERT_FILE is set"),
+    ({"TLS_KEY_FILE": "/etc/rl/server.key"}, "TLS_KEY_FILE", "TLS_CERT_FILE is not"),
+    ({"TLS_CLIENT_CA_FILE": "/etc/rl/ca.crt"}, "TLS_CLIENT_CA_FILE", "TLS_CERT_FILE is not"),
+    ({"TLS_CLIENT_CA_FILE": "/etc/rl/ca.crt", "TLS_KEY_FILE": "/k"}, "TLS_CLIENT_CA_FILE", "mutual TLS"),
+])
+def test_tls_files_come_in_pairs(env: dict[str, str], variable: str, words: str) -> None:
+    text = _error(**env)
+    assert f"{variable}: " in text and words in text and "\n" not in text
+
+
+def test_tls_settings_are_paths_read_only_at_start_up() -> None:
+    """Validation checks the combination; the files themselves are read when the server starts."""
+    assert Settings().tls_cert_file is None and not Settings().allow_insecure
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TLS_CERT_FILE", "/no/such/cert.pem")
+        mp.setenv("TLS_KEY_FILE", "/no/such/key.pem")
+        mp.setenv("TLS_CLIENT_CA_FILE", "/no/such/ca.pem")
+        settings = Settings()
+    assert settings.tls_cert_file == Path("/no/such/cert.pem")
+    assert settings.tls_client_ca_file == Path("/no/such/ca.pem")

@@ -1,5 +1,6 @@
-"""Environment addresses: grpc://host:port with the EXTERNAL_ENV_ALLOWED_HOSTS allow-list, and unix:PATH (gRPC's
-own naming for unix domain sockets) confined to EXTERNAL_ENV_SOCKET_DIR.
+"""Environment addresses: grpc://host:port (plaintext) and grpcs://host:port (TLS) with the
+EXTERNAL_ENV_ALLOWED_HOSTS allow-list, and unix:PATH (gRPC's own naming for unix domain sockets) confined to
+EXTERNAL_ENV_SOCKET_DIR.
 
 An address is checked here before anything is contacted: no DNS lookup, no connection. A hostname is allowed only
 if the list names it; an IP literal if the list names it or a network holding it. A socket path is allowed only if
@@ -19,13 +20,14 @@ from urllib.parse import quote, urlsplit
 from rl_service.core.errors import InvalidRequest, PermissionDenied
 
 SCHEME = "grpc"
+TLS_SCHEME = "grpcs"  # the same, over TLS: the simulation's certificate is verified (EXTERNAL_ENV_CA_FILE)
 UNIX_SCHEME = "unix"
 DEFAULT_ALLOWED_HOSTS = "localhost,127.0.0.0/8,::1"
 MAX_ADDRESS_LENGTH = 256
 _HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,62}[A-Za-z0-9])?"
                        r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,62}[A-Za-z0-9])?)*$")
 MAX_SOCKET_PATH_BYTES = 107  # sun_path holds 108 bytes, the terminating NUL included
-GRPC_USAGE = "expected grpc://HOST:PORT, e.g. grpc://127.0.0.1:50061"
+GRPC_USAGE = "expected grpc://HOST:PORT or grpcs://HOST:PORT (TLS), e.g. grpc://127.0.0.1:50061"
 UNIX_USAGE = ("expected unix:NAME (inside EXTERNAL_ENV_SOCKET_DIR) or unix:///ABSOLUTE/PATH, "
               "e.g. unix:cartpole.sock")
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -33,16 +35,19 @@ IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 @dataclass(frozen=True)
 class ExternalAddress:
-    """A parsed address: grpc://host:port (host and port set) or unix:PATH (socket_path set, host empty)."""
+    """A parsed address: grpc(s)://host:port (host and port set) or unix:PATH (socket_path set, host empty)."""
 
     url: str  # as written (stripped): what every message names
     host: str = ""
     port: int = 0
     socket_path: str = ""  # as written until SocketDirectory.resolve makes it absolute and symlink-free
+    tls: bool = False  # grpcs://: the channel is TLS and the simulation's certificate must verify for `host`
 
     def __post_init__(self) -> None:
         if bool(self.socket_path) == bool(self.host):
             raise ValueError("an ExternalAddress holds either a host and port or a socket path")
+        if self.tls and self.socket_path:
+            raise ValueError("TLS is for grpcs://host:port addresses, not unix: sockets")
 
     @property
     def is_unix(self) -> bool:
@@ -66,7 +71,8 @@ def unix_target(path: str) -> str:
 
 
 def parse_address(text: str, field: str = "env_id") -> ExternalAddress:
-    """grpc://host:port or unix:PATH -> ExternalAddress; InvalidRequest says what is wrong with anything else.
+    """grpc://host:port, grpcs://host:port or unix:PATH -> ExternalAddress; InvalidRequest says what is wrong with
+    anything else.
 
     A unix path is taken as written (relative or absolute); SocketDirectory.resolve places and checks it.
     """
@@ -81,9 +87,10 @@ def parse_address(text: str, field: str = "env_id") -> ExternalAddress:
         port = parts.port
     except ValueError as exc:
         raise InvalidRequest(f"{field}: {url!r} is not a valid address ({exc}); {usage}", field=field) from None
-    if parts.scheme.lower() != SCHEME:
-        raise InvalidRequest(f"{field}: {url!r} is not a grpc:// or unix: address; {usage}, or {UNIX_USAGE}",
-                             field=field)
+    scheme = parts.scheme.lower()
+    if scheme not in (SCHEME, TLS_SCHEME):
+        raise InvalidRequest(f"{field}: {url!r} is not a grpc://, grpcs:// or unix: address; {usage}, or "
+                             f"{UNIX_USAGE}", field=field)
     if parts.username is not None or parts.password is not None or parts.path not in ("", "/") \
             or parts.query or parts.fragment:
         raise InvalidRequest(f"{field}: {url!r} may hold only a host and a port; {usage}", field=field)
@@ -94,7 +101,7 @@ def parse_address(text: str, field: str = "env_id") -> ExternalAddress:
         raise InvalidRequest(f"{field}: {url!r} needs a port in 1..65535; {usage}", field=field)
     if _ip(host) is None and not _HOSTNAME.match(host):
         raise InvalidRequest(f"{field}: {host!r} is neither an IP address nor a hostname; {usage}", field=field)
-    return ExternalAddress(url=url, host=host, port=port)
+    return ExternalAddress(url=url, host=host, port=port, tls=scheme == TLS_SCHEME)
 
 
 def _parse_unix(url: str, field: str) -> ExternalAddress:

@@ -1,4 +1,4 @@
-"""GrpcExternalEnvironments: what core calls for grpc:// and unix: env ids (core.envs.ExternalEnvironments).
+"""GrpcExternalEnvironments: what core calls for grpc://, grpcs:// and unix: env ids (core.envs.ExternalEnvironments).
 
 Built from Settings by the composition root and carried to the worker inside the WorkerJob, so it holds plain
 values only and is picklable.
@@ -22,6 +22,7 @@ from rl_service.infra.external_env.address import (
 from rl_service.infra.external_env.grpc_adapter import ConnectionOptions, GrpcExternalEnvAdapter, fetch_spec
 from rl_service.infra.external_env.vec_env import ExternalVecEnv
 from rl_service.infra.settings import Settings
+from rl_service.infra.tls import read_ca_bundle, system_ca_bundle
 
 
 @dataclass(frozen=True)
@@ -34,15 +35,19 @@ class GrpcExternalEnvironments:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> GrpcExternalEnvironments:
-        """The EXTERNAL_ENV_ALLOWED_HOSTS, EXTERNAL_ENV_SOCKET_DIR and ENV_* settings."""
+        """The EXTERNAL_ENV_ALLOWED_HOSTS, EXTERNAL_ENV_SOCKET_DIR, EXTERNAL_ENV_CA_FILE and ENV_* settings; reads
+        the CA file (TlsFileError naming EXTERNAL_ENV_CA_FILE when it cannot be used)."""
+        ca_file = settings.external_env_ca_file
+        roots = system_ca_bundle() if ca_file is None else read_ca_bundle(ca_file, "EXTERNAL_ENV_CA_FILE")
         return cls(HostAllowList.parse(settings.external_env_allowed_hosts), ConnectionOptions(
             step_timeout=settings.env_step_timeout_seconds, connect_timeout=settings.env_connect_timeout_seconds,
             retries=settings.env_connect_retries, backoff=settings.env_retry_backoff_seconds,
-            max_message_bytes=settings.max_message_bytes, use_stream=settings.env_transport == "stream"),
+            max_message_bytes=settings.max_message_bytes, use_stream=settings.env_transport == "stream",
+            tls_roots=roots),
             SocketDirectory(settings.external_env_socket_dir))
 
     def check(self, address: str) -> ExternalAddress:
-        """Parse the address and check its host (grpc://) or socket path (unix:); nothing is contacted."""
+        """Parse the address and check its host (grpc://, grpcs://) or socket path (unix:); nothing is contacted."""
         parsed = parse_address(address)
         if parsed.is_unix:
             return self.socket_dir.resolve(parsed)

@@ -13,7 +13,7 @@ import queue
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -50,6 +50,9 @@ class ConnectionOptions:
     max_backoff: float = 30.0
     max_message_bytes: int = 16 * 1024 * 1024
     use_stream: bool = True  # the Session stream (false: unary Reset/Step)
+    # PEM roots that grpcs:// simulations' certificates must chain to (EXTERNAL_ENV_CA_FILE, or the system's bundle,
+    # read once at start-up); None: the roots gRPC ships. Bytes, not a path, so a worker never reads a file.
+    tls_roots: bytes | None = field(default=None, repr=False)
 
     def backoff_for(self, attempt: int) -> float:
         """Seconds to wait before reconnect attempt `attempt` (from 1)."""
@@ -66,11 +69,16 @@ class _Lost(Exception):
 
 
 def open_channel(address: ExternalAddress, options: ConnectionOptions) -> grpc.Channel:
-    """An insecure channel with the message size caps."""
-    return grpc.insecure_channel(address.target, options=[
+    """A channel with the message size caps: TLS for grpcs:// (the certificate verified for the address's host),
+    plaintext for grpc:// and unix:."""
+    channel_options = [
         ("grpc.max_receive_message_length", options.max_message_bytes),
         ("grpc.max_send_message_length", options.max_message_bytes),
-    ])
+    ]
+    if address.tls:
+        credentials = grpc.ssl_channel_credentials(root_certificates=options.tls_roots)
+        return grpc.secure_channel(address.target, credentials, options=channel_options)
+    return grpc.insecure_channel(address.target, options=channel_options)
 
 
 def fetch_spec(address: ExternalAddress, options: ConnectionOptions) -> EnvSpec:
@@ -90,7 +98,7 @@ def _get_spec(stub: pb_grpc.EnvironmentServiceStub, address: ExternalAddress, op
     except grpc.RpcError as exc:
         code, details = exc.code(), exc.details()
         if code in _RETRYABLE:
-            raise _Lost("GetSpec", f"{code.name}: {details}") from None
+            raise _Lost("GetSpec", f"{code.name}: {details}{_tls_hint(address, details)}") from None
         if code == grpc.StatusCode.DEADLINE_EXCEEDED:
             raise _Lost("GetSpec", f"no answer to GetSpec within {options.connect_timeout:g}s "
                                    "(ENV_CONNECT_TIMEOUT_SECONDS)") from None
@@ -100,6 +108,14 @@ def _get_spec(stub: pb_grpc.EnvironmentServiceStub, address: ExternalAddress, op
         return spec_from_proto(message)
     except MalformedData as exc:
         raise EnvironmentProtocolError(f"env {address} sent a malformed spec: {exc}", field="env_id") from None
+
+
+def _tls_hint(address: ExternalAddress, details: str | None) -> str:
+    """What to check when a grpcs:// simulation's certificate did not verify."""
+    if address.tls and "CERTIFICATE_VERIFY_FAILED" in (details or ""):
+        return (" (the simulation's certificate does not verify against EXTERNAL_ENV_CA_FILE, or the system's roots "
+                "when it is unset, for the host in the address)")
+    return ""
 
 
 class SessionStream:
