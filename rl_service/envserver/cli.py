@@ -3,12 +3,15 @@
 The first line on stdout is "serving <env> (<n> envs) on <address>", the address being grpc://<host>:<port> (so a
 parent process that asked for port 0 can read the port), grpcs://<host>:<port> with --tls-cert-file and
 --tls-key-file (TLS only), or, with --unix, unix:///<absolute path>. SIGTERM or SIGINT stops it (and removes the
-socket file).
+socket file). --gym-packages (default: the GYM_PACKAGES variable, as the training service reads it) names modules
+imported first, so the Gymnasium environments they register can be served.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import os
 import signal
 import sys
 import threading
@@ -21,7 +24,8 @@ from rl_service.envserver.reference_server import (
     start_env_server,
 )
 from rl_service.infra.external_env.codec import MAX_NUM_ENVS
-from rl_service.infra.external_env.env_batch import EnvBatch
+from rl_service.infra.external_env.env_batch import EnvBatch, action_masks_method
+from rl_service.infra.settings import split_modules
 from rl_service.infra.tls import TlsFileError, load_server_tls
 
 DEFAULT_HOST = "127.0.0.1"
@@ -49,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="send observations as little-endian bytes (fastest for large observations)")
     parser.add_argument("--max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES,
                         help="largest gRPC message sent or accepted")
+    parser.add_argument("--gym-packages", default=os.environ.get("GYM_PACKAGES", ""), metavar="MODULES",
+                        help="comma-separated modules to import first, for the environments they register "
+                             "(default: $GYM_PACKAGES)")
     return parser
 
 
@@ -68,11 +75,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         tls = load_server_tls(args.tls_cert_file, args.tls_key_file, names=_TLS_FLAGS)
     except TlsFileError as exc:
         parser.error(str(exc))
+    for module in split_modules(args.gym_packages):
+        try:
+            importlib.import_module(module)
+        except Exception as exc:  # not installed, or failing on import
+            print(f"env-server: --gym-packages: cannot import {module!r}: {type(exc).__name__}: {exc}",
+                  file=sys.stderr)
+            return 2
     try:
         batch = EnvBatch.from_gym_id(args.env, args.num_envs, version=server_version())
     except Exception as exc:  # unknown id, missing optional dependency, ...
         print(f"env-server: cannot create {args.env!r}: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
+    if not batch.serves_action_masks and action_masks_method(batch.envs[0]) is not None:
+        print(f"env-server: {args.env} has action_masks() but its action space is {batch.action_space}; masks "
+              "travel for Discrete action spaces only, so none are sent", file=sys.stderr)
     try:
         handle = start_env_server(ReferenceEnvironmentServicer(batch, args.raw_observations),
                                   args.host or DEFAULT_HOST, DEFAULT_PORT if args.port is None else args.port,

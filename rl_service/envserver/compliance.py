@@ -12,22 +12,23 @@ Point it at any simulation, whatever its language, and it checks the contract of
 or from a shell: `python -m rl_service.envserver.compliance grpc://127.0.0.1:50061` (exit code 0 when every check
 passes). A unix domain socket is named as gRPC names it: `unix:///absolute/path.sock` or `unix:relative.sock`.
 Each check starts with its own Reset, so the checks are independent of one another and of their order.
-Without pytest installed the class still runs through `run_checks`.
+Without pytest installed the class still runs through `run_checks`. Action masks are optional: every answer's
+are checked when sent, and a simulation that sends none passes (the mask checks are skipped).
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import grpc
 import gymnasium as gym
 import numpy as np
 
+from rl_service.envserver.compliance_masks import ActionMaskChecks, ComplianceSkip
 from rl_service.infra.external_env.codec import (
     EnvSpec,
     MalformedData,
@@ -41,10 +42,6 @@ from rl_service_proto.v1 import environment_pb2 as pb
 from rl_service_proto.v1 import environment_pb2_grpc as pb_grpc
 
 
-class ComplianceSkip(Exception):
-    """A check that does not apply to this simulation (pytest reports it as skipped)."""
-
-
 @dataclass(frozen=True)
 class Transition:
     """One decoded StepResponse."""
@@ -54,9 +51,10 @@ class Transition:
     terminated: np.ndarray
     truncated: np.ndarray
     final_observations: np.ndarray
+    action_masks: np.ndarray | None = None  # (num_envs, n) bool for `observations`; None: none sent
 
 
-class EnvironmentServiceCompliance:
+class EnvironmentServiceCompliance(ActionMaskChecks):
     """The protocol's checks; a subclass sets `address` (and `__test__ = True` for pytest to collect it)."""
 
     __test__ = False
@@ -66,14 +64,6 @@ class EnvironmentServiceCompliance:
     seeded_reset_is_deterministic: bool = True  # the doc's SHOULD; set False to skip that check
     steps_per_check: int = 32
     standalone: bool = False  # run by run_checks: skips raise ComplianceSkip rather than pytest's
-
-    def skip(self, reason: str) -> None:
-        """Skip the current check (pytest's skip under pytest)."""
-        if not self.standalone and "pytest" in sys.modules:
-            import pytest
-
-            pytest.skip(reason)
-        raise ComplianceSkip(reason)
 
     # ------------------------------------------------------------------------------------ plumbing
 
@@ -87,6 +77,7 @@ class EnvironmentServiceCompliance:
         self.stub = pb_grpc.EnvironmentServiceStub(self.channel)
         self.spec = self.get_spec()
         self.rng = np.random.default_rng(12345)
+        self.forget_masks()
 
     def teardown_method(self, method: Any = None) -> None:
         """Disconnect."""
@@ -114,15 +105,18 @@ class EnvironmentServiceCompliance:
         return pb.StepRequest(actions=encode_batch(actions, self.spec.action_space))
 
     def random_actions(self) -> np.ndarray:
-        """One valid action per env."""
+        """One valid action per env: a legal one where the last answer sent masks."""
         space = self.spec.action_space
         space.seed(int(self.rng.integers(2**31)))
+        if self.last_masks is not None:
+            return self.legal_actions(self.last_masks)
         return np.stack([np.asarray(space.sample()) for _ in range(self.spec.num_envs)])
 
     def decode_reset(self, response: pb.ResetResponse) -> np.ndarray:
-        """ResetResponse -> observations; AssertionError names the field at fault."""
+        """ResetResponse -> observations (masks in last_masks); AssertionError names the field at fault."""
         observations: np.ndarray = self._decoded(lambda: decode_batch(
             response.observations, self.spec.observation_space, self.spec.num_envs, "observations"))
+        self.keep_masks("Reset", response.action_masks)
         return observations
 
     def decode_step(self, response: pb.StepResponse) -> Transition:
@@ -139,7 +133,7 @@ class EnvironmentServiceCompliance:
                 decode_batch(response.final_observations, self.spec.observation_space, ended, "final_observations"))
 
         transition: Transition = self._decoded(decode)
-        return transition
+        return replace(transition, action_masks=self.keep_masks("Step", response.action_masks))
 
     @staticmethod
     def _decoded(decode: Callable[[], Any]) -> Any:
@@ -191,10 +185,13 @@ class EnvironmentServiceCompliance:
         if not self.seeded_reset_is_deterministic:
             self.skip("seeded_reset_is_deterministic is False")
         first = self.reset(seed=42)
+        first_masks = self.last_masks
         self.step(self.random_actions())
         second = self.reset(seed=42)
         np.testing.assert_array_equal(first, second, err_msg="Reset with the same seed must give the same "
                                                              "first observations")
+        np.testing.assert_array_equal(first_masks, self.last_masks,
+                                      err_msg="Reset with the same seed must give the same action masks")
 
     def test_reset_refuses_a_negative_seed(self) -> None:
         self.expect_code(grpc.StatusCode.INVALID_ARGUMENT, lambda: self.reset(seed=-1), "Reset(seed=-1)")
@@ -312,9 +309,12 @@ class EnvironmentServiceCompliance:
         if not self.seeded_reset_is_deterministic:
             self.skip("seeded_reset_is_deterministic is False")
         unary = self.reset(seed=6)
+        unary_masks = self.last_masks
         streamed = self.session([pb.SessionRequest(reset=pb.ResetRequest(seed=6))])
         np.testing.assert_array_equal(self.decode_reset(streamed[0].reset), unary,
                                       err_msg="Session and unary Reset act on the same envs")
+        np.testing.assert_array_equal(self.last_masks, unary_masks,
+                                      err_msg="Session and unary Reset answer the same action masks")
 
     def test_session_ends_with_the_status_of_a_bad_request(self) -> None:
         requests = [pb.SessionRequest(reset=pb.ResetRequest(seed=7)), pb.SessionRequest(step=pb.StepRequest())]

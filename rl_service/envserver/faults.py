@@ -14,9 +14,10 @@ from rl_service.infra.external_env.env_batch import EnvBatch
 from rl_service_proto.v1 import environment_pb2 as pb
 
 Fault = Literal["slow", "nan_reward", "short_observations", "short_terminated", "missing_final_observation",
-                "internal", "no_session"]
+                "internal", "no_session", "short_action_masks", "no_legal_action"]
 FAULTS: tuple[Fault, ...] = ("slow", "nan_reward", "short_observations", "short_terminated",
-                             "missing_final_observation", "internal", "no_session")
+                             "missing_final_observation", "internal", "no_session", "short_action_masks",
+                             "no_legal_action")
 
 
 class FaultyEnvironmentServicer(ReferenceEnvironmentServicer):
@@ -66,4 +67,13 @@ class FaultyEnvironmentServicer(ReferenceEnvironmentServicer):
         elif self.fault == "missing_final_observation":
             response.terminated[0] = True
             response.ClearField("final_observations")  # at least one final observation short
+        elif self.fault in ("short_action_masks", "no_legal_action"):
+            # Masks of a Discrete space, one flag short, or with env 0's all false (whether or not the env has masks).
+            n = int(getattr(self.batch.action_space, "n", 2))
+            legal = [True] * (self.batch.num_envs * n)
+            if self.fault == "short_action_masks":
+                del legal[-1]
+            else:
+                legal[:n] = [False] * n
+            response.action_masks.legal[:] = legal
         return response

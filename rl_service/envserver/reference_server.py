@@ -2,7 +2,8 @@
 
 Read it as the template for a simulation in another language: GetSpec answers a fixed spec; Reset and Step
 decode, check, act under one lock, encode; the Session stream runs the same two handlers per message; every
-failure maps to the status code docs/environment-protocol.md names.
+failure maps to the status code docs/environment-protocol.md names. A hosted env with `action_masks()` (and a
+Discrete action space) has its masks sent in every Reset and Step answer.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from rl_service.infra.external_env.address import MAX_SOCKET_PATH_BYTES, unix_target
-from rl_service.infra.external_env.codec import BatchCodec, MalformedData, spec_to_proto
+from rl_service.infra.external_env.codec import BatchCodec, MalformedData, encode_action_masks, spec_to_proto
 from rl_service.infra.external_env.env_batch import EnvBatch, ResetNeeded
 from rl_service.infra.tls import ServerTls
 from rl_service_proto.v1 import environment_pb2 as pb
@@ -103,7 +104,8 @@ class ReferenceEnvironmentServicer(pb_grpc.EnvironmentServiceServicer):  # type:
                 observations = self.batch.reset(seed)
             except Exception as exc:
                 raise RpcAbort(grpc.StatusCode.INTERNAL, f"reset failed: {type(exc).__name__}: {exc}") from None
-        return pb.ResetResponse(observations=self._encode(observations))
+            masks = self.batch.last_action_masks
+        return pb.ResetResponse(observations=self._encode(observations), action_masks=encode_action_masks(masks))
 
     def step(self, request: pb.StepRequest) -> pb.StepResponse:
         """Step every env; ended envs auto-reset and report their final observation."""
@@ -128,6 +130,7 @@ class ReferenceEnvironmentServicer(pb_grpc.EnvironmentServiceServicer):  # type:
             terminated=result.terminated.tolist(),
             truncated=result.truncated.tolist(),
             final_observations=self._encode(result.final_observations) if len(result.final_observations) else None,
+            action_masks=encode_action_masks(result.action_masks),  # after the auto-resets, like observations
         )
 
     def _encode(self, observations: np.ndarray) -> pb.Tensor:

@@ -394,7 +394,8 @@ def test_a_slow_step_past_the_deadline_fails_the_run(training: ServerHandle, car
 
 
 @pytest.mark.parametrize(("fault", "field"), [("nan_reward", "rewards"), ("short_observations", "observations"),
-                                              ("missing_final_observation", "final_observations")])
+                                              ("missing_final_observation", "final_observations"),
+                                              ("no_legal_action", "action_masks")])
 def test_a_malformed_answer_fails_the_run_naming_the_field(training: ServerHandle, cartpole: EnvServerHandle,
                                                            env_servers: Callable[..., EnvServerHandle],
                                                            fault: Fault, field: str) -> None:

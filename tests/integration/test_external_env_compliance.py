@@ -1,5 +1,5 @@
-"""The compliance class runs against the reference server (several spaces and encodings, TCP and unix sockets),
-catches a broken server, and the env-server and compliance command lines work as documented."""
+"""The compliance class runs against the reference server (several spaces and encodings, TCP and unix sockets,
+action masks), catches a broken server, and the env-server and compliance command lines work as documented."""
 
 from __future__ import annotations
 
@@ -14,9 +14,16 @@ import pytest
 
 from rl_service.envserver import cli
 from rl_service.envserver.compliance import EnvironmentServiceCompliance, run_checks
-from rl_service.envserver.faults import FaultyEnvironmentServicer
-from rl_service.envserver.reference_server import EnvServerHandle, serve_gym, start_env_server
+from rl_service.envserver.faults import Fault, FaultyEnvironmentServicer
+from rl_service.envserver.reference_server import (
+    EnvServerHandle,
+    ReferenceEnvironmentServicer,
+    serve_gym,
+    start_env_server,
+)
 from rl_service.infra.external_env.env_batch import EnvBatch
+from rl_service_proto.v1 import environment_pb2 as pb
+from tests.support.envs import MASKED_ENV_ID
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -82,6 +89,70 @@ class TestCartPoleUnixSocketCompliance(_ReferenceServer, EnvironmentServiceCompl
     on_unix_socket = True
 
 
+class TestMaskedChoiceCompliance(_ReferenceServer, EnvironmentServiceCompliance):
+    """A simulation that sends action masks in every answer."""
+
+    __test__ = True
+    env_id = MASKED_ENV_ID
+    num_envs = 3
+
+
+MASK_CHECKS = ("test_action_masks_are_well_formed_and_sent_consistently",
+               "test_illegal_actions_are_stepped_not_refused")
+
+
+def checks_against(servicer: ReferenceEnvironmentServicer) -> dict[str, tuple[str, str]]:
+    handle = start_env_server(servicer)
+    try:
+        return {name: (outcome, detail) for name, outcome, detail in run_checks(handle.address, timeout=5)}
+    finally:
+        handle.stop()
+
+
+def test_the_mask_checks_run_for_a_simulation_with_masks_and_skip_without() -> None:
+    masked = checks_against(ReferenceEnvironmentServicer(EnvBatch.from_gym_id(MASKED_ENV_ID, 2)))
+    assert all(outcome in ("passed", "skipped") for outcome, _ in masked.values()), masked
+    assert [masked[name][0] for name in MASK_CHECKS] == ["passed", "passed"]
+    plain = checks_against(ReferenceEnvironmentServicer(EnvBatch.from_gym_id("CartPole-v1", 2)))
+    assert [plain[name] for name in MASK_CHECKS] == [
+        ("skipped", "the simulation sends no action masks (optional: every action is legal)"),
+        ("skipped", "no action was masked as illegal within 32 steps")]
+
+
+@pytest.mark.parametrize(("env_id", "fault", "detail"), [
+    (MASKED_ENV_ID, "no_legal_action", "malformed answer: action_masks: env 0 has no legal action (all 8 flags false)"),
+    ("CartPole-v1", "short_action_masks", "malformed answer: action_masks: 3 flags; expected 4 (2 envs x 2 actions"),
+])
+def test_the_checks_catch_broken_masks(env_id: str, fault: Fault, detail: str) -> None:
+    outcomes = checks_against(FaultyEnvironmentServicer(EnvBatch.from_gym_id(env_id, 2), fault, persistent=True))
+    outcome, message = outcomes["test_step_answers_every_env"]
+    assert outcome == "failed" and message.startswith(detail)
+    assert outcomes[MASK_CHECKS[0]][0] == "failed"
+
+
+class _MasksInResetOnly(ReferenceEnvironmentServicer):
+    def step(self, request: pb.StepRequest) -> pb.StepResponse:
+        response = super().step(request)
+        response.ClearField("action_masks")
+        return response
+
+
+def test_masks_sent_in_some_answers_only_are_flagged_unless_allowed() -> None:
+    outcomes = checks_against(_MasksInResetOnly(EnvBatch.from_gym_id(MASKED_ENV_ID, 2)))
+    assert outcomes[MASK_CHECKS[0]] == ("failed", (
+        "action_masks: sent in some answers but missing from Step answers; a simulation with masks should send "
+        "them in every answer (empty means every action legal; set masks_in_every_answer = False to allow it)"))
+    handle = start_env_server(_MasksInResetOnly(EnvBatch.from_gym_id(MASKED_ENV_ID, 2)))
+    suite = EnvironmentServiceCompliance()
+    suite.address, suite.standalone, suite.masks_in_every_answer = handle.address, True, False
+    suite.setup_method()
+    try:
+        suite.test_action_masks_are_well_formed_and_sent_consistently()  # allowed: passes
+    finally:
+        suite.teardown_method()
+        handle.stop()
+
+
 def test_the_checks_catch_a_broken_server() -> None:
     servicer = FaultyEnvironmentServicer(EnvBatch.from_gym_id("CartPole-v1", 2), "short_observations", at_step=1,
                                          persistent=True)
@@ -107,6 +178,27 @@ def test_env_server_and_compliance_command_lines() -> None:
                                capture_output=True, text=True, cwd=ROOT, timeout=120)
         assert check.returncode == 0, check.stdout + check.stderr
         assert check.stdout.rstrip().endswith("compliant")
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=15) == 0
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+
+
+def test_env_server_serves_an_env_from_gym_packages_with_masks() -> None:
+    server = subprocess.Popen([sys.executable, "-m", "rl_service.envserver", "--env", MASKED_ENV_ID, "--num-envs", "2",
+                               "--port", "0", "--gym-packages", "tests.support.envs"],
+                              stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        assert server.stdout is not None
+        line = server.stdout.readline()
+        assert line.startswith(f"serving {MASKED_ENV_ID} (2 envs) on grpc://127.0.0.1:"), line
+        check = subprocess.run([sys.executable, "-m", "rl_service.envserver.compliance", line.rsplit(" on ", 1)[1]],
+                               capture_output=True, text=True, cwd=ROOT, timeout=120)
+        assert check.returncode == 0, check.stdout + check.stderr
+        for name in MASK_CHECKS:
+            assert f"PASSED   {name}" in check.stdout
         server.send_signal(signal.SIGTERM)
         assert server.wait(timeout=15) == 0
     finally:
@@ -160,6 +252,9 @@ def test_env_server_unix_excludes_host_and_port(tmp_path: Path, extra: list[str]
 @pytest.mark.parametrize(("argv", "message"), [
     (["--env", "NoSuchEnv-v0"], "cannot create 'NoSuchEnv-v0'"),
     (["--env", "CartPole-v1", "--num-envs", "0"], "--num-envs must be in"),
+    (["--env", "CartPole-v1", "--gym-packages", "no_such_module_xyz"],
+     "env-server: --gym-packages: cannot import 'no_such_module_xyz': ModuleNotFoundError"),
+    (["--env", MASKED_ENV_ID, "--gym-packages", ""], f"cannot create '{MASKED_ENV_ID}'"),  # needs tests.support.envs
 ])
 def test_env_server_refuses_bad_arguments(argv: list[str], message: str) -> None:
     result = subprocess.run([sys.executable, "-m", "rl_service.envserver", *argv, "--port", "0"],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import gymnasium as gym
@@ -12,9 +13,11 @@ from rl_service.infra.external_env.codec import (
     BatchCodec,
     EnvSpec,
     MalformedData,
+    decode_action_masks,
     decode_batch,
     decode_bools,
     decode_floats,
+    encode_action_masks,
     encode_batch,
     space_from_proto,
     space_to_proto,
@@ -174,3 +177,40 @@ def test_typed_only_decoding_refuses_other_payloads() -> None:
             codec.decode(other, 2, "actions", typed_only=True)
     with pytest.raises(MalformedData, match="actions: no payload"):
         codec.decode(pb.Tensor(), 2, "actions", typed_only=True)
+
+
+# ----------------------------------------------------------------------------------------------- action masks
+
+
+def test_action_masks_round_trip_env_major() -> None:
+    masks = np.array([[True, False, False], [False, True, True]])
+    message = encode_action_masks(masks)
+    assert message is not None and list(message.legal) == [True, False, False, False, True, True]
+    decoded = decode_action_masks(message, gym.spaces.Discrete(3), 2)
+    assert decoded is not None and decoded.dtype == bool
+    np.testing.assert_array_equal(decoded, masks)
+
+
+@pytest.mark.parametrize("space", SPACES, ids=str)
+def test_no_action_masks_mean_every_action_is_legal(space: gym.Space[Any]) -> None:
+    assert encode_action_masks(None) is None
+    assert decode_action_masks(pb.ActionMasks(), space, 4) is None  # empty: accepted for every space
+    assert decode_action_masks(pb.StepResponse().action_masks, space, 4) is None  # the field left unset
+
+
+@pytest.mark.parametrize(("legal", "message"), [
+    ([True] * 5, "action_masks: 5 flags; expected 6 (2 envs x 3 actions, env-major) or none"),
+    ([True] * 7, "action_masks: 7 flags; expected 6"),
+    ([True, False, True, False, False, False], "action_masks: env 1 has no legal action (all 3 flags false)"),
+])
+def test_malformed_action_masks_name_the_field(legal: list[bool], message: str) -> None:
+    with pytest.raises(MalformedData, match=re.escape(message)) as info:
+        decode_action_masks(pb.ActionMasks(legal=legal), gym.spaces.Discrete(3), 2)
+    assert info.value.field == "action_masks"
+
+
+@pytest.mark.parametrize("space", [s for s in SPACES if not isinstance(s, gym.spaces.Discrete)], ids=str)
+def test_action_masks_are_refused_for_other_action_spaces(space: gym.Space[Any]) -> None:
+    with pytest.raises(MalformedData, match="defined for Discrete action spaces only") as info:
+        decode_action_masks(pb.ActionMasks(legal=[True] * 8), space, 2)
+    assert info.value.field == "action_masks"

@@ -40,8 +40,10 @@ class ExternalEnvAdapter(ABC):
     - return from step one StepResult with num_envs observations (an ended env's is the first of its next
       episode), float32 rewards, bool terminated and truncated, and a final observation for exactly the envs
       that ended;
-    - check everything the simulation sends (counts, shapes, NaN, Inf) and raise EnvironmentProtocolError naming
-      the field, rather than pass bad numbers to training;
+    - check everything the simulation sends (counts, shapes, NaN, Inf, action masks) and raise
+      EnvironmentProtocolError naming the field, rather than pass bad numbers to training;
+    - answer action_masks() with the masks of the observations the last reset or step returned (None when that
+      answer carried none: every action is legal);
     - bound every call in time and raise EnvironmentUnavailable naming the address and the cause when the
       simulation cannot be reached or does not answer, never block forever;
     - be usable from one thread at a time; close is idempotent.
@@ -68,6 +70,10 @@ class ExternalEnvAdapter(ABC):
     @abstractmethod
     def close(self) -> None:
         """Release the connection; the simulation keeps running."""
+
+    def action_masks(self) -> np.ndarray | None:
+        """(num_envs, n) bool: the legal actions of the last observations; None: every action is legal."""
+        return None
 
 
 class FakeExternalEnvAdapter(ExternalEnvAdapter):
@@ -109,6 +115,10 @@ class FakeExternalEnvAdapter(ExternalEnvAdapter):
         result = self._batch.step(np.asarray(actions))
         finals = {int(i): result.final_observations[j] for j, i in enumerate(result.ended)}
         return StepResult(result.observations, result.rewards, result.terminated, result.truncated, finals)
+
+    def action_masks(self) -> np.ndarray | None:
+        """The masks the envs' action_masks() gave after the last reset or step (None without the method)."""
+        return self._batch.last_action_masks
 
     def close(self) -> None:
         """Close the envs."""

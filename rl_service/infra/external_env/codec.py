@@ -342,3 +342,43 @@ def decode_bools(values: Any, count: int, field: str) -> np.ndarray:
     if len(values) != count:
         raise MalformedData(f"{field}: {len(values)} values; expected {count} (one per env)", field)
     return np.fromiter(values, dtype=bool, count=count)
+
+
+# ----------------------------------------------------------------------------------------------- action masks
+
+MASKS_FIELD = "action_masks"
+
+
+def encode_action_masks(masks: np.ndarray | None) -> pb.ActionMasks | None:
+    """(num_envs, n) legal-action flags as ActionMasks, env-major; None (the field left unset) for no masks."""
+    if masks is None:
+        return None
+    return pb.ActionMasks(legal=np.asarray(masks, dtype=bool).ravel().tolist())
+
+
+def decode_action_masks(message: pb.ActionMasks, action_space: AnySpace, count: int,
+                        field: str = MASKS_FIELD) -> np.ndarray | None:
+    """The masks of `count` envs shaped (count, n) as bool, or None when none were sent (every action legal).
+
+    MalformedData (naming `field`) for masks sent for an action space that is not Discrete, a number of flags
+    other than count * n, or an env without a single legal action (a simulation in that state is broken: no
+    action could be taken).
+    """
+    flags = message.legal
+    if not flags:
+        return None
+    if not isinstance(action_space, gym.spaces.Discrete):
+        raise MalformedData(f"{field}: {len(flags)} flags sent, but action masks are defined for Discrete action "
+                            f"spaces only and the action space is {action_space}; send none", field)
+    n = int(action_space.n)
+    expected = count * n
+    if len(flags) != expected:
+        raise MalformedData(f"{field}: {len(flags)} flags; expected {expected} ({count} envs x {n} actions, "
+                            "env-major) or none", field)
+    masks = np.fromiter(flags, dtype=bool, count=expected).reshape(count, n)
+    stuck = ~masks.any(axis=1)
+    if stuck.any():
+        env = int(np.flatnonzero(stuck)[0])
+        raise MalformedData(f"{field}: env {env} has no legal action (all {n} flags false); every env needs at "
+                            "least one", field)
+    return masks

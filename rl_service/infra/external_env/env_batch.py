@@ -1,4 +1,4 @@
-"""Gymnasium environments stepped together with the protocol's semantics (auto-reset, final observations).
+"""Gymnasium environments stepped together with the protocol's semantics (auto-reset, final observations, masks).
 
 The reference server serves one EnvBatch; FakeExternalEnvAdapter wraps one in-process. Free of torch.
 """
@@ -28,6 +28,7 @@ class BatchStep:
     terminated: np.ndarray  # (num_envs,) bool
     truncated: np.ndarray  # (num_envs,) bool
     final_observations: np.ndarray  # (ended envs, *shape), in env order
+    action_masks: np.ndarray | None = None  # (num_envs, n) bool for `observations`; None: the envs have none
 
     @property
     def ended(self) -> np.ndarray:
@@ -35,8 +36,24 @@ class BatchStep:
         return np.flatnonzero(self.terminated | self.truncated)
 
 
+MASKS_METHOD = "action_masks"  # sb3-contrib's name for an env's legal-action flags
+
+
+def action_masks_method(env: gym.Env[Any, Any]) -> Callable[[], Any] | None:
+    """The env's `action_masks()` (reached through its wrappers), or None when it has none."""
+    try:
+        method = env.get_wrapper_attr(MASKS_METHOD)
+    except AttributeError:
+        method = getattr(env.unwrapped, MASKS_METHOD, None)
+    return method if callable(method) else None
+
+
 class EnvBatch:
-    """num_envs Gymnasium envs; reset seeds env i with seed + i; step auto-resets envs that end."""
+    """num_envs Gymnasium envs; reset seeds env i with seed + i; step auto-resets envs that end.
+
+    Envs with a Discrete action space and an `action_masks()` method have their masks read after every reset and
+    step (`last_action_masks`); the protocol carries masks for Discrete action spaces only.
+    """
 
     def __init__(self, env_fns: Sequence[Callable[[], gym.Env[Any, Any]]], name: str = "", version: str = "") -> None:
         if not env_fns:
@@ -47,6 +64,11 @@ class EnvBatch:
         self._obs_dtype = element_dtype(first.observation_space)
         self._obs_shape = element_shape(first.observation_space)
         self.needs_reset = True
+        methods = [action_masks_method(env) for env in self.envs]
+        self._mask_methods: list[Callable[[], Any]] | None = None
+        if isinstance(first.action_space, gym.spaces.Discrete) and all(m is not None for m in methods):
+            self._mask_methods = [m for m in methods if m is not None]
+        self.last_action_masks: np.ndarray | None = None  # of the observations the last reset or step returned
 
     @classmethod
     def from_gym_id(cls, env_id: str, num_envs: int, version: str = "") -> EnvBatch:
@@ -68,12 +90,18 @@ class EnvBatch:
         """Every env's action space."""
         return self.spec.action_space
 
+    @property
+    def serves_action_masks(self) -> bool:
+        """Whether reset and step report masks (a Discrete action space and `action_masks()` on every env)."""
+        return self._mask_methods is not None
+
     def reset(self, seed: int | None = None) -> np.ndarray:
-        """Start a new episode in every env; the first observations."""
+        """Start a new episode in every env; the first observations (their masks in last_action_masks)."""
         observations = np.empty((self.num_envs, *self._obs_shape), dtype=self._obs_dtype)
         self.needs_reset = True  # until every env has reset
         for i, env in enumerate(self.envs):
             observations[i], _ = env.reset(seed=None if seed is None else seed + i)
+        self.last_action_masks = self._read_masks()
         self.needs_reset = False
         return observations
 
@@ -97,11 +125,29 @@ class EnvBatch:
                 finals.append(obs)
                 obs, _ = env.reset()
             observations[i] = obs
+        # Read after the auto-resets: an ended env's mask is that of its next episode's first observation.
+        self.last_action_masks = self._read_masks()
         self.needs_reset = False
         final_observations = np.empty((len(finals), *self._obs_shape), dtype=self._obs_dtype)
         for j, obs in enumerate(finals):
             final_observations[j] = obs
-        return BatchStep(observations, rewards, terminated, truncated, final_observations)
+        return BatchStep(observations, rewards, terminated, truncated, final_observations, self.last_action_masks)
+
+    def _read_masks(self) -> np.ndarray | None:
+        """Every env's action_masks() as (num_envs, n) bool; ValueError for a wrong shape or no legal action."""
+        if self._mask_methods is None:
+            return None
+        n = int(self.action_space.n)  # type: ignore[attr-defined]
+        masks = np.empty((self.num_envs, n), dtype=bool)
+        for i, method in enumerate(self._mask_methods):
+            mask = np.asarray(method())
+            if mask.shape != (n,) or mask.dtype.kind not in "biu":
+                raise ValueError(f"env {i}: action_masks() returned {mask.dtype.name} of shape {mask.shape}; "
+                                 f"expected {n} bools")
+            masks[i] = mask.astype(bool)
+            if not masks[i].any():
+                raise ValueError(f"env {i}: action_masks() leaves no legal action")
+        return masks
 
     def close(self) -> None:
         """Close every env."""

@@ -4,7 +4,8 @@ Every call has a deadline. By default reset/step travel on one bidirectional Ses
 an exchange past its deadline); a simulation that answers UNIMPLEMENTED to Session is driven with the unary calls.
 A lost connection (UNAVAILABLE) is retried with exponential backoff: reconnect, check the spec is unchanged,
 Reset, and report the interrupted step as truncated for every env (the episodes could not go on). Anything else
-the simulation does wrong ends the run with an error naming the address, the call and the cause.
+the simulation does wrong ends the run with an error naming the address, the call and the cause. Optional action
+masks in Reset and Step answers are checked like the rest and kept for action_masks().
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from rl_service.infra.external_env.codec import (
     BatchCodec,
     EnvSpec,
     MalformedData,
+    decode_action_masks,
     decode_bools,
     decode_floats,
     spec_from_proto,
@@ -175,6 +177,7 @@ class GrpcExternalEnvAdapter(ExternalEnvAdapter):
         self._session: SessionStream | None = None
         self._use_stream = options.use_stream
         self._last_observations: np.ndarray | None = None
+        self._action_masks: np.ndarray | None = None  # of _last_observations; None: every action legal
         self.reconnects = 0
         self._closed = False
         self._known_spec: EnvSpec | None = None
@@ -244,6 +247,10 @@ class GrpcExternalEnvAdapter(ExternalEnvAdapter):
         self._last_observations = result.observations
         return result
 
+    def action_masks(self) -> np.ndarray | None:
+        """The masks of the last Reset or Step answer, (num_envs, n) bool; None when it carried none."""
+        return self._action_masks
+
     def close(self) -> None:
         """End the stream and close the channel (idempotent)."""
         if not self._closed:
@@ -293,10 +300,14 @@ class GrpcExternalEnvAdapter(ExternalEnvAdapter):
         request = pb.ResetRequest() if seed is None else pb.ResetRequest(seed=seed)
         response = self._call("Reset", request)
         assert isinstance(response, pb.ResetResponse)
+        spec = self._spec
         try:
-            return self._observations.decode(response.observations, self._spec.num_envs, "observations")
+            observations = self._observations.decode(response.observations, spec.num_envs, "observations")
+            masks = decode_action_masks(response.action_masks, spec.action_space, spec.num_envs)
         except MalformedData as exc:
             raise self._malformed("Reset", exc) from None
+        self._action_masks = masks
+        return observations
 
     def _call(self, name: str, request: pb.ResetRequest | pb.StepRequest) -> pb.ResetResponse | pb.StepResponse:
         """One Reset or Step on the stream (or unary); raises _Lost, or EnvironmentUnavailable for the rest."""
@@ -366,8 +377,11 @@ class GrpcExternalEnvAdapter(ExternalEnvAdapter):
             done = terminated | truncated
             ended = np.flatnonzero(done) if done.any() else ()
             finals = self._observations.decode(response.final_observations, len(ended), "final_observations")
+            # For an env that ended: the mask of its next episode's first observation, as `observations` holds.
+            masks = decode_action_masks(response.action_masks, spec.action_space, n)
         except MalformedData as exc:
             raise self._malformed("Step", exc) from None
+        self._action_masks = masks
         return StepResult(observations, rewards, terminated, truncated,
                           {int(i): finals[j] for j, i in enumerate(ended)} if len(ended) else {})
 

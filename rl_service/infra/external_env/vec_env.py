@@ -1,19 +1,42 @@
-"""ExternalVecEnv: any ExternalEnvAdapter as a stable-baselines3 VecEnv, one adapter call per vector step."""
+"""ExternalVecEnv: any ExternalEnvAdapter as a stable-baselines3 VecEnv, one adapter call per vector step.
+
+Action masks follow sb3-contrib's convention: `env_method("action_masks")` answers each env's legal-action flags
+for its current observation, so MaskablePPO's get_action_masks/is_masking_supported work on it unchanged.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
+import gymnasium as gym
 import numpy as np
 from stable_baselines3.common.vec_env import VecEnv
 from stable_baselines3.common.vec_env.base_vec_env import VecEnvIndices, VecEnvObs, VecEnvStepReturn
 
 from rl_service.infra.external_env.adapter import ExternalEnvAdapter
+from rl_service.infra.external_env.env_batch import MASKS_METHOD
+
+
+def mask_width(space: gym.Space[Any]) -> int | None:
+    """Flags per env in sb3-contrib's masks for the action space; None for spaces it cannot mask (Box)."""
+    if isinstance(space, gym.spaces.Discrete):
+        return int(space.n)
+    if isinstance(space, gym.spaces.MultiDiscrete):
+        return int(space.nvec.sum())
+    if isinstance(space, gym.spaces.MultiBinary):
+        return 2 * int(np.prod(space.shape))  # a legal 0 and a legal 1 per value
+    return None
 
 
 class ExternalVecEnv(VecEnv):
-    """The simulation's envs as SB3 sees a DummyVecEnv: auto-reset, infos["terminal_observation"], seeds."""
+    """The simulation's envs as SB3 sees a DummyVecEnv: auto-reset, infos["terminal_observation"], seeds, masks.
+
+    The masks are those of the last answer (for an env that ended in the last step, its next episode's first
+    observation). A simulation that sends none has every action legal: MaskablePPO then acts like PPO. Only
+    Discrete masks travel on the wire; for MultiDiscrete and MultiBinary action spaces every action is legal.
+    """
 
     def __init__(self, adapter: ExternalEnvAdapter) -> None:
         self.adapter = adapter
@@ -55,10 +78,23 @@ class ExternalVecEnv(VecEnv):
         """Close the adapter (the simulation keeps running)."""
         self.adapter.close()
 
+    def action_masks(self) -> np.ndarray:
+        """(num_envs, flags) bool: each env's legal actions now; all True where the simulation sent none."""
+        width = mask_width(self.action_space)
+        if width is None:
+            raise AttributeError(f"external environment {self.adapter.address}: no action masks for the action "
+                                 f"space {self.action_space} (MaskablePPO needs a discrete one)")
+        masks = self.adapter.action_masks()
+        if masks is None:
+            return np.ones((self.num_envs, width), dtype=bool)
+        return np.array(masks, dtype=bool)  # a copy: the caller may keep it past the next step
+
     def get_attr(self, attr_name: str, indices: VecEnvIndices = None) -> list[Any]:
-        """Only render_mode (None) is known about remote envs."""
+        """render_mode (None), and action_masks (per env, a callable answering its mask) for discrete actions."""
         if attr_name == "render_mode":
             return [None for _ in self._indices(indices)]
+        if attr_name == MASKS_METHOD and mask_width(self.action_space) is not None:
+            return [partial(self._env_mask, i) for i in self._indices(indices)]
         raise AttributeError(f"external environment {self.adapter.address} has no attribute {attr_name!r}")
 
     def set_attr(self, attr_name: str, value: Any, indices: VecEnvIndices = None) -> None:
@@ -67,12 +103,19 @@ class ExternalVecEnv(VecEnv):
 
     def env_method(self, method_name: str, *method_args: Any, indices: VecEnvIndices = None,
                    **method_kwargs: Any) -> list[Any]:
-        """Remote envs' methods cannot be called."""
+        """Only action_masks (no arguments): each env's mask as a bool array; other remote methods cannot be called."""
+        if method_name == MASKS_METHOD and not method_args and not method_kwargs:
+            masks = self.action_masks()
+            return [masks[i] for i in self._indices(indices)]
         raise AttributeError(f"external environment {self.adapter.address}: cannot call {method_name!r}")
 
     def env_is_wrapped(self, wrapper_class: type[Any], indices: VecEnvIndices = None) -> list[bool]:
         """Remote envs carry no Gymnasium wrappers here."""
         return [False for _ in self._indices(indices)]
+
+    def _env_mask(self, index: int) -> np.ndarray:
+        mask: np.ndarray = self.action_masks()[index]
+        return mask
 
     def _indices(self, indices: VecEnvIndices) -> Sequence[int]:
         if indices is None:
