@@ -49,10 +49,13 @@ def unreachable_reason(exc: grpc.RpcError, timeout: float) -> str:
     return reason[:1].lower() + reason[1:]
 
 
-def probe(address: str, service: str = "", timeout: float = DEFAULT_TIMEOUT) -> HealthReport:
-    """Ask the health service at `address` once about `service` ('' for the whole server)."""
+def probe(address: str, service: str = "", timeout: float = DEFAULT_TIMEOUT,
+          credentials: grpc.ChannelCredentials | None = None) -> HealthReport:
+    """Ask the health service at `address` once about `service` ('' for the whole server); over TLS with
+    `credentials`."""
     try:
-        with grpc.insecure_channel(address) as channel:
+        with (grpc.insecure_channel(address) if credentials is None
+              else grpc.secure_channel(address, credentials)) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
     except grpc.RpcError as exc:

@@ -54,13 +54,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     from rl_service.infra.logging_setup import configure_logging, get_logger
 
     configure_logging(settings.log_level, settings.log_format)
+    from rl_service.infra.auth_tokens import TokenFileError
     from rl_service.transport.server_factory import build_server, install_signal_handlers
 
     try:
         # On the main thread, which lives as long as the process: the fork server dies when the thread that
-        # started it ends. OSError includes DataDirInUse (another server holds DATA_DIR).
+        # started it ends. OSError includes DataDirInUse (another server holds DATA_DIR); TokenFileError names
+        # AUTH_TOKENS_FILE and the line at fault.
         running = build_server(settings)
-    except OSError as exc:
+    except (OSError, TokenFileError) as exc:
         get_logger("server").error("cannot start", error=str(exc))
         return 1
     done = install_signal_handlers(running)

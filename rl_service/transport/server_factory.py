@@ -25,6 +25,7 @@ from rl_service.infra.process_executor import LocalProcessExecutor
 from rl_service.infra.process_lifeline import exit_later
 from rl_service.infra.settings import Settings
 from rl_service.infra.sqlite_run_registry import SqliteRunRegistry
+from rl_service.transport.auth import auth_interceptors
 from rl_service.transport.policy_servicer import PolicyServicer
 from rl_service.transport.stream_slots import StreamSlots
 from rl_service.transport.training_servicer import TrainingServicer
@@ -114,6 +115,7 @@ def _build_started(settings: Settings, lock: DataDirLock) -> RunningServer:
     """Create every component, bind, start; health turns SERVING only once all of it is ready."""
     import torch
 
+    interceptors = auth_interceptors(settings)  # first: a bad AUTH_TOKENS_FILE stops the start before any work
     # Act runs small MLPs in RPC threads; one intra-op thread each is fastest and leaves cores to workers.
     torch.set_num_threads(1)
     log = get_logger("server")
@@ -138,7 +140,8 @@ def _build_started(settings: Settings, lock: DataDirLock) -> RunningServer:
         ("grpc.so_reuseport", 0),
     ]
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=settings.grpc_max_workers,
-                                                    thread_name_prefix="rpc"), options=options)
+                                                    thread_name_prefix="rpc"),
+                         interceptors=interceptors, options=options)
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     for service in HEALTH_SERVICES:
         health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
