@@ -22,7 +22,6 @@ from rl_service.cli.client import (
     CliError,
     server_error,
 )
-from rl_service.cli.security import Security, SecurityFlagError
 from rl_service.cli.formatting import (
     Output,
     format_duration,
@@ -32,6 +31,7 @@ from rl_service.cli.formatting import (
     status_to_dict,
 )
 from rl_service.cli.progress import RunProgress
+from rl_service.cli.security import Security, SecurityFlagError
 from rl_service_proto.v1 import training_pb2 as pb
 
 STOP_TIMEOUT = 120.0  # StopTraining waits for the final checkpoint (STOP_TIMEOUT_SECONDS, 30 s by default)

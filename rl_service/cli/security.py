@@ -84,7 +84,7 @@ class _CallDetails(_Details, grpc.ClientCallDetails):  # type: ignore[misc]
 
 
 class BearerToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,  # type: ignore[misc]
-                  grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+                  grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):  # type: ignore[misc]
     """Adds `authorization: Bearer TOKEN` to every call's metadata."""
 
     def __init__(self, token: str) -> None:

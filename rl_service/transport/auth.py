@@ -55,8 +55,9 @@ def require_owner(principal: Principal, owner: str, what: str) -> None:
     """PermissionDenied unless the principal owns `what` (e.g. "run 'run-1'") or is an admin."""
     if principal.role >= Role.ADMIN or principal.owner == owner:
         return
-    raise PermissionDenied(f"{what} belongs to {owner or 'nobody (created without authentication)'!r}; only its "
-                           f"owner or an admin may change it, and {principal.name!r} is a {principal.role.label}")
+    whose = repr(owner) if owner else "nobody (it was created without authentication)"
+    raise PermissionDenied(f"{what} belongs to {whose}; only its owner or an admin may change it, and "
+                           f"{principal.name!r} is a {principal.role.label}")
 
 
 class _Refused(Exception):
@@ -91,6 +92,8 @@ class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
         self._tokens = tokens
         self._audit = audit or AuditLog()
         self._roles = roles
+        # Wrapped once per method: the credentials come from each call's context, not from the wrapper.
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     def intercept_service(self, continuation: Callable[[Any], Any], details: Any) -> Any:
         """The handler, wrapped so that its call is admitted first (open RPCs pass unwrapped)."""
@@ -98,7 +101,11 @@ class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
         method = details.method
         if handler is None or (method in self._roles and self._roles[method] is None):
             return handler  # unknown methods get gRPC's UNIMPLEMENTED; health stays open to probes
-        return _wrapped(handler, _Call(self, method, details.invocation_metadata))
+        cached = self._wrapped.get(method)
+        if cached is None or cached[0] is not handler:
+            cached = (handler, _wrapped(handler, _Call(self, method)))
+            self._wrapped[method] = cached  # a race builds the same wrapper twice: harmless
+        return cached[1]
 
     def admit(self, method: str, metadata: Sequence[tuple[str, Any]] | None) -> Principal:
         """The principal making the call, or _Refused: UNAUTHENTICATED, or PERMISSION_DENIED naming what is needed."""
@@ -137,16 +144,16 @@ Describe = Callable[[Any], dict[str, str]]  # the reply (None when there is none
 
 @dataclass
 class _Call:
-    """One call going through the interceptor: admitted, run as its principal, audited when it changes state."""
+    """Calls of one RPC going through the interceptor: admitted, run as their principal, audited when they change
+    state."""
 
     interceptor: AuthInterceptor
     method: str
-    metadata: Sequence[tuple[str, Any]] | None
 
     def admit(self, context: grpc.ServicerContext, request: Any) -> Principal:
         """The principal, or the call ends here with its code (audited: a refusal is always worth a line)."""
         try:
-            return self.interceptor.admit(self.method, self.metadata)
+            return self.interceptor.admit(self.method, context.invocation_metadata())
         except _Refused as refused:
             self.interceptor.audit(refused.principal, context, self.method, refused.code, target_of(request))
             context.abort(refused.code, refused.message)

@@ -8,7 +8,7 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -280,6 +280,19 @@ def test_state_changes_and_refusals_are_audited_by_name_never_by_token(secured: 
     assert [e["log_level"] for e in lines] == ["info", "warning", "warning", "warning", "info", "info"]
     everything = repr(logs)
     assert not any(token in everything for token in secured.tokens.values())
+
+
+def test_without_a_tokens_file_everyone_is_an_anonymous_admin_and_still_audited(
+        server_factory: Callable[..., ServerHandle], tmp_path: Path) -> None:
+    handle = server_factory(tmp_path, log_level="INFO")
+    policies = policy_pb2_grpc.PolicyServiceStub(handle.channel)
+    with capture_logs() as logs:
+        created = policies.CreatePolicy(policy_pb2.CreatePolicyRequest(policy_id="anyones", spec=SPEC), timeout=30)
+        policies.DeletePolicy(policy_pb2.PolicyRequest(policy_id="anyones"),
+                              metadata=[("authorization", "Bearer ignored")], timeout=30)
+    assert created.owner == ""
+    assert [(e["principal"], e["rpc"], e["policy_id"], e["code"]) for e in logs if e["event"] == "audit"] == [
+        ("anonymous", "CreatePolicy", "anyones", "OK"), ("anonymous", "DeletePolicy", "anyones", "OK")]
 
 
 # ----------------------------------------------------------------------------------------------- start-up
