@@ -59,7 +59,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         # On the main thread, which lives as long as the process: the fork server dies when the thread that
-        # started it ends. OSError includes DataDirInUse (another server holds DATA_DIR).
+        # started it ends. OSError includes DataDirInUse (another server holds DATA_DIR); a ConfigurationError
+        # names the setting at fault (a TLS file, AUTH_TOKENS_FILE and its line, a public address without both).
         running = build_server(settings)
     except ConfigurationError as exc:
         # A file a setting names is unusable, or the address needs TLS and tokens: one line, as for a bad value.

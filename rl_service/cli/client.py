@@ -12,6 +12,7 @@ from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
+from rl_service.cli.security import Security
 from rl_service.healthcheck_main import unreachable_reason
 from rl_service_proto.v1 import training_pb2_grpc as pb_grpc
 
@@ -99,9 +100,11 @@ class Client:
     health: health_pb2_grpc.HealthStub
 
     @classmethod
-    def connect(cls, address: str, timeout: float | None = None) -> Client:
-        """Open a channel and check that a server answers there (CliError exit 2 if not)."""
-        channel = grpc.insecure_channel(address, options=[("grpc.max_receive_message_length", MAX_RECEIVE_BYTES)])
+    def connect(cls, address: str, timeout: float | None = None, security: Security | None = None) -> Client:
+        """Open a channel (TLS and a token per `security`) and check that a server answers there (CliError exit 2
+        if not)."""
+        channel = (security or Security()).channel(
+            address, options=[("grpc.max_receive_message_length", MAX_RECEIVE_BYTES)])
         client = cls(address, timeout, channel, pb_grpc.TrainingServiceStub(channel),
                      health_pb2_grpc.HealthStub(channel))
         probe_timeout = timeout or CONNECT_TIMEOUT

@@ -31,6 +31,7 @@ from rl_service.cli.formatting import (
     status_to_dict,
 )
 from rl_service.cli.progress import RunProgress
+from rl_service.cli.security import Security, SecurityFlagError
 from rl_service_proto.v1 import training_pb2 as pb
 
 STOP_TIMEOUT = 120.0  # StopTraining waits for the final checkpoint (STOP_TIMEOUT_SECONDS, 30 s by default)
@@ -43,20 +44,18 @@ USAGE_HINTS = {
 }
 
 
-def refuse_unsupported(args: argparse.Namespace) -> None:
-    """Refuse the flags this server cannot honour yet (a usage error, exit 2), rather than ignoring them."""
-    if args.tls:
-        raise CliError("--tls is not supported yet: this server speaks plaintext gRPC only (keep it on 127.0.0.1 "
-                       "or reach it through an SSH tunnel)", EXIT_USAGE)
-    if args.token:
-        raise CliError("--token is not supported yet: this server has no authentication", EXIT_USAGE)
+def security(args: argparse.Namespace) -> Security:
+    """TLS and token from the flags (and $RL_SERVICE_TOKEN); an unusable one is a usage error (exit 2)."""
+    try:
+        return Security.from_args(args)
+    except SecurityFlagError as exc:
+        raise CliError(str(exc), EXIT_USAGE) from None
 
 
 @contextlib.contextmanager
 def connected(args: argparse.Namespace) -> Iterator[Client]:
-    """A client for --address (CliError exit 2 when nothing answers there)."""
-    refuse_unsupported(args)
-    client = Client.connect(args.address, args.timeout)
+    """A client for --address, over TLS and with a token when asked (CliError exit 2 when nothing answers)."""
+    client = Client.connect(args.address, args.timeout, security(args))
     try:
         yield client
     finally:
@@ -369,8 +368,8 @@ def cmd_health(args: argparse.Namespace, output: Output) -> int:
     """The same probe as healthcheck.py: exit 0 when SERVING, 1 when not serving or unreachable; the line says why."""
     from rl_service.healthcheck_main import DEFAULT_TIMEOUT, probe
 
-    refuse_unsupported(args)
-    report = probe(args.address, args.service, args.timeout or DEFAULT_TIMEOUT)
+    # Health is open on every server: TLS applies, the token is not needed.
+    report = probe(args.address, args.service, args.timeout or DEFAULT_TIMEOUT, security(args).credentials)
     if args.json:
         output.json({"address": report.address, "service": report.service, "serving": report.serving,
                      "status": report.text})

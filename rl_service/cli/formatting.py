@@ -81,6 +81,7 @@ def status_to_dict(status: pb.TrainingStatus) -> dict[str, Any]:
     return {
         "run_id": status.run_id,
         "experiment_id": status.experiment_id,
+        "owner": status.owner,
         "algorithm": status.algorithm,
         "env_id": status.env_id,
         "state": state_name(status.state),
@@ -148,14 +149,19 @@ def attempt_text(status: pb.TrainingStatus) -> str:
 
 
 def runs_table(runs: Iterable[pb.TrainingStatus]) -> Table:
-    """ListRuns as a table, newest first as the server sends them."""
+    """ListRuns as a table, newest first as the server sends them; an OWNER column when any run has an owner."""
+    runs = list(runs)
+    owners = any(status.owner for status in runs)  # a server without tokens records none: no empty column
     table = Table(box=None, header_style="bold", pad_edge=False)
-    for column in ("RUN", "EXPERIMENT", "ALGO", "ENV", "STATE", "TRY", "TIMESTEPS", "REWARD", "CREATED"):
+    columns = ("RUN", "EXPERIMENT", *(("OWNER",) if owners else ()), "ALGO", "ENV", "STATE", "TRY", "TIMESTEPS",
+               "REWARD", "CREATED")
+    for column in columns:
         # Labels fold onto a second line on a narrow terminal; ids, states and numbers never do.
         table.add_column(column, no_wrap=column not in ("EXPERIMENT", "ENV"), overflow="fold",
                          justify="right" if column in ("TRY", "TIMESTEPS", "REWARD") else "left")
     for status in runs:
-        table.add_row(status.run_id, escape(status.experiment_id), status.algorithm, escape(status.env_id),
+        owner = (escape(status.owner) or "-",) if owners else ()
+        table.add_row(status.run_id, escape(status.experiment_id), *owner, status.algorithm, escape(status.env_id),
                       styled_state(status), str(max(status.attempt, 1)),
                       f"{status.timesteps_done:,}/{status.total_timesteps:,}",
                       reward_text(status), format_time(status.created_at, short=True))
@@ -171,6 +177,7 @@ def status_table(status: pb.TrainingStatus) -> Table:
     rows: list[tuple[str, str]] = [
         ("run", status.run_id),
         ("experiment", escape(status.experiment_id)),
+        *((("owner", escape(status.owner)),) if status.owner else ()),
         ("algorithm", status.algorithm),
         ("environment", escape(status.env_id)),
         ("state", styled_state(status) + (" (stop requested)" if status.stop_requested and not status.is_done

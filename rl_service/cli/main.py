@@ -15,9 +15,11 @@ import sys
 from collections.abc import Callable, Sequence
 
 import rl_service
-from rl_service.cli import commands
+from rl_service.cli import commands, tokens
 from rl_service.cli.client import ADDRESS_VARIABLE, EXIT_INTERRUPTED, EXIT_USAGE, CliError, default_address
 from rl_service.cli.formatting import Output
+from rl_service.cli.security import TOKEN_VARIABLE
+from rl_service.infra.auth_tokens import ROLE_LABELS
 from rl_service_proto.v1 import training_pb2 as pb
 
 EXPORT_FORMATS = ("torchscript", "onnx", "sb3")
@@ -97,25 +99,43 @@ def _state(text: str) -> str:
     return name
 
 
+def add_connection_flags(parser: argparse.ArgumentParser, after_command: bool) -> None:
+    """--address, --timeout and the security flags. They may come before the command (the defaults live there) or
+    after it (`after_command`: a flag given there overrides; one not given leaves the earlier value alone)."""
+    def default(value: object) -> object:
+        return argparse.SUPPRESS if after_command else value
+
+    group = parser.add_argument_group("connection")
+    group.add_argument("--address", default=default(default_address()),
+                       help=f"server host:port (default ${ADDRESS_VARIABLE} or 127.0.0.1:50051)")
+    group.add_argument("--timeout", type=_positive_float, default=default(None), metavar="SECONDS",
+                       help="deadline of each call and of connecting (default: 5 s to connect, 30 s per call, "
+                            "longer for stop and export; streams have none)")
+    group.add_argument("--tls", action="store_true", default=default(False),
+                       help="connect over TLS (implied by --ca-file, --cert-file and --key-file)")
+    group.add_argument("--ca-file", default=default(None), metavar="PEM",
+                       help="CA certificates the server's certificate must chain to (default: the system's)")
+    group.add_argument("--cert-file", default=default(None), metavar="PEM",
+                       help="client certificate, for a server that asks for one (mutual TLS; with --key-file)")
+    group.add_argument("--key-file", default=default(None), metavar="PEM", help="the client certificate's key")
+    group.add_argument("--token", default=default(None),
+                       help=f"bearer token sent with every call (default ${TOKEN_VARIABLE})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argparse tree: one subparser per command."""
     parser = argparse.ArgumentParser(
         prog=PROG, description="Train reinforcement-learning policies on an rl-service server from the terminal.",
         epilog=f"Client commands talk to --address (default ${ADDRESS_VARIABLE} or 127.0.0.1:50051) over the "
                "public gRPC API. Exit codes: 0 ok, 1 server error or run not SUCCEEDED, 2 server unreachable or "
-               "bad usage, 130 detached with Ctrl+C (health: 0 SERVING, 1 not serving or unreachable, 2 bad usage).")
+               "bad usage, 130 detached with Ctrl+C (health: 0 SERVING, 1 not serving or unreachable, 2 bad usage). "
+               "Connection flags go before or after the command.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {rl_service.__version__}")
+    add_connection_flags(parser, after_command=False)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
 
     connection = argparse.ArgumentParser(add_help=False)
-    group = connection.add_argument_group("connection")
-    group.add_argument("--address", default=default_address(),
-                       help=f"server host:port (default ${ADDRESS_VARIABLE} or 127.0.0.1:50051)")
-    group.add_argument("--timeout", type=_positive_float, default=None, metavar="SECONDS",
-                       help="deadline of each call and of connecting (default: 5 s to connect, 30 s per call, "
-                            "longer for stop and export; streams have none)")
-    group.add_argument("--tls", action="store_true", help="use TLS (not supported by this server yet)")
-    group.add_argument("--token", default=None, help="bearer token (not supported by this server yet)")
+    add_connection_flags(connection, after_command=True)
     as_json = argparse.ArgumentParser(add_help=False)
     as_json.add_argument("--json", action="store_true", help="print JSON for scripts instead of text")
     client = [connection, as_json]
@@ -205,7 +225,26 @@ def build_parser() -> argparse.ArgumentParser:
                                         "2 for a wrong command line.")
     health.add_argument("--service", default="", help="service name; empty for the whole server")
     health.set_defaults(handler=commands.cmd_health)
+
+    token = sub.add_parser("token", help="make bearer tokens for a server's AUTH_TOKENS_FILE (offline)")
+    token_sub = token.add_subparsers(dest="token_command", metavar="ACTION", title="actions")
+    create = token_sub.add_parser("create", parents=[as_json], help="print a new random token and its line",
+                                  description="Print a new random token (256 bits) and the AUTH_TOKENS_FILE line "
+                                              "`NAME ROLE sha256:HEX` that grants it ROLE; needs no server.")
+    create.add_argument("name", metavar="NAME", type=tokens.principal_name,
+                        help="who holds the token (1-64 of A-Z a-z 0-9 _ . -); runs and policies it creates "
+                             "record it as their owner")
+    create.add_argument("--role", required=True, choices=ROLE_LABELS,
+                        help="reader < actor < trainer < admin; each includes the ones before")
+    create.set_defaults(handler=tokens.cmd_token_create)
+    token.set_defaults(handler=lambda args, output: _usage(token))
     return parser
+
+
+def _usage(parser: argparse.ArgumentParser) -> int:
+    """A command that needs an action and got none: its help on stderr, exit 2."""
+    parser.print_help(sys.stderr)
+    return EXIT_USAGE
 
 
 def run(argv: Sequence[str] | None = None, output: Output | None = None) -> int:

@@ -61,7 +61,7 @@ def status_to_proto(record: RunRecord) -> pb.TrainingStatus:
         metrics=metrics_to_proto(record.metrics), seed=record.seed, hyperparameters=dict(record.hyperparameters),
         created_at=record.created_at, started_at=record.started_at, finished_at=record.finished_at,
         stop_requested=record.stop_requested, attempt=record.attempt,
-        attempts=[attempt_to_proto(a) for a in record.attempts],
+        attempts=[attempt_to_proto(a) for a in record.attempts], owner=record.owner,
     )
 
 

@@ -60,7 +60,7 @@ def snapshot_to_proto(snapshot: PolicySnapshot) -> pb.PolicyInfo:
         pending_steps=snapshot.pending_steps, episodes_trained=snapshot.episodes_trained,
         steps_trained=snapshot.steps_trained, last_update=metrics_to_proto(snapshot.last_update),
         created_at=snapshot.created_at, updated_at=snapshot.updated_at, created=snapshot.created,
-        durable_version=snapshot.durable_version,
+        durable_version=snapshot.durable_version, owner=snapshot.owner,
     )
 
 

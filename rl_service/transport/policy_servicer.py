@@ -10,6 +10,7 @@ import numpy as np
 from rl_service.core.errors import CapacityExceeded, InvalidRequest, quoted
 from rl_service.core.policies.manager import PolicyManager
 from rl_service.transport import policy_convert as convert
+from rl_service.transport.auth import current_principal, require_owner
 from rl_service.transport.error_mapping import guarded
 from rl_service.transport.stream_slots import StreamSlots
 from rl_service_proto.v1 import policy_pb2 as pb
@@ -32,7 +33,7 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):  # type: ignore[misc]
         if not request.HasField("spec"):
             raise InvalidRequest("spec is required (observation_shape and discrete_n or box)", field="spec")
         snapshot = self._manager.create(request.policy_id, convert.spec_request_from_proto(request.spec),
-                                        request.initial_weights)
+                                        request.initial_weights, owner=current_principal().owner)
         return convert.snapshot_to_proto(snapshot)
 
     @guarded
@@ -46,11 +47,13 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):  # type: ignore[misc]
 
     @guarded
     def DeletePolicy(self, request: pb.PolicyRequest, context: grpc.ServicerContext) -> pb.DeletePolicyResponse:
+        self._require_owner(request.policy_id)
         self._manager.delete(request.policy_id)
         return pb.DeletePolicyResponse()
 
     @guarded
     def SendTrainingBatch(self, request: pb.TrainingBatch, context: grpc.ServicerContext) -> pb.TrainingBatchResult:
+        self._require_owner(request.policy_id)
         return self._send(request, [request])
 
     @guarded
@@ -59,6 +62,8 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):  # type: ignore[misc]
         chunks: list[pb.TrainingBatch] = []
         size = 0
         for chunk in request_iterator:
+            if not chunks:
+                self._require_owner(chunk.policy_id)  # before any more of the stream is read
             if chunks and chunk.policy_id and chunk.policy_id != chunks[0].policy_id:
                 raise InvalidRequest(f"policy_id: chunk {len(chunks)} names {quoted(chunk.policy_id)}, the stream "
                                      f"started with {chunks[0].policy_id!r}", field="policy_id")
@@ -71,6 +76,10 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):  # type: ignore[misc]
         if not chunks:
             raise InvalidRequest("batch: the stream carried no chunk", field="batch")
         return self._send(chunks[0], chunks)
+
+    def _require_owner(self, policy_id: str) -> None:
+        """Changing a policy takes its owner or an admin (errors for a missing or unknown id as the call itself)."""
+        require_owner(current_principal(), self._manager.owner(policy_id), f"policy {policy_id!r}")
 
     def _send(self, head: pb.TrainingBatch, chunks: list[pb.TrainingBatch]) -> pb.TrainingBatchResult:
         def joined(name: str, dtype: type) -> np.ndarray:
@@ -109,6 +118,7 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):  # type: ignore[misc]
 
     @guarded
     def SetWeights(self, request: pb.SetWeightsRequest, context: grpc.ServicerContext) -> pb.PolicyInfo:
+        self._require_owner(request.policy_id)
         snapshot = self._manager.set_weights(
             request.policy_id, request.safetensors,
             request.expected_version if request.HasField("expected_version") else None)
@@ -125,10 +135,12 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):  # type: ignore[misc]
 
     @guarded
     def SaveCheckpoint(self, request: pb.CheckpointRequest, context: grpc.ServicerContext) -> pb.CheckpointInfo:
+        self._require_owner(request.policy_id)
         return convert.checkpoint_to_proto(self._manager.save_checkpoint(request.policy_id, request.name))
 
     @guarded
     def LoadCheckpoint(self, request: pb.CheckpointRequest, context: grpc.ServicerContext) -> pb.PolicyInfo:
+        self._require_owner(request.policy_id)
         return convert.snapshot_to_proto(self._manager.load_checkpoint(request.policy_id, request.name))
 
     @guarded

@@ -25,6 +25,7 @@ from rl_service.infra.process_executor import LocalProcessExecutor
 from rl_service.infra.process_lifeline import exit_later
 from rl_service.infra.settings import Settings
 from rl_service.infra.sqlite_run_registry import SqliteRunRegistry
+from rl_service.transport.auth import auth_interceptors
 from rl_service.transport.policy_servicer import PolicyServicer
 from rl_service.transport.port_security import PortSecurity
 from rl_service.transport.stream_slots import StreamSlots
@@ -101,6 +102,7 @@ def build_server(settings: Settings) -> RunningServer:
     """Read the files settings name (ConfigurationError: refused before anything is created), own the data
     directories (lock, crash leftovers), then build and start the rest (DataDirInUse: refused)."""
     security = PortSecurity.from_settings(settings)  # TLS files and the exposure rule
+    interceptors = auth_interceptors(settings)  # reads AUTH_TOKENS_FILE
     config = orchestrator_config(settings)  # reads EXTERNAL_ENV_CA_FILE
     lock = DataDirLock.acquire(settings.data_dir)
     try:
@@ -108,14 +110,14 @@ def build_server(settings: Settings) -> RunningServer:
                                     settings.policies_root)
         if removed:
             get_logger("server").info("removed temp files left by interrupted writes", count=removed)
-        return _build_started(settings, lock, config, security)
+        return _build_started(settings, lock, config, security, interceptors)
     except BaseException:
         lock.release()
         raise
 
 
-def _build_started(settings: Settings, lock: DataDirLock, config: OrchestratorConfig,
-                   security: PortSecurity) -> RunningServer:
+def _build_started(settings: Settings, lock: DataDirLock, config: OrchestratorConfig, security: PortSecurity,
+                   interceptors: list[grpc.ServerInterceptor]) -> RunningServer:
     """Create every component, bind, start; health turns SERVING only once all of it is ready."""
     import torch
 
@@ -142,7 +144,8 @@ def _build_started(settings: Settings, lock: DataDirLock, config: OrchestratorCo
         ("grpc.so_reuseport", 0),
     ]
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=settings.grpc_max_workers,
-                                                    thread_name_prefix="rpc"), options=options)
+                                                    thread_name_prefix="rpc"),
+                         interceptors=interceptors, options=options)
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     for service in HEALTH_SERVICES:
         health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)

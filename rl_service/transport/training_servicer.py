@@ -9,6 +9,7 @@ import numpy as np
 
 from rl_service.core.runs.orchestrator import Orchestrator
 from rl_service.transport import convert
+from rl_service.transport.auth import current_principal, require_owner
 from rl_service.transport.error_mapping import guarded
 from rl_service.transport.stream_slots import StreamSlots
 from rl_service_proto.v1 import training_pb2 as pb
@@ -25,7 +26,8 @@ class TrainingServicer(pb_grpc.TrainingServiceServicer):  # type: ignore[misc]
     @guarded
     def StartTraining(self, request: pb.StartTrainingRequest, context: grpc.ServicerContext
                       ) -> pb.StartTrainingResponse:
-        record = self._orchestrator.start_run(convert.training_request_from_proto(request))
+        record = self._orchestrator.start_run(convert.training_request_from_proto(request),
+                                              owner=current_principal().owner)
         return pb.StartTrainingResponse(run_id=record.run_id)
 
     @guarded
@@ -41,17 +43,24 @@ class TrainingServicer(pb_grpc.TrainingServiceServicer):  # type: ignore[misc]
 
     @guarded
     def StopTraining(self, request: pb.RunRequest, context: grpc.ServicerContext) -> pb.TrainingStatus:
+        self._require_owner(request.run_id)
         return convert.status_to_proto(self._orchestrator.stop_run(request.run_id))
 
     @guarded
     def ResumeTraining(self, request: pb.ResumeTrainingRequest, context: grpc.ServicerContext) -> pb.TrainingStatus:
+        self._require_owner(request.run_id)
         total = request.total_timesteps if request.HasField("total_timesteps") else None
         return convert.status_to_proto(self._orchestrator.resume_run(request.run_id, total))
 
     @guarded
     def DeleteRun(self, request: pb.DeleteRunRequest, context: grpc.ServicerContext) -> pb.DeleteRunResponse:
+        self._require_owner(request.run_id)
         self._orchestrator.delete_run(request.run_id)
         return pb.DeleteRunResponse(run_id=request.run_id)
+
+    def _require_owner(self, run_id: str) -> None:
+        """Changing a run takes its owner or an admin (NOT_FOUND for an unknown run, as the call itself)."""
+        require_owner(current_principal(), self._orchestrator.get(run_id).owner, f"run {run_id!r}")
 
     @guarded
     def ListRuns(self, request: pb.ListRunsRequest, context: grpc.ServicerContext) -> pb.ListRunsResponse:

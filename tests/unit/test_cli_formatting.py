@@ -111,6 +111,22 @@ def test_runs_table() -> None:
     assert "FAILED" in lines[2] and lines[2].split()[-3] == "-"
 
 
+def test_owners_show_in_the_table_only_when_a_run_has_one_and_in_the_details() -> None:
+    owned, unowned = _status(), _status(state=pb.FAILED)
+    owned.owner = "alice"
+    out = io.StringIO()
+    Console(file=out, width=140).print(runs_table([owned, unowned]))
+    header, first, second = out.getvalue().splitlines()
+    assert header.split()[:4] == ["RUN", "EXPERIMENT", "OWNER", "ALGO"]
+    assert first.split()[2] == "alice" and second.split()[2] == "-"
+    details = io.StringIO()
+    Console(file=details, width=140).print(status_table(owned))
+    assert any(line.split() == ["owner", "alice"] for line in details.getvalue().splitlines())
+    Console(file=details, width=140).print(status_table(unowned))
+    assert sum(line.split()[:1] == ["owner"] for line in details.getvalue().splitlines()) == 1
+    assert status_to_dict(owned)["owner"] == "alice" and status_to_dict(unowned)["owner"] == ""
+
+
 def test_moving_average_is_a_trailing_window() -> None:
     values = [1.0, 2.0, 3.0, 4.0, 5.0]
     np.testing.assert_allclose(moving_average(values, 2), [1.0, 1.5, 2.5, 3.5, 4.5])
@@ -290,6 +306,6 @@ def test_health_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     for argv in (["--timeout", "0"], ["--timeout", "soon"], ["--address", ""], ["--bogus"]):
         assert _probe_script(capsys, *argv)[0] == 2, argv
     address = _closed_address()
-    for argv in (["--timeout", "-1"], ["--tls"], ["--token", "t"], ["--bogus"]):
+    for argv in (["--timeout", "-1"], ["--cert-file", "c.pem"], ["--bogus"]):
         code, out, _ = _cli("health", "--address", address, *argv)
         assert code == 2 and not out, argv

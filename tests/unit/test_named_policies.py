@@ -135,3 +135,19 @@ def test_a_batch_that_is_only_held_is_not_announced_as_an_update() -> None:
     _send(manager, "h", 2)
     assert next(stream).version == 2, "the next message is the next version, not version 1 again"
     manager.close()
+
+
+def test_the_owner_is_kept_on_disk_and_a_state_saved_before_owners_loads_as_owned_by_nobody() -> None:
+    store = MemoryStore()
+    first = _manager(store)
+    assert first.create("mine", PolicySpecRequest((4,), discrete_actions=2, seed=0), owner="alice").owner == "alice"
+    first.create("old", PolicySpecRequest((4,), discrete_actions=2, seed=0))
+    _send(first, "mine", 1)
+    # A re-create with the same spec by someone else is the no-op it was: the policy keeps its owner.
+    assert first.create("mine", PolicySpecRequest((4,), discrete_actions=2), owner="bob").owner == "alice"
+    first.close()
+    del store.states["old"][1]["owner"]  # as written by a server before owners existed
+    second = _manager(store)
+    assert second.owner("mine") == "alice" and second.get("mine").owner == "alice"
+    assert second.owner("old") == "" and [s.owner for s in second.list_policies()] == ["alice", ""]
+    assert second.get("mine").version == 1

@@ -35,5 +35,5 @@ def test_normalize_matches_vecnormalize_formula() -> None:
 def test_a_file_that_is_not_statistics_is_refused(tmp_path: Path) -> None:
     bad = tmp_path / "x.normalize.safetensors"
     bad.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}garbage")
-    with pytest.raises(ValueError, match="x.normalize.safetensors"):
+    with pytest.raises(ValueError, match=r"x\.normalize\.safetensors"):
         load_stats(bad)

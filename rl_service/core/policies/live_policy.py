@@ -23,8 +23,9 @@ class LivePolicy:
     """One policy's mutable state; every access holds `lock`."""
 
     def __init__(self, policy_id: str, spec: PolicySpec, net: PolicyNet, created_at: float,
-                 critic: ValueNet | None = None) -> None:
+                 critic: ValueNet | None = None, owner: str = "") -> None:
         self.policy_id = policy_id
+        self.owner = owner  # the token name that created it; never changes
         self.spec = spec
         self.shape = spec.shape
         self.values = spec.values()
@@ -58,7 +59,7 @@ class LivePolicy:
         """The public view."""
         return PolicySnapshot(self.policy_id, self.spec, self.version, len(self.tail), self.episodes_trained,
                               self.steps_trained, self.last_update, self.created_at, self.updated_at, durable_version,
-                              created)
+                              created, self.owner)
 
     def torchscript_now(self) -> bytes:
         """TorchScript of the current weights, cached per revision."""

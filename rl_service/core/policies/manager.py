@@ -83,8 +83,10 @@ class PolicyManager:
 
     # ----------------------------------------------------------------- lifecycle
 
-    def create(self, policy_id: str, request: PolicySpecRequest, initial_weights: bytes = b"") -> PolicySnapshot:
-        """Create a policy; the same spec again is a no-op, a different one ALREADY_EXISTS."""
+    def create(self, policy_id: str, request: PolicySpecRequest, initial_weights: bytes = b"",
+               owner: str = "") -> PolicySnapshot:
+        """Create a policy owned by `owner` (the caller's token name); the same spec again is a no-op (the owner
+        stays), a different one ALREADY_EXISTS."""
         check_name(policy_id, "policy_id")
         spec = build_spec(request)
         with self._lock:
@@ -96,7 +98,7 @@ class PolicyManager:
                         return existing.snapshot(self._writer.durable_version(policy_id), created=False)
                 raise AlreadyExists(f"policy_id: {policy_id!r} already exists with a different spec (or initial "
                                     "weights were given); delete it first or choose another id", field="policy_id")
-            policy = LivePolicy(policy_id, spec, new_net(spec), time.time(), new_critic(spec))
+            policy = LivePolicy(policy_id, spec, new_net(spec), time.time(), new_critic(spec), owner)
             if initial_weights:
                 policy.net.load_state_dict(weights_from_safetensors(initial_weights, policy.net, "initial_weights"))
             policy.remember_version(self._config.versions_kept)
@@ -104,8 +106,9 @@ class PolicyManager:
             self._persist(policy, at_once=True)  # on disk before anyone can see it, in either sync mode
             self._policies[policy_id] = policy
             self._feed.bump(policy_id)
-        self._log.info("policy created", policy_id=policy_id, observation_shape=list(spec.observation_shape),
-                       discrete_actions=spec.discrete_actions, algorithm=spec.algorithm)
+        self._log.info("policy created", policy_id=policy_id, owner=owner,
+                       observation_shape=list(spec.observation_shape), discrete_actions=spec.discrete_actions,
+                       algorithm=spec.algorithm)
         return policy.snapshot(self._writer.durable_version(policy_id), created=True)
 
     def get(self, policy_id: str) -> PolicySnapshot:
@@ -113,6 +116,10 @@ class PolicyManager:
         policy = self._get(policy_id)
         with policy.lock:
             return policy.snapshot(self._writer.durable_version(policy_id))
+
+    def owner(self, policy_id: str) -> str:
+        """The token name that created the policy ("" without authentication); PolicyNotFound if none."""
+        return self._get(policy_id).owner  # fixed at creation: no lock needed
 
     def list_policies(self) -> list[PolicySnapshot]:
         """Every policy, by id."""

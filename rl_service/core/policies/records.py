@@ -36,6 +36,7 @@ class PolicySnapshot:
     updated_at: float
     durable_version: int  # the newest version known to be on disk
     created: bool = False
+    owner: str = ""  # the token name that created it ("" without authentication)
 
 
 @dataclass(frozen=True)

@@ -52,6 +52,7 @@ def encode(policy: LivePolicy) -> tuple[dict[str, torch.Tensor], dict[str, str]]
     metadata = {
         "format": STATE_FORMAT if policy.critic is None else STATE_FORMAT_V2,
         "policy_id": policy.policy_id,
+        "owner": policy.owner,
         "spec": policy.spec.to_json(),
         "version": str(policy.version),
         "episodes_trained": str(policy.episodes_trained),
@@ -102,7 +103,9 @@ def restore(policy_id: str, tensors: Mapping[str, torch.Tensor], metadata: Mappi
     if metadata.get("format") not in STATE_FORMATS:
         raise ValueError(f"unknown state format {metadata.get('format')!r}")
     spec = PolicySpec.from_json(metadata["spec"])
-    policy = LivePolicy(policy_id, spec, new_net(spec), float(metadata["created_at"]), new_critic(spec))
+    # "owner" is absent from states saved before authentication existed: owned by nobody, changed by admins.
+    policy = LivePolicy(policy_id, spec, new_net(spec), float(metadata["created_at"]), new_critic(spec),
+                        metadata.get("owner", ""))
     apply_state(policy, tensors, metadata)
     policy.updated_at = float(metadata["updated_at"])
     policy.remember_version(versions_kept)

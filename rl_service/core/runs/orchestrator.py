@@ -97,8 +97,9 @@ class Orchestrator:
 
     # ----------------------------------------------------------------- commands
 
-    def start_run(self, request: TrainingRequest) -> RunRecord:
-        """Validate a request fully, then record it PENDING and launch it when a slot is free."""
+    def start_run(self, request: TrainingRequest, owner: str = "") -> RunRecord:
+        """Validate a request fully, then record it PENDING (owned by `owner`, the caller's token name; "" without
+        authentication) and launch it when a slot is free."""
         valid = validate_request(request, self._limits, self._config.external_envs)
         run_id = f"run-{uuid.uuid4().hex[:12]}"
         model_path = self._store.resolve_model_path(run_id, request.model_output_path)
@@ -106,7 +107,7 @@ class Orchestrator:
             run_id=run_id, experiment_id=valid.experiment_id, algorithm=valid.spec.name, env_id=request.env_id,
             state=RunState.PENDING, total_timesteps=request.total_timesteps, seed=valid.seed,
             hyperparameters=valid.hyperparameters, checkpoint_interval=valid.checkpoint_interval,
-            model_path=str(model_path), created_at=time.time(),
+            model_path=str(model_path), created_at=time.time(), owner=owner,
         )
         job = self._job(record, resume=False)
         with self._cond:
@@ -123,8 +124,8 @@ class Orchestrator:
             self._feed.bump(run_id)  # watchable from now on
             self._launch_ready()
             record = self._live.get(run_id) or self._finished[run_id]
-        self._log.info("run accepted", run_id=run_id, experiment_id=valid.experiment_id, algorithm=valid.spec.name,
-                       env_id=request.env_id, total_timesteps=request.total_timesteps)
+        self._log.info("run accepted", run_id=run_id, owner=owner, experiment_id=valid.experiment_id,
+                       algorithm=valid.spec.name, env_id=request.env_id, total_timesteps=request.total_timesteps)
         return record
 
     def stop_run(self, run_id: str) -> RunRecord:
