@@ -102,8 +102,8 @@ def build_server(settings: Settings) -> RunningServer:
     """Read the files settings name (ConfigurationError: refused before anything is created), own the data
     directories (lock, crash leftovers), then build and start the rest (DataDirInUse: refused)."""
     security = PortSecurity.from_settings(settings)  # TLS files and the exposure rule
-    interceptors = auth_interceptors(settings)  # reads AUTH_TOKENS_FILE
     config = orchestrator_config(settings)  # reads EXTERNAL_ENV_CA_FILE
+    interceptors = auth_interceptors(settings)  # reads AUTH_TOKENS_FILE (last: it logs whether auth is on)
     lock = DataDirLock.acquire(settings.data_dir)
     try:
         removed = remove_temp_files(settings.data_dir, settings.models_root, settings.checkpoint_root,
