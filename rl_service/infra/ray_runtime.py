@@ -55,8 +55,11 @@ def connect(address: str) -> RayConnection:
         raise RayUnavailable("this process is already a Ray driver: one EXECUTOR=ray server per process")
     started = time.perf_counter()
     try:
-        if address:
+        if address and not _is_loopback(address.rsplit(":", 1)[0].strip("[]")):
             ray.init(address=address, namespace=NAMESPACE, log_to_driver=False)
+        elif address:  # a cluster on this machine's loopback (one machine trying it, the tests): stay there
+            with _loopback_kept():
+                ray.init(address=address, _node_ip_address=LOOPBACK, namespace=NAMESPACE, log_to_driver=False)
         else:
             with _loopback_kept():
                 # "local": a new instance even when another is running on this machine (never someone else's).
@@ -66,16 +69,26 @@ def connect(address: str) -> RayConnection:
         what = f"join the Ray cluster at RAY_ADDRESS={address}" if address else "start a local Ray instance"
         raise RayUnavailable(f"cannot {what}: {type(exc).__name__}: {exc}") from None
     node_ip = ray.util.get_node_ip_address()
-    if not address and not ipaddress.ip_address(node_ip).is_loopback:
+    if not address and not _is_loopback(node_ip):
         ray.shutdown()
         raise RayUnavailable(f"the local Ray instance came up on {node_ip}, not loopback; refusing to run it "
                              "(set RAY_ADDRESS to a protected cluster instead)")
     return RayConnection(started_local=not address, node_ip=node_ip, seconds=time.perf_counter() - started)
 
 
+def _is_loopback(host: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and localhost."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 @contextmanager
 def _loopback_kept() -> Iterator[None]:
-    """While starting a local instance: keep 127.0.0.1 as its address.
+    """While starting a local instance or joining one on loopback: keep 127.0.0.1 as the address.
 
     Ray replaces a loopback node address with the machine's reachable one (and then listens on every interface)
     unless it believes multi-node clusters are off, as on macOS and Windows; for this one start, it is told so.
