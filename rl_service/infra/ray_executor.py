@@ -71,7 +71,7 @@ class RayExecutor:
     def launch(self, run_id: str, job: RunJob) -> None:
         """Create the run's actor and start training; Ray places it once a node has the CPUs."""
         actor = self._actor_class.remote(self._config)
-        run = _Run(actor, actor.train.remote(json.dumps(job.to_dict())))
+        run = _Run(actor, actor.train.remote(json.dumps(job.to_dict())))  # type: ignore[attr-defined]
         run.thread = threading.Thread(target=self._pump, args=(run_id, run), name=f"ray-events-{run_id}",
                                       daemon=True)
         with self._lock:

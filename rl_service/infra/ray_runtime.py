@@ -68,7 +68,7 @@ def connect(address: str) -> RayConnection:
     except Exception as exc:
         what = f"join the Ray cluster at RAY_ADDRESS={address}" if address else "start a local Ray instance"
         raise RayUnavailable(f"cannot {what}: {type(exc).__name__}: {exc}") from None
-    node_ip = ray.util.get_node_ip_address()
+    node_ip = str(ray.util.get_node_ip_address())  # type: ignore[no-untyped-call]
     if not address and not _is_loopback(node_ip):
         ray.shutdown()
         raise RayUnavailable(f"the local Ray instance came up on {node_ip}, not loopback; refusing to run it "

@@ -8,6 +8,7 @@ signal): killing that process group ends the node, which is also how a test lose
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -48,10 +49,8 @@ class RayNode:
     def kill(self) -> None:
         """End the node at once: SIGKILL to its process group (Ray's processes die with it)."""
         if self.process.poll() is None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.process.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
         self.process.wait(timeout=30)
 
     def pids(self) -> set[int]:
