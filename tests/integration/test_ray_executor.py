@@ -89,4 +89,5 @@ def _is_ray(pid: int) -> bool:
         command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
         return False
-    return "ray" in command.split(" ", 1)[0] or "/ray/" in command
+    # Ray's binaries and scripts live in its package; its workers and agents are titled ray::<what>.
+    return command.startswith("ray::") or "site-packages/ray/" in command
