@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -82,9 +83,11 @@ class RayTestCluster:
         return self._start([f"--address={self.address}"], num_cpus, resources)
 
     def stop(self) -> None:
-        """Kill every node started here, newest first."""
+        """Kill every node started here, newest first, and remove their temp dirs."""
         for node in reversed(self.nodes):
             node.kill()
+        for node in self.nodes:
+            shutil.rmtree(node.temp_dir, ignore_errors=True)
 
     def pids(self) -> set[int]:
         """Every live process of every node."""
