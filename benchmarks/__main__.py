@@ -1,7 +1,7 @@
 """The benchmark runner: `python -m benchmarks run [--quick] [--only NAME ...] [--output DIR]`, and
 `python -m benchmarks render` to rewrite RESULTS.md from results/results.json (e.g. after editing the findings).
 
-Sections: overhead, external_env, act, experience, learning, footprint, chaos, policy_learning (see each module's
+Sections: overhead, external_env, act, experience, learning, footprint, chaos, policy_learning, ray (see each module's
 docstring). The full run writes benchmarks/RESULTS.md and benchmarks/results/results.json (a section run alone
 replaces only its own part);
 --quick uses tiny budgets, asserts no goal, and writes to --output (default: a new temporary directory) so it never
@@ -20,7 +20,7 @@ from pathlib import Path
 from benchmarks.common import Section, ServerProcess, start_server_process, write_results
 
 SECTIONS = ("overhead", "external_env", "act", "experience", "learning", "footprint", "chaos",
-            "policy_learning")
+            "policy_learning", "ray")
 DEFAULT_OUTPUT = Path(__file__).resolve().parent
 
 
@@ -85,6 +85,10 @@ def run_section(name: str, ctx: Context) -> Section:
         from benchmarks import footprint
 
         return footprint.run(ctx.quick, 1 if ctx.quick else ctx.repeats)
+    if name == "ray":
+        from benchmarks import ray_executor
+
+        return ray_executor.run(ctx.quick, ctx.repeats)
     raise ValueError(f"unknown section {name!r}; choose from {', '.join(SECTIONS)}")
 
 

@@ -183,6 +183,14 @@ class Settings(BaseSettings):
                              "pip install 'rl-service[tensorboard]', or unset TENSORBOARD_DIR")
         return value
 
+    @field_validator("executor")
+    @classmethod
+    def _check_executor(cls, value: str) -> str:
+        if value == "ray" and importlib.util.find_spec("ray") is None:
+            raise ValueError("is ray, but the ray package is not installed: pip install 'rl-service[ray]', "
+                             "or set EXECUTOR=local")
+        return value
+
     @model_validator(mode="after")
     def _fill_dirs(self) -> Settings:
         if self.models_dir is None:

@@ -23,9 +23,11 @@ from rl_service.infra.model_store import FileModelStore
 from rl_service.infra.policy_store import FilePolicyStore
 from rl_service.infra.process_executor import LocalProcessExecutor
 from rl_service.infra.process_lifeline import exit_later
+from rl_service.infra.ray_executor import RayExecutor
 from rl_service.infra.settings import Settings
 from rl_service.infra.sqlite_run_registry import SqliteRunRegistry
 from rl_service.transport.auth import auth_interceptors
+from rl_service.transport.health_port import start_health_server
 from rl_service.transport.policy_servicer import PolicyServicer
 from rl_service.transport.port_security import PortSecurity
 from rl_service.transport.stream_slots import StreamSlots
@@ -53,6 +55,8 @@ class RunningServer:
     health: health.HealthServicer
     settings: Settings
     lock: DataDirLock | None = None
+    health_server: grpc.Server | None = None  # HEALTH_PORT's plaintext health-only server
+    health_port: int | None = None
     _stopped: bool = False
 
     def stop(self, grace: float | None = None) -> None:
@@ -70,6 +74,8 @@ class RunningServer:
         # Bounded: a gRPC stop that never completes (seen after heavy load) must not keep the data directory.
         if not self.server.stop(grace=5).wait(timeout=SHUTDOWN_OVERRUN_SECONDS):
             log.warning("gRPC server did not stop in time", seconds=SHUTDOWN_OVERRUN_SECONDS)
+        if self.health_server is not None:
+            self.health_server.stop(grace=0)
         if self.lock is not None:
             self.lock.release()  # workers have ended or been killed; one still dying keeps its copy of the lock
         log.info("server stopped")
@@ -128,9 +134,10 @@ def _build_started(settings: Settings, lock: DataDirLock, config: OrchestratorCo
     registry = SqliteRunRegistry(settings.registry_path)
     for module in settings.gym_modules:  # their Gymnasium registrations, here for validation and Act
         importlib.import_module(module)
-    executor = LocalProcessExecutor(run_worker, WorkerServices(store, config.external_envs),
-                                    settings.worker_start_method, (*WORKER_PRELOAD, *settings.gym_modules),
-                                    log_level=settings.log_level, log_format=settings.log_format, lock_fd=lock.fd)
+    executor = RayExecutor(settings) if settings.executor == "ray" else LocalProcessExecutor(
+        run_worker, WorkerServices(store, config.external_envs), settings.worker_start_method,
+        (*WORKER_PRELOAD, *settings.gym_modules), log_level=settings.log_level, log_format=settings.log_format,
+        lock_fd=lock.fd)
     orchestrator = Orchestrator(config, registry, store, executor, log)
     policies = PolicyManager(FilePolicyStore(settings.policies_root),
                              PolicyConfig(versions_kept=settings.policy_versions_kept,
@@ -166,12 +173,22 @@ def _build_started(settings: Settings, lock: DataDirLock, config: OrchestratorCo
         orchestrator.shutdown(0)
         raise OSError(f"cannot listen on {settings.address}: {exc}") from None
     server.start()
+    health_server, health_port = None, None
+    if settings.health_port is not None:
+        try:
+            health_server, health_port = start_health_server(health_servicer, settings.grpc_host,
+                                                             settings.health_port)
+        except OSError:
+            server.stop(grace=0)
+            orchestrator.shutdown(0)
+            raise
     for service in HEALTH_SERVICES:
         health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
     log.info("server started", address=f"{settings.grpc_host}:{port}", transport=security.mode,
              models_dir=str(settings.models_root),
              checkpoint_dir=str(settings.checkpoint_root), max_concurrent_runs=settings.max_concurrent_runs)
-    return RunningServer(server, port, orchestrator, policies, health_servicer, settings, lock)
+    return RunningServer(server, port, orchestrator, policies, health_servicer, settings, lock, health_server,
+                         health_port)
 
 
 def install_signal_handlers(running: RunningServer) -> threading.Event:
