@@ -24,7 +24,7 @@ QUICK_RUNS = {
     "A2C": (1000, {"n_envs": "2"}),
     "DQN": (1500, {"learning_starts": "200", "target_update_interval": "500"}),
     "REINFORCE": (1000, {"n_envs": "2", "episodes_per_update": "2"}),
-    "QRDQN": (1500, {"learning_starts": "200", "target_update_interval": "500"}),
+    "QRDQN": (1000, {"learning_starts": "200", "target_update_interval": "500"}),
     "TRPO": (1024, {"n_steps": "256", "batch_size": "64", "n_critic_updates": "2"}),
     "MaskablePPO": (1024, FAST_PPO),
     # Continuous control on Pendulum-v1 (200-step episodes): small networks and batches keep them quick.
@@ -90,14 +90,17 @@ def test_run_is_watched_to_success_and_act_matches_saved_model(server: ServerHan
         observations = np.zeros((16, size), dtype=np.float32)
         observations[:, [1, 5, 8 + 5]] = 1.0
     expected, _ = model.predict(observations, deterministic=True)
+    # Box actions come out of float32 arithmetic, whose last bits differ between one observation and a batch.
+    same = (lambda got, want: np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)) \
+        if env_id == "Pendulum-v1" else (lambda got, want: np.testing.assert_array_equal(got, want))
     for obs, want in zip(observations, expected, strict=True):
         reply = server.stub.Act(pb.ActRequest(run_id=run_id, observation=obs.tolist(), deterministic=True))
-        assert list(reply.action) == [float(v) for v in np.ravel(want)]
+        same(list(reply.action), [float(v) for v in np.ravel(want)])
         assert reply.model_timesteps == final.timesteps_done
     batch = server.stub.ActBatch(pb.ActBatchRequest(run_id=run_id, observations=observations.ravel().tolist(),
                                                     deterministic=True))
     assert batch.count == 16 and batch.action_size == 1
-    assert list(batch.actions) == [float(a) for a in np.ravel(expected)]
+    same(list(batch.actions), [float(a) for a in np.ravel(expected)])
     sampled = server.stub.Act(pb.ActRequest(run_id=run_id, observation=observations[0].tolist(),
                                             deterministic=False))
     if env_id == "Pendulum-v1":
