@@ -160,3 +160,19 @@ def test_refusals_name_their_field_and_write_nothing(server: ServerHandle, algor
     status.details[0].Unpack(bad)
     assert [v.field for v in bad.field_violations] == [field]
     assert files_under(*roots) == before
+
+
+def test_maskable_ppo_on_a_simulation_without_masks_fails_clearly(server_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from rl_service.envserver.reference_server import serve_gym
+
+    handle: ServerHandle = server_factory(tmp_path)
+    simulation = serve_gym("CartPole-v1", 2)
+    try:
+        # A simulation's masks are known only once a worker reaches it: accepted, then FAILED saying why.
+        run_id = handle.start("MaskablePPO", env_id=simulation.address, total_timesteps=512,
+                              hyperparameters={"n_steps": "64", "batch_size": "64"})
+        final = handle.watch_to_end(run_id)[-1]
+    finally:
+        simulation.stop()
+    assert final.state == pb.FAILED and final.timesteps_done == 0
+    assert "MaskablePPO" in final.error and "action_masks()" in final.error, final.error
