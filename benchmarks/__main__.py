@@ -2,8 +2,8 @@
 `python -m benchmarks render` to rewrite RESULTS.md from results/results.json (e.g. after editing the findings).
 
 Sections: overhead, external_env, act, experience, learning, footprint, chaos, policy_learning, learning_breadth
-(see each module's docstring). The full run writes benchmarks/RESULTS.md and benchmarks/results/results.json (a section run alone
-replaces only its own part);
+(see each module's docstring). The full run writes benchmarks/RESULTS.md and benchmarks/results/results.json (a
+section run alone replaces only its own part);
 --quick uses tiny budgets, asserts no goal, and writes to --output (default: a new temporary directory) so it never
 touches the committed results.
 """

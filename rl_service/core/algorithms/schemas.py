@@ -7,7 +7,7 @@ the rest go to the algorithm's constructor unchanged.
 
 from __future__ import annotations
 
-from rl_service.core.algorithms.hyperparams import Param, Schema, merge
+from rl_service.core.algorithms.hyperparams import Param, merge
 from rl_service.core.algorithms.normalize import OFF
 
 # A replay buffer is allocated up front, so every off-policy algorithm takes 50k rather than its library's 1M by

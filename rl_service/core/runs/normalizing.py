@@ -61,13 +61,16 @@ def restore_stats(env: VecNormalize, model_path: Path) -> None:
     if not path.is_file():
         raise ValueError(f"{path.name}: no normalisation statistics beside {model_path.name}")
     stats = load_stats(path)
-    expected = tuple(env.obs_rms.mean.shape)
+    obs_rms = env.obs_rms
+    if not isinstance(obs_rms, RunningMeanStd):  # Dict observation spaces are refused before training
+        raise ValueError("normalisation statistics of dict observations are not supported")
+    expected = tuple(obs_rms.mean.shape)
     if tuple(stats.obs_mean.shape) != expected or tuple(stats.obs_var.shape) != expected:
         raise ValueError(f"{path.name}: statistics of shape {stats.obs_mean.shape}, the env's observations are "
                          f"{expected}")
-    env.obs_rms.mean = stats.obs_mean.copy()
-    env.obs_rms.var = stats.obs_var.copy()
-    env.obs_rms.count = stats.obs_count
+    obs_rms.mean = stats.obs_mean.copy()
+    obs_rms.var = stats.obs_var.copy()
+    obs_rms.count = stats.obs_count
     env.ret_rms.mean = np.asarray(stats.ret_mean, dtype=np.float64)
     env.ret_rms.var = np.asarray(stats.ret_var, dtype=np.float64)
     env.ret_rms.count = stats.ret_count

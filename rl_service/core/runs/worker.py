@@ -31,6 +31,7 @@ from rl_service.core.algorithms.registry import ALGORITHMS
 from rl_service.core.envs import ExternalEnvironments, is_external_env, make_vec_env
 from rl_service.core.errors import EnvironmentUnavailable
 from rl_service.core.models.checkpoints import BEST_MODEL_NAME, checkpoint_timesteps
+from rl_service.core.models.normalization import NormalizeStats
 from rl_service.core.models.ports import ModelStore
 from rl_service.core.runs import normalizing
 from rl_service.core.runs.evaluation import evaluate, evaluation_seed
@@ -202,7 +203,7 @@ class _Trainer:
             losses=dict(self.losses),
         )
 
-    def normalize_stats(self) -> normalizing.NormalizeStats | None:
+    def normalize_stats(self) -> NormalizeStats | None:
         """The running normalisation statistics, saved with every checkpoint and model (None: not normalised)."""
         return normalizing.stats_of(self.model.get_vec_normalize_env()) if self.model is not None else None
 
