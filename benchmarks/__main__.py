@@ -1,9 +1,9 @@
 """The benchmark runner: `python -m benchmarks run [--quick] [--only NAME ...] [--output DIR]`, and
 `python -m benchmarks render` to rewrite RESULTS.md from results/results.json (e.g. after editing the findings).
 
-Sections: overhead, external_env, act, experience, learning, footprint, chaos, policy_learning, ray (see each module's
-docstring). The full run writes benchmarks/RESULTS.md and benchmarks/results/results.json (a section run alone
-replaces only its own part);
+Sections: overhead, external_env, act, experience, learning, footprint, chaos, policy_learning, ray,
+learning_breadth (see each module's docstring). The full run writes benchmarks/RESULTS.md and
+benchmarks/results/results.json (a section run alone replaces only its own part);
 --quick uses tiny budgets, asserts no goal, and writes to --output (default: a new temporary directory) so it never
 touches the committed results.
 """
@@ -20,7 +20,7 @@ from pathlib import Path
 from benchmarks.common import Section, ServerProcess, start_server_process, write_results
 
 SECTIONS = ("overhead", "external_env", "act", "experience", "learning", "footprint", "chaos",
-            "policy_learning", "ray")
+            "policy_learning", "ray", "learning_breadth")
 DEFAULT_OUTPUT = Path(__file__).resolve().parent
 
 
@@ -81,6 +81,10 @@ def run_section(name: str, ctx: Context) -> Section:
         from benchmarks import policy_learning
 
         return policy_learning.run(ctx.quick, ctx.seeds)
+    if name == "learning_breadth":
+        from benchmarks import learning_breadth
+
+        return learning_breadth.run(ctx.quick, ctx.seeds)
     if name == "footprint":
         from benchmarks import footprint
 

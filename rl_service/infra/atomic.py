@@ -55,6 +55,27 @@ def atomic_write_with(path: Path, write: Callable[[IO[bytes]], None]) -> None:
         write(handle)
 
 
+def atomic_write_by_name(path: Path, write: Callable[[Path], None]) -> None:
+    """Let `write` create a file by name (a library that only writes to a path), under a temp name that
+    remove_temp_files knows, then publish it atomically; on error nothing is left behind."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp_name))
+        fd = os.open(tmp_name, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp_name, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp_name)
+        raise
+    _fsync_dir(path.parent)
+
+
 def is_temp_file_name(name: str) -> bool:
     """Whether `name` is one of atomic_writer's temp files."""
     return _TEMP_NAME.fullmatch(name) is not None

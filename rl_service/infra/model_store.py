@@ -14,8 +14,10 @@ from rl_service.core.models.checkpoints import (
     checkpoint_timesteps,
     replay_buffer_name,
     replay_buffer_timesteps,
+    stats_timesteps,
 )
-from rl_service.infra.atomic import atomic_write_json, atomic_write_with
+from rl_service.core.models.normalization import NormalizeStats, save_stats, stats_path
+from rl_service.infra.atomic import atomic_write_by_name, atomic_write_json, atomic_write_with
 
 MAX_PATH_LENGTH = 1024
 
@@ -64,17 +66,21 @@ class FileModelStore:
             )
         return resolved
 
-    def save_model(self, model: Any, path: Path) -> None:
-        """Write the algorithm's zip (stable-baselines3 format) atomically."""
+    def save_model(self, model: Any, path: Path, normalize: NormalizeStats | None = None) -> None:
+        """Write the algorithm's zip (stable-baselines3 format) atomically, after its normalisation statistics."""
+        if normalize is not None:  # first, so that a model on disk always has its statistics
+            atomic_write_by_name(stats_path(path), lambda tmp: save_stats(tmp, normalize))
         atomic_write_with(path, model.save)
 
-    def save_checkpoint(self, run_id: str, model: Any, timesteps: int, replay_buffer: bool = False) -> Path:
-        """Write checkpoint_<timesteps>_steps.zip (and its replay buffer), then keep only the newest checkpoints."""
+    def save_checkpoint(self, run_id: str, model: Any, timesteps: int, replay_buffer: bool = False,
+                        normalize: NormalizeStats | None = None) -> Path:
+        """Write checkpoint_<timesteps>_steps.zip (with its replay buffer and normalisation statistics), then keep
+        only the newest checkpoints."""
         directory = self.checkpoint_run_dir(run_id)
         if replay_buffer:  # first, so that a checkpoint on disk always has its buffer
             atomic_write_with(directory / replay_buffer_name(timesteps), model.save_replay_buffer)
         path = directory / checkpoint_name(timesteps)
-        self.save_model(model, path)
+        self.save_model(model, path, normalize)
         self._prune(run_id)
         return path
 
@@ -101,6 +107,7 @@ class FileModelStore:
         resolved = model_path.resolve()
         if resolved.is_relative_to(root) and resolved != root:  # checked again at delete time
             resolved.unlink(missing_ok=True)
+            stats_path(resolved).unlink(missing_ok=True)
 
     def checkpoints(self, run_id: str) -> list[Path]:
         """A run's checkpoints, oldest first."""
@@ -129,7 +136,9 @@ class FileModelStore:
         oldest_kept = (checkpoint_timesteps(kept[0]) or 0) if kept else 0
         for old in pruned:
             old.unlink(missing_ok=True)
-        for entry in self.checkpoint_run_dir(run_id).iterdir():  # buffers of pruned checkpoints
+        for entry in self.checkpoint_run_dir(run_id).iterdir():  # buffers and statistics of pruned checkpoints
             steps = replay_buffer_timesteps(entry)
+            if steps is None:
+                steps = stats_timesteps(entry)
             if steps is not None and steps < oldest_kept:
                 entry.unlink(missing_ok=True)

@@ -5,7 +5,16 @@ from __future__ import annotations
 from rl_service.core.errors import InvalidRequest
 from rl_service.core.models.run_exporters import ExportedModel
 from rl_service.core.runs.history import Episode, HistoryPage
-from rl_service.core.runs.records import ActResult, Attempt, Metrics, RunFilter, RunRecord, RunState, TrainingRequest
+from rl_service.core.runs.records import (
+    ActResult,
+    Attempt,
+    Evaluation,
+    Metrics,
+    RunFilter,
+    RunRecord,
+    RunState,
+    TrainingRequest,
+)
 from rl_service_proto.v1 import training_pb2 as pb
 
 
@@ -51,8 +60,8 @@ def metrics_from_proto(msg: pb.TrainingMetrics) -> Metrics:
 
 
 def status_to_proto(record: RunRecord) -> pb.TrainingStatus:
-    """RunRecord -> TrainingStatus."""
-    return pb.TrainingStatus(
+    """RunRecord -> TrainingStatus (an evaluation left unset until the run has one)."""
+    msg = pb.TrainingStatus(
         run_id=record.run_id, experiment_id=record.experiment_id, algorithm=record.algorithm,
         env_id=record.env_id, state=record.state.value, timesteps_done=record.timesteps_done,
         total_timesteps=record.total_timesteps, is_done=record.state.is_terminal,
@@ -63,6 +72,23 @@ def status_to_proto(record: RunRecord) -> pb.TrainingStatus:
         stop_requested=record.stop_requested, attempt=record.attempt,
         attempts=[attempt_to_proto(a) for a in record.attempts], owner=record.owner,
     )
+    if record.last_evaluation is not None:
+        msg.last_evaluation.CopyFrom(evaluation_to_proto(record.last_evaluation))
+    if record.best_evaluation is not None:
+        msg.best_evaluation.CopyFrom(evaluation_to_proto(record.best_evaluation))
+    return msg
+
+
+def evaluation_to_proto(evaluation: Evaluation) -> pb.Evaluation:
+    """Evaluation -> Evaluation message."""
+    return pb.Evaluation(mean_reward=evaluation.mean_reward, std_reward=evaluation.std_reward,
+                         timesteps=evaluation.timesteps, episodes=evaluation.episodes,
+                         mean_length=evaluation.mean_length)
+
+
+def evaluation_from_proto(msg: pb.Evaluation) -> Evaluation:
+    """Evaluation message -> Evaluation (used by clients and round-trip tests)."""
+    return Evaluation(msg.mean_reward, msg.std_reward, msg.timesteps, msg.episodes, msg.mean_length)
 
 
 def attempt_to_proto(attempt: Attempt) -> pb.RunAttempt:

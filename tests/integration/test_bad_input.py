@@ -17,7 +17,7 @@ INVALID = grpc.StatusCode.INVALID_ARGUMENT
 
 # (case id, StartTrainingRequest fields, expected code, words the message must contain)
 BAD_STARTS: list[tuple[str, dict[str, Any], grpc.StatusCode, tuple[str, ...]]] = [
-    ("unknown algorithm", {"algorithm": "TRPO"}, INVALID, ("algorithm", "TRPO", "PPO", "A2C", "DQN")),
+    ("unknown algorithm", {"algorithm": "HER"}, INVALID, ("algorithm", "HER", "PPO", "A2C", "DQN", "SAC", "TRPO")),
     ("empty algorithm", {"algorithm": ""}, INVALID, ("algorithm",)),
     ("unknown env", {"env_id": "NoSuchEnv-v0"}, INVALID, ("env_id", "NoSuchEnv-v0")),
     ("env typo suggests", {"env_id": "CartPol-v1"}, INVALID, ("env_id", "CartPole-v1")),
@@ -42,6 +42,19 @@ BAD_STARTS: list[tuple[str, dict[str, Any], grpc.StatusCode, tuple[str, ...]]] =
     ("dqn on continuous actions", {"algorithm": "DQN", "env_id": "Pendulum-v1"}, INVALID,
      ("env_id", "DQN", "Box")),
     ("sde on discrete actions", {"hyperparameters": {"use_sde": "true"}}, INVALID, ("use_sde",)),
+    ("sac on discrete actions", {"algorithm": "SAC"}, INVALID, ("env_id", "SAC", "Discrete", "Box")),
+    ("qrdqn on continuous actions", {"algorithm": "QRDQN", "env_id": "Pendulum-v1"}, INVALID,
+     ("env_id", "QRDQN", "Box")),
+    ("maskable ppo without masks", {"algorithm": "MaskablePPO"}, INVALID, ("algorithm", "action_masks")),
+    ("unparsable normalize", {"hyperparameters": {"normalize": "{'norm_obs': True}"}}, INVALID,
+     ("normalize", "JSON")),
+    ("normalize with an unknown key", {"hyperparameters": {"normalize": '{"norm_ob": true}'}}, INVALID,
+     ("normalize", "norm_ob")),
+    ("negative eval_freq", {"hyperparameters": {"eval_freq": "-1"}}, INVALID, ("eval_freq",)),
+    ("no eval episodes", {"hyperparameters": {"n_eval_episodes": "0"}}, INVALID, ("n_eval_episodes",)),
+    ("too many eval episodes", {"hyperparameters": {"n_eval_episodes": "1000"}}, INVALID, ("n_eval_episodes",)),
+    ("stop_at_reward without evaluations", {"hyperparameters": {"stop_at_reward": "100"}}, INVALID,
+     ("stop_at_reward", "eval_freq")),
     ("absolute path elsewhere", {"model_output_path": "/tmp/elsewhere/model.zip"}, INVALID,
      ("model_output_path", "MODELS_DIR")),
     ("dot-dot escape", {"model_output_path": "../escape.zip"}, INVALID, ("model_output_path",)),

@@ -16,7 +16,7 @@ from stable_baselines3 import PPO
 from rl_service.core.algorithms.registry import ALGORITHMS, get_algorithm
 from rl_service_proto.v1 import training_pb2 as pb
 from tests.conftest import FAST_PPO, ServerHandle
-from tests.support.envs import CRASH_ENV_ID
+from tests.support.envs import CRASH_ENV_ID, MASKED_ENV_ID
 
 # Per registry entry: a budget that finishes in a few seconds and still completes episodes and checkpoints.
 QUICK_RUNS = {
@@ -24,7 +24,19 @@ QUICK_RUNS = {
     "A2C": (1000, {"n_envs": "2"}),
     "DQN": (1500, {"learning_starts": "200", "target_update_interval": "500"}),
     "REINFORCE": (1000, {"n_envs": "2", "episodes_per_update": "2"}),
+    "QRDQN": (1000, {"learning_starts": "200", "target_update_interval": "500"}),
+    "TRPO": (1024, {"n_steps": "256", "batch_size": "64", "n_critic_updates": "2"}),
+    "MaskablePPO": (1024, FAST_PPO),
+    # Continuous control on Pendulum-v1 (200-step episodes): small networks and batches keep them quick.
+    "SAC": (1000, {"learning_starts": "100", "batch_size": "64", "net_arch": "64,64", "buffer_size": "2000"}),
+    "TQC": (1000, {"learning_starts": "100", "batch_size": "64", "net_arch": "64,64", "buffer_size": "2000"}),
+    "TD3": (1000, {"learning_starts": "100", "batch_size": "64", "net_arch": "64,64", "buffer_size": "2000",
+                   "action_noise": "normal"}),
+    "DDPG": (1000, {"learning_starts": "100", "batch_size": "64", "net_arch": "64,64", "buffer_size": "2000",
+                    "action_noise": "normal"}),
 }
+ENVS = {"SAC": "Pendulum-v1", "TQC": "Pendulum-v1", "TD3": "Pendulum-v1", "DDPG": "Pendulum-v1",
+        "MaskablePPO": MASKED_ENV_ID}
 
 
 def test_every_registered_algorithm_has_a_quick_run() -> None:
@@ -34,8 +46,10 @@ def test_every_registered_algorithm_has_a_quick_run() -> None:
 @pytest.mark.parametrize("algorithm", sorted(QUICK_RUNS))
 def test_run_is_watched_to_success_and_act_matches_saved_model(server: ServerHandle, algorithm: str) -> None:
     timesteps, hyperparameters = QUICK_RUNS[algorithm]
-    run_id = server.start(algorithm.lower(), total_timesteps=timesteps, seed=7, checkpoint_interval=400,
-                          hyperparameters=hyperparameters, experiment_id=f"quick-{algorithm}")
+    env_id = ENVS.get(algorithm, "CartPole-v1")
+    run_id = server.start(algorithm.lower(), env_id=env_id, total_timesteps=timesteps, seed=7,
+                          checkpoint_interval=400, hyperparameters=hyperparameters,
+                          experiment_id=f"quick-{algorithm}")
     statuses = server.watch_to_end(run_id)
 
     assert statuses[0].run_id == run_id
@@ -45,9 +59,10 @@ def test_run_is_watched_to_success_and_act_matches_saved_model(server: ServerHan
     final = statuses[-1]
     assert final.state == pb.SUCCEEDED and final.is_done and not final.error
     assert all(not s.is_done for s in statuses[:-1])
-    assert final.algorithm == algorithm and final.env_id == "CartPole-v1" and final.seed == 7
+    assert final.algorithm == algorithm and final.env_id == env_id and final.seed == 7
     assert final.timesteps_done >= timesteps and final.total_timesteps == timesteps
-    assert final.metrics.episodes_completed > 0 and final.metrics.mean_episode_reward > 0
+    assert final.metrics.episodes_completed > 0
+    assert (final.metrics.mean_episode_reward > 0) == (env_id != "Pendulum-v1")  # Pendulum's rewards are costs
     assert final.metrics.mean_episode_length > 0 and final.metrics.steps_per_second > 0
     assert final.metrics.losses, "the latest train/* values are reported"
     assert final.hyperparameters["learning_rate"], "effective hyperparameters include defaults"
@@ -56,7 +71,7 @@ def test_run_is_watched_to_success_and_act_matches_saved_model(server: ServerHan
     run_dir = model_path.parent
     assert model_path == Path(server.settings.models_root).resolve() / run_id / "model.zip"
     metadata = json.loads((run_dir / "metadata.json").read_text())
-    assert metadata["algorithm"] == algorithm and metadata["seed"] == 7 and metadata["training"] == "completed"
+    assert metadata["algorithm"] == algorithm.upper() and metadata["seed"] == 7 and metadata["training"] == "completed"
     assert metadata["timesteps_done"] == final.timesteps_done
     assert {"torch", "stable_baselines3", "gymnasium"} <= set(metadata["versions"])
     history = json.loads((run_dir / "history.json").read_text())["episodes"]
@@ -69,18 +84,29 @@ def test_run_is_watched_to_success_and_act_matches_saved_model(server: ServerHan
     # The zip is stable-baselines3's own format, and Act answers with the same deterministic policy.
     model = get_algorithm(algorithm).cls.load(model_path, device="cpu")
     rng = np.random.default_rng(0)
-    observations = rng.uniform(-0.2, 0.2, size=(16, 4)).astype(np.float32)
+    size = model.observation_space.shape[0]
+    observations = rng.uniform(-0.2, 0.2, size=(16, size)).astype(np.float32)
+    if env_id == MASKED_ENV_ID:  # flags: two legal actions, the better one of them marked
+        observations = np.zeros((16, size), dtype=np.float32)
+        observations[:, [1, 5, 8 + 5]] = 1.0
     expected, _ = model.predict(observations, deterministic=True)
+    # Box actions come out of float32 arithmetic, whose last bits differ between one observation and a batch.
+    same = (lambda got, want: np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)) \
+        if env_id == "Pendulum-v1" else (lambda got, want: np.testing.assert_array_equal(got, want))
     for obs, want in zip(observations, expected, strict=True):
         reply = server.stub.Act(pb.ActRequest(run_id=run_id, observation=obs.tolist(), deterministic=True))
-        assert list(reply.action) == [float(want)]
+        same(list(reply.action), [float(v) for v in np.ravel(want)])
         assert reply.model_timesteps == final.timesteps_done
     batch = server.stub.ActBatch(pb.ActBatchRequest(run_id=run_id, observations=observations.ravel().tolist(),
                                                     deterministic=True))
     assert batch.count == 16 and batch.action_size == 1
-    assert list(batch.actions) == [float(a) for a in expected]
-    sampled = server.stub.Act(pb.ActRequest(run_id=run_id, observation=[0, 0, 0, 0], deterministic=False))
-    assert sampled.action[0] in (0.0, 1.0)
+    same(list(batch.actions), [float(a) for a in np.ravel(expected)])
+    sampled = server.stub.Act(pb.ActRequest(run_id=run_id, observation=observations[0].tolist(),
+                                            deterministic=False))
+    if env_id == "Pendulum-v1":
+        assert len(sampled.action) == 1 and -2.0 <= sampled.action[0] <= 2.0
+    else:
+        assert sampled.action[0] in range(model.action_space.n)
 
 
 def test_list_runs_filters_by_experiment_and_state(server: ServerHandle) -> None:

@@ -146,3 +146,17 @@ def test_act_responses() -> None:
     assert batch.action_size == 1
     assert batch.count == 3
     assert batch.model_timesteps == 4096
+
+
+def test_evaluations_are_unset_until_the_run_has_them_and_round_trip() -> None:
+    from rl_service.core.runs.records import Evaluation
+    from rl_service.transport.convert import evaluation_from_proto, evaluation_to_proto
+
+    bare = status_to_proto(record())
+    assert not bare.HasField("last_evaluation") and not bare.HasField("best_evaluation")
+    last, best = Evaluation(-150.5, 20.25, 4096, 5, 200.0), Evaluation(-120.0, 3.5, 2048, 5, 200.0)
+    msg = status_to_proto(record(last_evaluation=last, best_evaluation=best))
+    assert evaluation_from_proto(msg.last_evaluation) == last and evaluation_from_proto(msg.best_evaluation) == best
+    assert (msg.best_evaluation.mean_reward, msg.best_evaluation.std_reward, msg.best_evaluation.timesteps,
+            msg.best_evaluation.episodes, msg.best_evaluation.mean_length) == (-120.0, 3.5, 2048, 5, 200.0)
+    assert evaluation_from_proto(evaluation_to_proto(last)) == last

@@ -6,7 +6,7 @@ import json
 import os
 import pickle
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import pytest
 
@@ -246,3 +246,47 @@ def test_no_checkpoints(store: FileModelStore) -> None:
 def test_store_is_picklable(store: FileModelStore) -> None:
     clone = pickle.loads(pickle.dumps(store))
     assert clone == store
+
+
+def _stats(count: float) -> Any:
+    import numpy as np
+
+    from rl_service.core.models.normalization import NormalizeStats
+
+    return NormalizeStats(obs_mean=np.zeros(3), obs_var=np.ones(3), obs_count=count, ret_mean=0.0, ret_var=1.0,
+                          ret_count=count, norm_obs=True, norm_reward=True, clip_obs=10.0, clip_reward=10.0,
+                          epsilon=1e-8, gamma=0.99)
+
+
+def test_statistics_are_saved_pruned_and_deleted_with_their_checkpoint(store: FileModelStore) -> None:
+    from rl_service.core.models.normalization import load_stats, stats_path
+
+    model = FakeModel()
+    for steps in (100, 200, 300, 400):
+        path = store.save_checkpoint("run-1", model, steps, normalize=_stats(float(steps)))
+        assert load_stats(stats_path(path)).obs_count == steps
+    directory = store.checkpoint_run_dir("run-1")
+    assert sorted(os.listdir(directory)) == sorted(
+        [f"checkpoint_{s}_steps.zip" for s in (200, 300, 400)]
+        + [f"checkpoint_{s}_steps.normalize.safetensors" for s in (200, 300, 400)])
+    model_path = store.resolve_model_path("run-1", "elsewhere/final.zip")
+    store.save_model(model, model_path, normalize=_stats(7.0))
+    store.save_model(model, store.run_dir("run-1") / "best_model.zip", normalize=_stats(5.0))
+    assert load_stats(stats_path(model_path)).obs_count == 7.0
+    assert not [p for p in model_path.parent.iterdir() if p.name.endswith(".tmp")]
+    store.delete_run("run-1", model_path)
+    assert not directory.exists() and not store.run_dir("run-1").exists()
+    assert not model_path.exists() and not stats_path(model_path).exists()
+
+
+def test_a_failed_statistics_write_leaves_nothing(store: FileModelStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    import rl_service.infra.model_store as module
+
+    def broken(path: Path, stats: object) -> None:
+        path.write_bytes(b"half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(module, "save_stats", broken)
+    with pytest.raises(OSError, match="disk full"):
+        store.save_checkpoint("run-1", FakeModel(), 100, normalize=_stats(1.0))
+    assert not store.checkpoint_run_dir("run-1").exists() or not os.listdir(store.checkpoint_run_dir("run-1"))

@@ -7,8 +7,16 @@ from typing import Any
 
 import pytest
 
-from rl_service.core.runs.events import CheckpointSaved, Failed, Finished, Progress, Started
-from rl_service.core.runs.records import SERVER_DIED, WORKER_DIED, Attempt, Metrics, RunRecord, RunState
+from rl_service.core.runs.events import CheckpointSaved, Evaluated, Failed, Finished, Progress, Started
+from rl_service.core.runs.records import (
+    SERVER_DIED,
+    WORKER_DIED,
+    Attempt,
+    Evaluation,
+    Metrics,
+    RunRecord,
+    RunState,
+)
 from rl_service.core.runs.state_machine import (
     EVENT_TYPES,
     TRANSITIONS,
@@ -38,6 +46,7 @@ EVENTS: dict[type, Any] = {
     Started: Started("run-1", 4242, 200),
     Progress: Progress("run-1", 300, METRICS),
     CheckpointSaved: CheckpointSaved("run-1", 400, "/c/checkpoint_400_steps.zip"),
+    Evaluated: Evaluated("run-1", Evaluation(150.0, 12.5, 300, 5, 150.0), best=True),
     Finished: Finished("run-1", 512, METRICS, "/m/model.zip", "/c/checkpoint_512_steps.zip", stopped_early=False),
     Failed: Failed("run-1", 350, "RuntimeError: boom"),
 }
@@ -52,6 +61,7 @@ EXPECTED: dict[tuple[RunState, type], RunState] = {
     (RunState.RUNNING, Started): RunState.RUNNING,
     (RunState.RUNNING, Progress): RunState.RUNNING,
     (RunState.RUNNING, CheckpointSaved): RunState.RUNNING,
+    (RunState.RUNNING, Evaluated): RunState.RUNNING,
     (RunState.RUNNING, Finished): RunState.SUCCEEDED,
     (RunState.RUNNING, Failed): RunState.FAILED,
     (RunState.RUNNING, Killed): RunState.INTERRUPTED,
@@ -122,6 +132,21 @@ def test_progress_and_checkpoints_move_the_counters() -> None:
     assert progressed.timesteps_done == 300 and progressed.metrics == METRICS
     saved = apply(progressed, EVENTS[CheckpointSaved], NOW)
     assert saved.timesteps_done == 400 and saved.last_checkpoint_path == "/c/checkpoint_400_steps.zip"
+
+
+def test_evaluations_set_the_last_and_only_a_best_one_the_best() -> None:
+    first, better, worse = (Evaluation(10.0, 1.0, 100, 5), Evaluation(50.0, 2.0, 200, 5), Evaluation(20.0, 3.0, 300, 5))
+    after = apply(record(RunState.RUNNING), Evaluated("run-1", first, best=True), NOW)
+    assert after.last_evaluation == first and after.best_evaluation == first
+    after = apply(after, Evaluated("run-1", better, best=True), NOW)
+    assert after.last_evaluation == better and after.best_evaluation == better
+    after = apply(after, Evaluated("run-1", worse, best=False), NOW)
+    assert after.last_evaluation == worse and after.best_evaluation == better
+    assert after.timesteps_done == 200 and after.state is RunState.RUNNING, "counters move with progress only"
+    # A resumed run keeps them: Resumed changes neither.
+    ended = apply(after, Failed("run-1", 300, "boom"), NOW)
+    resumed = apply(ended, Resumed(), NOW)
+    assert resumed.last_evaluation == worse and resumed.best_evaluation == better
 
 
 @pytest.mark.parametrize(("stopped_early", "stop_requested", "state", "error"), [

@@ -31,12 +31,20 @@ from rl_service.core.runs.records import Metrics
 from rl_service.core.runs.resume import restore
 from rl_service.core.runs.worker import WorkerServices, library_versions, run_worker
 from rl_service.infra.model_store import FileModelStore
-from tests.support.envs import CRASH_ENV_ID
+from tests.support.envs import CRASH_ENV_ID, MASKED_ENV_ID
 
 PPO_RAW = {"n_steps": "64", "batch_size": "32", "n_epochs": "2", "net_arch": "16,16"}
 # Tiny settings for every registry entry (keys a schema lacks are dropped).
 TINY_RAW = {"n_steps": "32", "batch_size": "16", "n_epochs": "1", "net_arch": "16", "buffer_size": "500",
-            "learning_starts": "16", "train_freq": "4", "target_update_interval": "50"}
+            "learning_starts": "16", "train_freq": "4", "target_update_interval": "50", "n_critic_updates": "2"}
+
+
+def env_for(key: str) -> str:
+    """An environment the algorithm can act in: Pendulum-v1 for Box actions only, the masked env for MaskablePPO."""
+    spec = ALGORITHMS[key]
+    if spec.needs_action_masks:
+        return MASKED_ENV_ID
+    return "CartPole-v1" if any(s.__name__ == "Discrete" for s in spec.action_spaces) else "Pendulum-v1"
 
 
 class Sink(list[Any]):
@@ -305,8 +313,8 @@ def test_unknown_env_gives_failed_event_without_started(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("key", sorted(ALGORITHMS))
 def test_each_algorithm_trains_and_saves(key: str, tmp_path: Path) -> None:
-    made = make_job(tmp_path, algorithm=key, raw=TINY_RAW, total_timesteps=64, checkpoint_interval=100,
-                    run_id=f"run-{key}")
+    made = make_job(tmp_path, algorithm=key, env_id=env_for(key), raw=TINY_RAW, total_timesteps=64,
+                    checkpoint_interval=100, run_id=f"run-{key}")
     outcome = run(made)
     finished = outcome.events[-1]
     assert isinstance(finished, Finished), outcome.events.milestones()
@@ -315,7 +323,8 @@ def test_each_algorithm_trains_and_saves(key: str, tmp_path: Path) -> None:
     assert [e.timesteps for e in outcome.events.of(CheckpointSaved)] == [64]
     model = ALGORITHMS[key].cls.load(outcome.model_path, device="cpu")
     assert model.num_timesteps == 64
-    assert outcome.metadata()["algorithm"] == ALGORITHMS[key].name
+    # write_metadata upper-cases the registry key (MASKABLEPPO for MaskablePPO).
+    assert outcome.metadata()["algorithm"] == ALGORITHMS[key].name.upper()
 
 
 # ------------------------------------------------------------------ resuming
@@ -330,8 +339,8 @@ def resume(made: tuple[RunJob, FileModelStore], **changes: Any) -> Outcome:
 def test_a_resumed_run_continues_counters_schedule_and_history(key: str, tmp_path: Path) -> None:
     total = 512
     raw = {**TINY_RAW, "learning_rate": "lin_0.001"}
-    made = make_job(tmp_path, algorithm=key, raw=raw, total_timesteps=total, checkpoint_interval=100,
-                    run_id=f"run-{key}")
+    made = make_job(tmp_path, algorithm=key, env_id=env_for(key), raw=raw, total_timesteps=total,
+                    checkpoint_interval=100, run_id=f"run-{key}")
     first = run(made, Stop(after=230))
     stopped = first.events[-1]
     assert isinstance(stopped, Finished) and stopped.stopped_early and 200 <= stopped.timesteps < total

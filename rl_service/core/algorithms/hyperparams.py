@@ -2,7 +2,8 @@
 
 Values arrive as strings and are parsed here, never evaluated. A value can be a number, a boolean
 ("true"/"false"), a choice, a layer list ("64,64"), "none" for optional keys, or a linear schedule "lin_<start>"
-(the rl-baselines3-zoo convention: start at <start>, fall linearly to 0 at the end of training).
+(the rl-baselines3-zoo convention: start at <start>, fall linearly to 0 at the end of training), a word a key
+accepts besides numbers ("auto"), or normalisation options (normalize.py).
 """
 
 from __future__ import annotations
@@ -12,9 +13,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from rl_service.core.algorithms.normalize import NormalizeOptions, parse_normalize
 from rl_service.core.errors import MAX_QUOTED, InvalidHyperparameter, quoted
 
-Kind = Literal["float", "int", "bool", "choice", "net_arch"]
+Kind = Literal["float", "int", "bool", "choice", "net_arch", "normalize"]
 
 MAX_LAYERS = 8
 MAX_LAYER_WIDTH = 4096
@@ -30,7 +32,7 @@ class LinearSchedule:
         return f"lin_{self.start!r}"
 
 
-HyperValue = float | int | bool | str | tuple[int, ...] | LinearSchedule | None
+HyperValue = float | int | bool | str | tuple[int, ...] | LinearSchedule | NormalizeOptions | None
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,7 @@ class Param:
     schedule: bool = False  # accepts "lin_<start>"
     optional: bool = False  # accepts "none"
     choices: tuple[str, ...] = ()
+    words: tuple[str, ...] = ()  # literal words a number key also accepts (SAC's ent_coef "auto")
     help: str = ""
 
     def describe_range(self) -> str:
@@ -56,6 +59,8 @@ class Param:
             return "one of " + ", ".join(self.choices)
         if self.kind == "net_arch":
             return f"comma-separated layer widths, 1 to {MAX_LAYERS} layers of 1..{MAX_LAYER_WIDTH}"
+        if self.kind == "normalize":
+            return 'true, false, obs, or a JSON object such as {"norm_obs": true, "norm_reward": false}'
         lo = "-inf" if self.low is None else f"{self.low:g}"
         hi = "inf" if self.high is None else f"{self.high:g}"
         text = f"{self.kind} in {'(' if self.low_exclusive else '['}{lo}, {hi}]"
@@ -63,6 +68,8 @@ class Param:
             text += ' or "lin_<start>"'
         if self.optional:
             text += ' or "none"'
+        for word in self.words:
+            text += f' or "{word}"'
         return text
 
     def parse(self, raw: str) -> HyperValue:
@@ -71,6 +78,14 @@ class Param:
         lowered = text.lower()
         if self.optional and lowered in ("none", "null", ""):
             return None
+        if lowered in self.words:
+            return lowered
+        if self.kind == "normalize":
+            try:
+                return parse_normalize(text)
+            except ValueError as exc:
+                raise InvalidHyperparameter(f"hyperparameters[{self.name!r}]: cannot use {quoted(raw)}: {exc}",
+                                            field=f"hyperparameters.{self.name}") from None
         try:
             if self.kind == "bool":
                 if lowered in ("true", "1", "yes"):
@@ -131,7 +146,9 @@ def format_value(value: HyperValue) -> str:
     if isinstance(value, tuple):
         return ",".join(str(v) for v in value)
     if isinstance(value, float):
-        return repr(value)  # the shortest text that parses back to exactly this float
+        return repr(value)
+    if isinstance(value, NormalizeOptions):
+        return str(value)  # the shortest text that parses back to exactly this float
     return str(value)
 
 

@@ -1,8 +1,8 @@
 """The algorithm registry: name -> AlgorithmSpec (class, hyperparameter schema, supported action spaces).
 
-Adding an algorithm is one entry in ALGORITHMS plus its schema; transport never changes. Every class in the
-registry meets stable-baselines3's BaseAlgorithm interface: `cls(policy, env, **kwargs)`, `learn`, `predict`,
-`save`, and the classmethod `load`.
+Adding an algorithm is one entry in ALGORITHMS plus its schema (schemas.py); transport never changes. Every class
+in the registry meets stable-baselines3's BaseAlgorithm interface: `cls(policy, env, **kwargs)`, `learn`,
+`predict`, `save`, and the classmethod `load`.
 """
 
 from __future__ import annotations
@@ -12,103 +12,35 @@ from dataclasses import dataclass
 from typing import Any
 
 import gymnasium as gym
+import numpy as np
 import torch
-from stable_baselines3 import A2C, DQN, PPO
+from sb3_contrib import QRDQN, TQC, TRPO, MaskablePPO
+from stable_baselines3 import A2C, DDPG, DQN, PPO, SAC, TD3
+from stable_baselines3.common.noise import NormalActionNoise, OrnsteinUhlenbeckActionNoise
 from stable_baselines3.common.utils import LinearSchedule as SB3LinearSchedule
 
-from rl_service.core.algorithms.hyperparams import HyperValue, LinearSchedule, Param, Schema, merge
+from rl_service.core.algorithms.hyperparams import HyperValue, LinearSchedule, Schema
+from rl_service.core.algorithms.normalize import NormalizeOptions
 from rl_service.core.algorithms.reinforce import Reinforce
+from rl_service.core.algorithms.schemas import (
+    A2C_SCHEMA,
+    DDPG_SCHEMA,
+    DQN_SCHEMA,
+    MASKABLE_PPO_SCHEMA,
+    PPO_SCHEMA,
+    QRDQN_SCHEMA,
+    REINFORCE_SCHEMA,
+    SAC_SCHEMA,
+    SERVICE_KEYS,
+    TD3_SCHEMA,
+    TQC_SCHEMA,
+    TRPO_SCHEMA,
+)
 from rl_service.core.errors import InvalidHyperparameter, UnknownAlgorithm, UnsupportedSpace, quoted
 
+__all__ = ["ACTIVATIONS", "ALGORITHMS", "SERVICE_KEYS", "AlgorithmSpec", "get_algorithm", "to_sb3_value"]
+
 ACTIVATIONS: dict[str, type[torch.nn.Module]] = {"tanh": torch.nn.Tanh, "relu": torch.nn.ReLU}
-
-# Keys every algorithm accepts: how the environment is vectorised and the policy network's shape.
-COMMON = (
-    Param("n_envs", "int", 1, 1, 64, help="parallel environments stepped together"),
-    Param("net_arch", "net_arch", (64, 64), help="hidden layer widths of the policy (and value) network"),
-    Param("activation_fn", "choice", "tanh", choices=("tanh", "relu"), help="hidden layer activation"),
-)
-
-# Keys PPO and A2C share (on-policy actor-critic), with stable-baselines3's defaults.
-ON_POLICY = (
-    Param("gamma", "float", 0.99, 0.0, 1.0, help="discount factor"),
-    Param("gae_lambda", "float", 0.95, 0.0, 1.0, help="GAE bias/variance trade-off"),
-    Param("ent_coef", "float", 0.0, 0.0, 10.0, help="entropy bonus weight"),
-    Param("vf_coef", "float", 0.5, 0.0, 10.0, help="value loss weight"),
-    Param("max_grad_norm", "float", 0.5, 0.0, 1e6, low_exclusive=True, help="gradient clipping norm"),
-    Param("use_sde", "bool", False, help="generalised state-dependent exploration (Box actions only)"),
-    Param("sde_sample_freq", "int", -1, -1, 1_000_000, help="resample the SDE noise every n steps (-1: per rollout)"),
-)
-
-PPO_SCHEMA = merge(
-    COMMON,
-    ON_POLICY,
-    (
-        Param("learning_rate", "float", 3e-4, 0.0, 1.0, low_exclusive=True, schedule=True, help="Adam step size"),
-        Param("n_steps", "int", 2048, 1, 1_000_000, help="steps per env per rollout"),
-        Param("batch_size", "int", 64, 2, 1_000_000, help="minibatch size"),
-        Param("n_epochs", "int", 10, 1, 1000, help="optimisation epochs per rollout"),
-        Param("clip_range", "float", 0.2, 0.0, 10.0, low_exclusive=True, schedule=True, help="policy clip range"),
-        Param("clip_range_vf", "float", None, 0.0, 1e6, low_exclusive=True, schedule=True, optional=True,
-              help="value clip range (none: no clipping)"),
-        Param("normalize_advantage", "bool", True, help="normalise advantages per minibatch"),
-        Param("target_kl", "float", None, 0.0, 10.0, low_exclusive=True, optional=True,
-              help="stop an update's epochs early past this KL (none: never)"),
-    ),
-)
-
-A2C_SCHEMA = merge(
-    COMMON,
-    ON_POLICY,
-    (
-        Param("learning_rate", "float", 7e-4, 0.0, 1.0, low_exclusive=True, schedule=True, help="optimiser step size"),
-        Param("n_steps", "int", 5, 1, 1_000_000, help="steps per env per update"),
-        Param("gae_lambda", "float", 1.0, 0.0, 1.0, help="GAE bias/variance trade-off"),
-        Param("rms_prop_eps", "float", 1e-5, 0.0, 1.0, low_exclusive=True, help="RMSprop epsilon"),
-        Param("use_rms_prop", "bool", True, help="RMSprop (true) or Adam (false)"),
-        Param("normalize_advantage", "bool", False, help="normalise advantages"),
-    ),
-)
-
-DQN_SCHEMA = merge(
-    COMMON,
-    (
-        # stable-baselines3's QNetwork uses ReLU; its actor-critic policies use Tanh.
-        Param("activation_fn", "choice", "relu", choices=("tanh", "relu"), help="hidden layer activation"),
-        Param("learning_rate", "float", 1e-4, 0.0, 1.0, low_exclusive=True, schedule=True, help="Adam step size"),
-        # 50k rather than stable-baselines3's 1M: a replay buffer is allocated up front, and 1M transitions of a
-        # large observation would take gigabytes the user did not ask for.
-        Param("buffer_size", "int", 50_000, 1, 5_000_000, help="replay buffer capacity (transitions)"),
-        Param("learning_starts", "int", 100, 0, 100_000_000, help="steps collected before learning starts"),
-        Param("batch_size", "int", 32, 1, 1_000_000, help="minibatch size"),
-        Param("tau", "float", 1.0, 0.0, 1.0, low_exclusive=True, help="target network soft-update coefficient"),
-        Param("gamma", "float", 0.99, 0.0, 1.0, help="discount factor"),
-        Param("train_freq", "int", 4, 1, 1_000_000, help="env steps between updates"),
-        Param("gradient_steps", "int", 1, -1, 10_000,
-              help="gradient steps per update (-1: as many as env steps; 0 is refused)"),
-        Param("target_update_interval", "int", 10_000, 1, 100_000_000, help="env steps between target updates"),
-        Param("exploration_fraction", "float", 0.1, 0.0, 1.0, help="fraction of training over which epsilon decays"),
-        Param("exploration_initial_eps", "float", 1.0, 0.0, 1.0, help="initial epsilon"),
-        Param("exploration_final_eps", "float", 0.05, 0.0, 1.0, help="final epsilon"),
-        Param("max_grad_norm", "float", 10.0, 0.0, 1e6, low_exclusive=True, help="gradient clipping norm"),
-    ),
-)
-
-REINFORCE_SCHEMA = merge(
-    COMMON,
-    (
-        Param("learning_rate", "float", 1e-3, 0.0, 1.0, low_exclusive=True, schedule=True, help="Adam step size"),
-        Param("gamma", "float", 0.99, 0.0, 1.0, help="discount factor of the Monte-Carlo returns"),
-        Param("beta", "float", 0.1, 0.0, 10.0, help="entropy bonus weight"),
-        Param("episodes_per_update", "int", 1, 1, 10_000, help="complete episodes per gradient step"),
-        Param("max_grad_norm", "float", None, 0.0, 1e6, low_exclusive=True, optional=True,
-              help="gradient clipping norm (none: no clipping)"),
-        Param("net_arch", "net_arch", (64, 64), help="hidden layer widths of the policy network"),
-    ),
-)
-
-# Keys consumed by the service itself rather than passed to the algorithm's constructor.
-SERVICE_KEYS = frozenset({"n_envs", "net_arch", "activation_fn"})
 
 
 @dataclass(frozen=True)
@@ -120,10 +52,22 @@ class AlgorithmSpec:
     schema: Schema
     action_spaces: tuple[type[gym.Space[Any]], ...]
     # Cross-field checks on the parsed values; raises InvalidHyperparameter.
-    validate: Callable[[Mapping[str, HyperValue]], None] = lambda values: None
+    check: Callable[[Mapping[str, HyperValue]], None] = lambda values: None
+    source: str = "stable-baselines3"
+    # True when it acts only among the legal actions an environment's action_masks() lists (sb3-contrib's way).
+    needs_action_masks: bool = False
 
-    def constructor_kwargs(self, values: Mapping[str, HyperValue]) -> dict[str, Any]:
-        """Parsed values turned into the class's keyword arguments (schedules, policy_kwargs)."""
+    def validate(self, values: Mapping[str, HyperValue]) -> None:
+        """Every cross-field check: the algorithm's own, then the evaluation keys every algorithm shares."""
+        self.check(values)
+        _check_evaluation(values)
+
+    def constructor_kwargs(self, values: Mapping[str, HyperValue],
+                           action_space: gym.Space[Any] | None = None) -> dict[str, Any]:
+        """Parsed values turned into the class's keyword arguments (schedules, policy_kwargs, action noise).
+
+        The action noise needs the action space's size; without one (a schema check) none is built.
+        """
         kwargs: dict[str, Any] = {}
         for key, value in values.items():
             if key in SERVICE_KEYS:
@@ -133,10 +77,18 @@ class AlgorithmSpec:
         activation = str(values.get("activation_fn") or "tanh")
         layers = list(net_arch) if isinstance(net_arch, tuple) else [64, 64]
         kwargs["policy_kwargs"] = {"net_arch": layers, "activation_fn": ACTIVATIONS[activation]}
+        noise = values.get("action_noise")
+        if noise not in (None, "none") and isinstance(action_space, gym.spaces.Box):
+            std = float(values.get("action_noise_std") or 0.0)  # type: ignore[arg-type]
+            size = int(np.prod(action_space.shape))
+            noise_cls = NormalActionNoise if noise == "normal" else OrnsteinUhlenbeckActionNoise
+            kwargs["action_noise"] = noise_cls(mean=np.zeros(size), sigma=std * np.ones(size))
         return kwargs
 
-    def check_spaces(self, action_space: gym.Space[Any], values: Mapping[str, HyperValue]) -> None:
-        """Raise UnsupportedSpace when this algorithm (so configured) cannot act in the action space."""
+    def check_spaces(self, action_space: gym.Space[Any], values: Mapping[str, HyperValue],
+                     observation_space: gym.Space[Any] | None = None) -> None:
+        """Raise UnsupportedSpace when this algorithm (so configured) cannot act in the action space, or
+        InvalidHyperparameter for a setting the spaces do not allow."""
         if not isinstance(action_space, self.action_spaces):
             accepted = ", ".join(s.__name__ for s in self.action_spaces)
             raise UnsupportedSpace(
@@ -149,6 +101,15 @@ class AlgorithmSpec:
                 f"hyperparameters['use_sde']: state-dependent exploration needs a Box action space, "
                 f"and this environment's is {type(action_space).__name__}",
                 field="hyperparameters.use_sde",
+            )
+        options = values.get("normalize")
+        if (isinstance(options, NormalizeOptions) and options.norm_obs and observation_space is not None
+                and not isinstance(observation_space, gym.spaces.Box)):
+            raise InvalidHyperparameter(
+                f"hyperparameters['normalize']: observations can be normalised only in a Box observation space, "
+                f"and this environment's is {type(observation_space).__name__}; use "
+                '{"norm_obs": false} to normalise rewards only, or false',
+                field="hyperparameters.normalize",
             )
 
 
@@ -179,14 +140,14 @@ def _check_on_policy(values: Mapping[str, HyperValue]) -> None:
             "transitions per rollout", field="hyperparameters.n_steps")
 
 
-def _check_dqn(values: Mapping[str, HyperValue]) -> None:
+def _check_off_policy(values: Mapping[str, HyperValue]) -> None:
     if values["gradient_steps"] == 0:
         raise InvalidHyperparameter(
             "hyperparameters['gradient_steps']: 0 would never train; use -1 or a positive count",
             field="hyperparameters.gradient_steps")
 
 
-def _check_ppo(values: Mapping[str, HyperValue]) -> None:
+def _check_minibatches(values: Mapping[str, HyperValue]) -> None:
     _check_on_policy(values)
     rollout = int(values["n_envs"]) * int(values["n_steps"])  # type: ignore[arg-type]
     batch = int(values["batch_size"])  # type: ignore[arg-type]
@@ -198,24 +159,44 @@ def _check_ppo(values: Mapping[str, HyperValue]) -> None:
         )
 
 
+def _check_evaluation(values: Mapping[str, HyperValue]) -> None:
+    if values.get("stop_at_reward") is not None and not values.get("eval_freq"):
+        raise InvalidHyperparameter(
+            "hyperparameters['stop_at_reward']: it is checked against evaluations; set eval_freq too",
+            field="hyperparameters.stop_at_reward")
+
+
 _ALL_ACTIONS: tuple[type[gym.Space[Any]], ...] = (
     gym.spaces.Box,
     gym.spaces.Discrete,
     gym.spaces.MultiDiscrete,
     gym.spaces.MultiBinary,
 )
+_DISCRETE_ACTIONS = (gym.spaces.Discrete, gym.spaces.MultiDiscrete, gym.spaces.MultiBinary)
+_BOX = (gym.spaces.Box,)
+_CONTRIB = "sb3-contrib"
 
 ALGORITHMS: dict[str, AlgorithmSpec] = {
-    "ppo": AlgorithmSpec("PPO", PPO, PPO_SCHEMA, _ALL_ACTIONS, _check_ppo),
+    "ppo": AlgorithmSpec("PPO", PPO, PPO_SCHEMA, _ALL_ACTIONS, _check_minibatches),
     "a2c": AlgorithmSpec("A2C", A2C, A2C_SCHEMA, _ALL_ACTIONS, _check_on_policy),
-    "dqn": AlgorithmSpec("DQN", DQN, DQN_SCHEMA, (gym.spaces.Discrete,), _check_dqn),
-    "reinforce": AlgorithmSpec("REINFORCE", Reinforce, REINFORCE_SCHEMA, (gym.spaces.Discrete, gym.spaces.Box)),
+    "dqn": AlgorithmSpec("DQN", DQN, DQN_SCHEMA, (gym.spaces.Discrete,), _check_off_policy),
+    "sac": AlgorithmSpec("SAC", SAC, SAC_SCHEMA, _BOX, _check_off_policy),
+    "td3": AlgorithmSpec("TD3", TD3, TD3_SCHEMA, _BOX, _check_off_policy),
+    "ddpg": AlgorithmSpec("DDPG", DDPG, DDPG_SCHEMA, _BOX, _check_off_policy),
+    "tqc": AlgorithmSpec("TQC", TQC, TQC_SCHEMA, _BOX, _check_off_policy, _CONTRIB),
+    "qrdqn": AlgorithmSpec("QRDQN", QRDQN, QRDQN_SCHEMA, (gym.spaces.Discrete,), _check_off_policy, _CONTRIB),
+    "trpo": AlgorithmSpec("TRPO", TRPO, TRPO_SCHEMA, _ALL_ACTIONS, _check_minibatches, _CONTRIB),
+    "maskableppo": AlgorithmSpec("MaskablePPO", MaskablePPO, MASKABLE_PPO_SCHEMA, _DISCRETE_ACTIONS,
+                                 _check_minibatches, _CONTRIB, needs_action_masks=True),
+    "reinforce": AlgorithmSpec("REINFORCE", Reinforce, REINFORCE_SCHEMA, (gym.spaces.Discrete, gym.spaces.Box),
+                               source="rl_service"),
 }
 
 
 def get_algorithm(name: str) -> AlgorithmSpec:
-    """Look an algorithm up case-insensitively; a miss lists the valid names."""
-    spec = ALGORITHMS.get(name.strip().lower())
+    """Look an algorithm up case-insensitively (QR-DQN and Maskable-PPO spelt with or without the hyphen or an
+    underscore); a miss lists the valid names."""
+    spec = ALGORITHMS.get(name.strip().lower().replace("-", "").replace("_", ""))
     if spec is None:
         valid = ", ".join(s.name for s in ALGORITHMS.values())
         raise UnknownAlgorithm(

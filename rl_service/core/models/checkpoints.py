@@ -1,5 +1,6 @@
 """Checkpoint file names, in one place: checkpoint_<timesteps>_steps.zip (stable-baselines3's CheckpointCallback
-naming), and beside it checkpoint_<timesteps>_steps.replay_buffer.pkl for off-policy algorithms; written by the
+naming), and beside it checkpoint_<timesteps>_steps.replay_buffer.pkl for off-policy algorithms and
+checkpoint_<timesteps>_steps.normalize.safetensors for normalised runs (normalization.stats_path); written by the
 model store, read back by resume, serving and export."""
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from pathlib import Path
 
 _CHECKPOINT_NAME = re.compile(r"^checkpoint_(\d+)_steps\.zip$")
 _REPLAY_BUFFER_NAME = re.compile(r"^checkpoint_(\d+)_steps\.replay_buffer\.pkl$")
+_STATS_NAME = re.compile(r"^checkpoint_(\d+)_steps\.normalize\.safetensors$")
 
 
 def checkpoint_name(timesteps: int) -> str:
@@ -30,6 +32,12 @@ def replay_buffer_name(timesteps: int) -> str:
 def replay_buffer_timesteps(path: str | Path) -> int | None:
     """The timesteps of the checkpoint a replay-buffer file belongs to, or None for any other file."""
     match = _REPLAY_BUFFER_NAME.match(Path(path).name)
+    return int(match.group(1)) if match else None
+
+
+def stats_timesteps(path: str | Path) -> int | None:
+    """The timesteps of the checkpoint a normalisation statistics file belongs to, or None for any other file."""
+    match = _STATS_NAME.match(Path(path).name)
     return int(match.group(1)) if match else None
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Protocol
 
+from rl_service.core.models.normalization import NormalizeStats
+
 
 class ModelStore(Protocol):
     """Where models, checkpoints, metadata and history live on disk. Must be picklable (workers get a copy)."""
@@ -15,12 +17,14 @@ class ModelStore(Protocol):
     def run_dir(self, run_id: str) -> Path:
         """MODELS_DIR/<run_id>: metadata.json, history.json, and the default model.zip."""
 
-    def save_model(self, model: Any, path: Path) -> None:
-        """Write an algorithm's zip atomically."""
+    def save_model(self, model: Any, path: Path, normalize: NormalizeStats | None = None) -> None:
+        """Write an algorithm's zip atomically, and before it its normalisation statistics when given
+        (normalization.stats_path beside it)."""
 
-    def save_checkpoint(self, run_id: str, model: Any, timesteps: int, replay_buffer: bool = False) -> Path:
-        """Write checkpoint_<timesteps>_steps.zip atomically (with the model's replay buffer when asked), keep the
-        newest N, return its path."""
+    def save_checkpoint(self, run_id: str, model: Any, timesteps: int, replay_buffer: bool = False,
+                        normalize: NormalizeStats | None = None) -> Path:
+        """Write checkpoint_<timesteps>_steps.zip atomically (with the model's replay buffer when asked, and its
+        normalisation statistics when given), keep the newest N (each with its files), return its path."""
 
     def checkpoints(self, run_id: str) -> list[Path]:
         """A run's checkpoints, oldest first."""

@@ -10,9 +10,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from rl_service.core.runs.records import Metrics
+from rl_service.core.runs.records import Evaluation, Metrics
 
-EVENT_VERSION = 1
+EVENT_VERSION = 2  # 2: evaluated
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,17 @@ class CheckpointSaved:
 
 
 @dataclass(frozen=True)
+class Evaluated:
+    """An evaluation ended (hyperparameter eval_freq); `best`: it beat every earlier one, and its model is now the
+    run's best_model.zip."""
+
+    kind: ClassVar[str] = "evaluated"
+    run_id: str
+    evaluation: Evaluation
+    best: bool
+
+
+@dataclass(frozen=True)
 class Finished:
     """Training ended normally or on a stop request; the final model and checkpoint are saved."""
 
@@ -68,16 +79,16 @@ class Failed:
     error: str
 
 
-WorkerEvent = Started | Progress | CheckpointSaved | Finished | Failed
+WorkerEvent = Started | Progress | CheckpointSaved | Evaluated | Finished | Failed
 _EVENT_TYPES: dict[str, type[WorkerEvent]] = {cls.kind: cls for cls in (Started, Progress, CheckpointSaved,
-                                                                         Finished, Failed)}
+                                                                         Evaluated, Finished, Failed)}
 
 
 def event_to_dict(event: WorkerEvent) -> dict[str, Any]:
     """The versioned, JSON-ready form of an event."""
     data: dict[str, Any] = {"version": EVENT_VERSION, "kind": event.kind}
     for name, value in vars(event).items():
-        data[name] = value.to_dict() if isinstance(value, Metrics) else value
+        data[name] = value.to_dict() if isinstance(value, Metrics | Evaluation) else value
     return data
 
 
@@ -89,9 +100,11 @@ def event_from_dict(data: Mapping[str, Any]) -> WorkerEvent:
     if cls is None:
         raise ValueError(f"unknown worker event kind {str(data.get('kind'))[:40]!r}")
     fields = {key: value for key, value in data.items() if key not in ("version", "kind")}
-    if "metrics" in fields:
-        fields["metrics"] = Metrics.from_dict(fields["metrics"])
     try:
+        if "metrics" in fields:
+            fields["metrics"] = Metrics.from_dict(fields["metrics"])
+        if "evaluation" in fields:
+            fields["evaluation"] = Evaluation.from_dict(fields["evaluation"])
         return cls(**fields)
-    except TypeError as exc:
+    except (TypeError, KeyError, AttributeError) as exc:
         raise ValueError(f"malformed {cls.kind} event: {exc}") from None

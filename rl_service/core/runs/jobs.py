@@ -13,7 +13,7 @@ from typing import Any
 
 from rl_service.core.runs.records import RunRecord
 
-JOB_VERSION = 2  # 2: resume, attempt, attempts, save_replay_buffer
+JOB_VERSION = 3  # 2: resume, attempt, attempts, save_replay_buffer; 3: best_evaluation
 
 
 @dataclass(frozen=True)
@@ -37,12 +37,15 @@ class RunJob:
     attempt: int = 1
     attempts: tuple[Mapping[str, Any], ...] = ()  # every attempt so far, this one last (Attempt.to_dict)
     save_replay_buffer: bool = True  # off-policy algorithms save their replay buffer with each checkpoint
+    # The run's best evaluation so far (Evaluation.to_dict), so that a resumed run's best stays best.
+    best_evaluation: Mapping[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The versioned, JSON-ready form."""
         data = asdict(self)
         data["hyperparameters"] = dict(self.hyperparameters)
         data["attempts"] = [dict(a) for a in self.attempts]
+        data["best_evaluation"] = dict(self.best_evaluation) if self.best_evaluation is not None else None
         return {"version": JOB_VERSION, **data}
 
     @classmethod
@@ -70,4 +73,5 @@ def job_for(record: RunRecord, resume: bool, progress_interval: float, torch_thr
         created_at=record.created_at, tensorboard_dir=str(tensorboard_dir) if tensorboard_dir else None,
         resume=resume, attempt=record.attempt, attempts=tuple(record.attempt_dicts()),
         save_replay_buffer=save_replay_buffer,
+        best_evaluation=record.best_evaluation.to_dict() if record.best_evaluation is not None else None,
     )

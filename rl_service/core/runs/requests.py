@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from rl_service.core.algorithms.hyperparams import HyperValue, format_value
+from rl_service.core.algorithms.masking import masks_missing, registered_env_has_masks
 from rl_service.core.algorithms.registry import AlgorithmSpec, get_algorithm
 from rl_service.core.envs import ExternalEnvironments, env_spaces, is_external_env
 from rl_service.core.errors import InvalidHyperparameter, InvalidRequest
@@ -61,7 +62,10 @@ def validate_request(request: TrainingRequest, limits: RequestLimits,
     if external and spaces.num_envs is not None:
         values = _simulation_n_envs(request, values, spaces.num_envs)
         spec.validate(values)
-    spec.check_spaces(spaces.action_space, values)
+    spec.check_spaces(spaces.action_space, values, spaces.observation_space)
+    # A simulation's masks are known once a worker reaches it (the worker fails clearly without them).
+    if spec.needs_action_masks and not external and not registered_env_has_masks(request.env_id):
+        raise masks_missing(spec.name, request.env_id)
     effective = {key: format_value(value) for key, value in sorted(values.items())}
     return ValidatedRequest(experiment_id, spec, effective, interval, seed)
 

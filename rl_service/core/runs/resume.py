@@ -1,5 +1,6 @@
-"""Where a resumed run picks up: the newest checkpoint that loads (with its replay buffer), and the episode
-history up to it, so counters, schedules, optimizer state and learning curves continue as if never stopped."""
+"""Where a resumed run picks up: the newest checkpoint that loads (with its replay buffer and normalisation
+statistics), and the episode history up to it, so counters, schedules, optimizer state, replay memory, running
+means and learning curves continue as if never stopped."""
 
 from __future__ import annotations
 
@@ -7,8 +8,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from stable_baselines3.common.vec_env import VecNormalize
+
 from rl_service.core.models.ports import ModelStore
 from rl_service.core.runs.history import load_entries
+from rl_service.core.runs.normalizing import restore_stats
 from rl_service.core.seeds import MAX_SEED
 
 
@@ -24,12 +28,15 @@ class Restored:
 def restore(algorithm_cls: Any, store: ModelStore, run_id: str, env: Any, log: Any) -> Restored | None:
     """The newest checkpoint of the run that loads, or None when none does (the run then starts over).
 
-    A checkpoint that fails to load (cut short by a crash, corrupted on disk) is skipped with a log line.
+    A checkpoint that fails to load (cut short by a crash, corrupted on disk) is skipped with a log line; so is
+    one without readable statistics when `env` normalises (its running means would start over).
     """
     for checkpoint in reversed(store.checkpoints(run_id)):
         try:
             # stable-baselines3 restores the optimizer state and num_timesteps, and with them the schedules.
             model = algorithm_cls.load(checkpoint, env=env, device="cpu")
+            if isinstance(env, VecNormalize):
+                restore_stats(env, checkpoint)
         except Exception as exc:
             log.warning("skipping a checkpoint that does not load", path=str(checkpoint),
                         error=f"{type(exc).__name__}: {exc}"[:300])
@@ -41,7 +48,7 @@ def restore(algorithm_cls: Any, store: ModelStore, run_id: str, env: Any, log: A
         episodes = [e for e in load_entries(store.run_dir(run_id) / "history.json")
                     if isinstance(e, dict) and int(e.get("timesteps", 0)) <= timesteps]
         log.info("resuming from a checkpoint", path=str(checkpoint), timesteps=timesteps,
-                 replay_buffer=buffer is not None, episodes=len(episodes))
+                 replay_buffer=buffer is not None, normalized=isinstance(env, VecNormalize), episodes=len(episodes))
         return Restored(model, checkpoint, episodes)
     return None
 

@@ -8,6 +8,7 @@ persists what it returns and wakes watchers. Nothing here does I/O.
     PENDING --StopRequested--> CANCELLED      RUNNING --Failed--> FAILED
     PENDING --LaunchFailed--> FAILED          RUNNING --Killed--> CANCELLED (stop requested) | INTERRUPTED
     PENDING --ShutdownRequested--> INTERRUPTED
+    RUNNING --Started | Progress | CheckpointSaved | Evaluated--> RUNNING (counters, metrics, evaluations)
     RUNNING --WorkerExited--> PENDING (a new attempt) | FAILED (MAX_RUN_ATTEMPTS worker deaths)
     RUNNING --ServerRestarted--> PENDING (a new attempt) | INTERRUPTED (AUTO_RESUME off)
     INTERRUPTED | FAILED | CANCELLED --Resumed--> PENDING; SUCCEEDED --Resumed(larger budget)--> PENDING
@@ -22,7 +23,15 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from rl_service.core.models.checkpoints import checkpoint_timesteps
-from rl_service.core.runs.events import CheckpointSaved, Failed, Finished, Progress, Started, WorkerEvent
+from rl_service.core.runs.events import (
+    CheckpointSaved,
+    Evaluated,
+    Failed,
+    Finished,
+    Progress,
+    Started,
+    WorkerEvent,
+)
 from rl_service.core.runs.records import SERVER_DIED, WORKER_DIED, Attempt, RunRecord, RunState
 
 P, R = RunState.PENDING, RunState.RUNNING
@@ -147,6 +156,12 @@ def _checkpoint(record: RunRecord, event: CheckpointSaved, now: float) -> RunRec
     return record.evolve(timesteps_done=event.timesteps, last_checkpoint_path=event.path)
 
 
+def _evaluated(record: RunRecord, event: Evaluated, now: float) -> RunRecord:
+    # The worker decides what is best (it wrote best_model.zip), starting from the best this record held.
+    best = event.evaluation if event.best else record.best_evaluation
+    return record.evolve(last_evaluation=event.evaluation, best_evaluation=best)
+
+
 def _finished(record: RunRecord, event: Finished, now: float) -> RunRecord:
     # Stopped early without a client's stop request: the server shut down (or died) under it.
     if not event.stopped_early:
@@ -226,6 +241,7 @@ TRANSITIONS: dict[tuple[RunState, type], _Handler] = {
     (R, Started): _started,
     (R, Progress): _progress,
     (R, CheckpointSaved): _checkpoint,
+    (R, Evaluated): _evaluated,
     (R, Finished): _finished,
     (R, Failed): _failed,
     (R, Killed): _killed,
@@ -240,7 +256,8 @@ TRANSITIONS: dict[tuple[RunState, type], _Handler] = {
 """(state, event type) -> handler; every pair not listed raises InvalidTransition."""
 
 EVENT_TYPES: tuple[type, ...] = (Launched, LaunchFailed, StopRequested, ShutdownRequested, Killed, WorkerExited,
-                                 ServerRestarted, Resumed, Started, Progress, CheckpointSaved, Finished, Failed)
+                                 ServerRestarted, Resumed, Started, Progress, CheckpointSaved, Evaluated, Finished,
+                                 Failed)
 
 
 def apply(record: RunRecord, event: RunEvent, now: float) -> RunRecord:

@@ -3,7 +3,8 @@
 It runs wherever the executor puts it (a local process now). The executor supplies the two ways out: `emit` for
 events and `should_stop` for a stop request (polled at each progress report, so a remote executor needs no call
 per environment step); signals and orphan detection are the executor's business. Cancellation and progress are
-stable-baselines3 callbacks (returning False from `_on_step` ends `learn`), not threads poking at the model.
+stable-baselines3 callbacks (returning False from `_on_step` ends `learn`), not threads poking at the model;
+evaluations (eval_freq) run from the same callback (the runs/evaluation.py loop and the Evaluator below).
 """
 
 from __future__ import annotations
@@ -24,14 +25,19 @@ from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.logger import KVWriter, Logger, TensorBoardOutputFormat
 
 from rl_service.core.algorithms.hyperparams import HyperValue
+from rl_service.core.algorithms.masking import require_masks
+from rl_service.core.algorithms.normalize import OFF, NormalizeOptions
 from rl_service.core.algorithms.registry import ALGORITHMS
-from rl_service.core.envs import ExternalEnvironments, make_vec_env
+from rl_service.core.envs import ExternalEnvironments, is_external_env, make_vec_env
 from rl_service.core.errors import EnvironmentUnavailable
-from rl_service.core.models.checkpoints import checkpoint_timesteps
+from rl_service.core.models.checkpoints import BEST_MODEL_NAME, checkpoint_timesteps
+from rl_service.core.models.normalization import NormalizeStats
 from rl_service.core.models.ports import ModelStore
-from rl_service.core.runs.events import CheckpointSaved, Failed, Finished, Progress, Started, WorkerEvent
+from rl_service.core.runs import normalizing
+from rl_service.core.runs.evaluation import evaluate, evaluation_seed
+from rl_service.core.runs.events import CheckpointSaved, Evaluated, Failed, Finished, Progress, Started, WorkerEvent
 from rl_service.core.runs.jobs import RunJob
-from rl_service.core.runs.records import Metrics
+from rl_service.core.runs.records import Evaluation, Metrics
 from rl_service.core.runs.resume import Restored, attempt_seed, has_replay_buffer, restore
 
 METRICS_WINDOW = 100  # episodes in the moving averages, as stable-baselines3's ep_info_buffer
@@ -86,6 +92,8 @@ class _Trainer:
         self.start_timesteps = 0  # where this attempt began (a resumed run's checkpoint)
         self.time_offset = 0.0  # seconds of training before this attempt, so history times keep rising
         self.model: Any = None  # set once built, for save_progress
+        self.evaluator: Evaluator | None = None  # set when eval_freq asks for evaluations
+        self.reached_reward = False  # an evaluation reached stop_at_reward: the run ends SUCCEEDED
 
     def run(self) -> None:
         """Build env and model (or resume them), learn with callbacks, save the final checkpoint and model."""
@@ -99,8 +107,15 @@ class _Trainer:
         # The env is built before the checkpoint loads (loading needs it): seed it by where the run resumes.
         newest = self.store.latest_checkpoint(job.run_id) if job.resume else None
         seed = attempt_seed(job.seed, (checkpoint_timesteps(newest) or 0) if newest is not None else 0)
-        env = make_vec_env(job.env_id, _int_value(values, "n_envs", 1), seed, self.external_envs)
+        n_envs = _int_value(values, "n_envs", 1)
+        options = values.get("normalize")
+        options = options if isinstance(options, NormalizeOptions) else OFF
+        gamma = values.get("gamma")
+        env = make_vec_env(job.env_id, n_envs, seed, self.external_envs)
         try:
+            env = normalizing.wrap(env, options, float(gamma) if isinstance(gamma, float | int) else None)
+            if spec.needs_action_masks:  # an external simulation's masks are known only once it is reached
+                require_masks(env, spec.name, job.env_id)
             if job.resume:
                 restored = restore(spec.cls, self.store, job.run_id, env, self.log)
             if restored is not None:
@@ -109,9 +124,13 @@ class _Trainer:
                 self.resume_from(restored)
             else:
                 model = spec.cls("MlpPolicy", env, seed=seed, device="cpu", verbose=0,
-                                 **spec.constructor_kwargs(values))
+                                 **spec.constructor_kwargs(values, env.action_space))
             model.set_logger(logger)
             self.model = model
+            eval_freq = _int_value(values, "eval_freq", 0)
+            if eval_freq > 0:
+                self.evaluator = Evaluator(self, eval_freq, _int_value(values, "n_eval_episodes", 5),
+                                           _float_value(values, "stop_at_reward"), spec.needs_action_masks, n_envs)
             self.write_metadata(model, "running")
             self.emit(Started(job.run_id, os.getpid(), self.start_timesteps))
             self.log.info("run started", algorithm=spec.name, env_id=job.env_id, seed=seed, attempt=job.attempt,
@@ -123,17 +142,22 @@ class _Trainer:
                 model.learn(total_timesteps=remaining, callback=_ServiceCallback(self), log_interval=1,
                             progress_bar=False, reset_num_timesteps=restored is None)
             self.timesteps = int(model.num_timesteps)
-            stopped_early = self.timesteps < job.total_timesteps
+            # Reaching stop_at_reward ends the run as a success, short of its budget.
+            stopped_early = self.timesteps < job.total_timesteps and not self.reached_reward
             if self.last_checkpoint_steps != self.timesteps:
                 self.checkpoint(model)
-            self.store.save_model(model, Path(job.model_path))
-            self.write_metadata(model, "stopped early" if stopped_early else "completed")
+            self.store.save_model(model, Path(job.model_path), self.normalize_stats())
+            training = "reached stop_at_reward" if self.reached_reward else (
+                "stopped early" if stopped_early else "completed")
+            self.write_metadata(model, training)
             self.write_history()
         finally:
+            if self.evaluator is not None:
+                self.evaluator.close()
             env.close()
             logger.close()
         self.log.info("run finished", timesteps=self.timesteps, stopped_early=stopped_early,
-                      model_path=job.model_path)
+                      reached_reward=self.reached_reward, model_path=job.model_path)
         self.emit(Finished(job.run_id, self.timesteps, self.metrics(), job.model_path, self.last_checkpoint,
                            stopped_early))
 
@@ -179,10 +203,15 @@ class _Trainer:
             losses=dict(self.losses),
         )
 
+    def normalize_stats(self) -> NormalizeStats | None:
+        """The running normalisation statistics, saved with every checkpoint and model (None: not normalised)."""
+        return normalizing.stats_of(self.model.get_vec_normalize_env()) if self.model is not None else None
+
     def checkpoint(self, model: Any) -> None:
         """Save a checkpoint and tell the server."""
         path = self.store.save_checkpoint(self.job.run_id, model, self.timesteps,
-                                          replay_buffer=self.job.save_replay_buffer and has_replay_buffer(model))
+                                          replay_buffer=self.job.save_replay_buffer and has_replay_buffer(model),
+                                          normalize=self.normalize_stats())
         self.last_checkpoint = str(path)
         self.last_checkpoint_steps = self.timesteps
         self.write_history()
@@ -228,6 +257,64 @@ class _Trainer:
 def _int_value(values: Mapping[str, HyperValue], key: str, default: int) -> int:
     value = values.get(key)
     return value if isinstance(value, int) else default
+
+
+def _float_value(values: Mapping[str, HyperValue], key: str) -> float | None:
+    value = values.get(key)
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+class Evaluator:
+    """Evaluations every eval_freq timesteps on an environment of their own, and the best model they find."""
+
+    def __init__(self, trainer: _Trainer, freq: int, episodes: int, stop_at: float | None, masks: bool,
+                 n_envs: int) -> None:
+        self.trainer = trainer
+        self.freq = freq
+        self.episodes = episodes
+        self.stop_at = stop_at
+        self.masks = masks
+        self.n_envs = n_envs  # an external simulation hosts a fixed number; a Gymnasium env needs only one
+        self.seed = evaluation_seed(trainer.job.seed)
+        best = trainer.job.best_evaluation
+        self.best = Evaluation.from_dict(best) if best is not None else None  # a resumed run's best stays best
+        # The same boundaries as an uninterrupted run: a resumed one continues at the next multiple.
+        self.next_at = (trainer.start_timesteps // freq + 1) * freq
+        self.env: Any = None  # built at the first evaluation
+
+    def due(self, timesteps: int) -> bool:
+        """True once the run has passed the next evaluation boundary."""
+        return timesteps >= self.next_at
+
+    def run(self, model: Any) -> bool:
+        """Evaluate now, report it, keep the model when it is the best; True when it reached stop_at_reward."""
+        trainer = self.trainer
+        job = trainer.job
+        self.next_at = (trainer.timesteps // self.freq + 1) * self.freq
+        training_env = model.get_env()
+        if self.env is None:
+            n_envs = self.n_envs if is_external_env(job.env_id) else 1
+            raw = make_vec_env(job.env_id, n_envs, self.seed, trainer.external_envs)
+            self.env = normalizing.wrap_for_evaluation(raw, training_env)
+        normalizing.sync_for_evaluation(training_env, self.env)
+        result = evaluate(model, self.env, self.episodes, self.seed, trainer.timesteps, self.masks)
+        if result is None:
+            trainer.log.warning("evaluation finished no episode within its step cap", timesteps=trainer.timesteps)
+            return False
+        best = self.best is None or result.mean_reward > self.best.mean_reward
+        if best:
+            trainer.store.save_model(model, trainer.store.run_dir(job.run_id) / BEST_MODEL_NAME,
+                                     trainer.normalize_stats())
+            self.best = result
+        trainer.emit(Evaluated(job.run_id, result, best))
+        trainer.log.info("evaluated", timesteps=trainer.timesteps, mean_reward=result.mean_reward,
+                         std_reward=result.std_reward, best=best)
+        return self.stop_at is not None and result.mean_reward >= self.stop_at
+
+    def close(self) -> None:
+        """Close the evaluation environment (a simulation's connection included)."""
+        if self.env is not None:
+            self.env.close()
 
 
 def library_versions() -> dict[str, str]:
@@ -288,6 +375,10 @@ class _ServiceCallback(BaseCallback):
             trainer.checkpoint(self.model)
             interval = trainer.job.checkpoint_interval
             self.next_checkpoint = (trainer.timesteps // interval + 1) * interval
+        evaluator = trainer.evaluator
+        if evaluator is not None and evaluator.due(trainer.timesteps) and evaluator.run(self.model):
+            trainer.reached_reward = True
+            return False
         now = time.monotonic()
         if now >= self.next_report:
             self.next_report = now + trainer.job.progress_interval
