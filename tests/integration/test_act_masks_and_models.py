@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
+import gymnasium as gym
 import numpy as np
 import pytest
 import torch
@@ -49,7 +51,7 @@ def _observations(count: int) -> np.ndarray:
 def test_the_worker_records_plain_json_spaces(server: ServerHandle, masked_run: str) -> None:
     metadata = json.loads((Path(server.settings.models_root) / masked_run / "metadata.json").read_text())
     observation, action = spaces_from_json(metadata["spaces"])
-    assert observation.shape == (2 * N,) and int(action.n) == N
+    assert observation.shape == (2 * N,) and action == gym.spaces.Discrete(N)
 
 
 def test_masked_act_and_act_batch_answer_only_legal_actions(server: ServerHandle, masked_run: str) -> None:
@@ -89,9 +91,10 @@ def test_model_choice_errors(server: ServerHandle, masked_run: str) -> None:
         server.stub.Act(pb.ActRequest(run_id=masked_run, observation=obs, model="best"))
     assert best.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert best.value.details().startswith("model:") and "eval_freq" in best.value.details()
-    calls = [lambda: server.stub.Act(pb.ActRequest(run_id=masked_run, observation=obs, model="yesterday")),
-             lambda: server.stub.ActBatch(pb.ActBatchRequest(run_id=masked_run, observations=obs, model="x" * 500)),
-             lambda: server.stub.ExportModel(pb.ExportModelRequest(run_id=masked_run, format="sb3", model="top"))]
+    calls: list[Callable[[], object]] = [
+        lambda: server.stub.Act(pb.ActRequest(run_id=masked_run, observation=obs, model="yesterday")),
+        lambda: server.stub.ActBatch(pb.ActBatchRequest(run_id=masked_run, observations=obs, model="x" * 500)),
+        lambda: server.stub.ExportModel(pb.ExportModelRequest(run_id=masked_run, format="sb3", model="top"))]
     for call in calls:
         with pytest.raises(grpc.RpcError) as info:
             call()
@@ -104,7 +107,8 @@ def test_model_choice_errors(server: ServerHandle, masked_run: str) -> None:
 def test_the_torchscript_export_answers_as_act_with_and_without_masks(server: ServerHandle, masked_run: str) -> None:
     exported = server.stub.ExportModel(pb.ExportModelRequest(run_id=masked_run, format="torchscript",
                                                              model="latest"))
-    assert "action_mask: Optional[bool[batch, 8]] = None" in exported.signature
+    assert exported.signature.startswith("forward(obs: float32[batch, 16]) -> int64[batch]")
+    assert "optional second argument action_mask: Optional[bool[batch, 8]] = None" in exported.signature
     program = torch.jit.load(io.BytesIO(exported.data))
     obs = _observations(16)
     rng = np.random.default_rng(9)

@@ -18,7 +18,7 @@ from stable_baselines3 import A2C, DDPG, DQN, PPO, SAC, TD3
 from rl_service.core.algorithms.reinforce import Reinforce
 from rl_service.core.models.normalization import NormalizeStats, save_stats, stats_path
 from rl_service.core.models.policy_weights import DamagedModel, IncompatibleModel, PolicyBuild
-from rl_service.core.models.run_exporters import scripted_actor
+from rl_service.core.models.run_exporters import ExportSource, export_model, get_export_format, scripted_actor
 from rl_service.core.models.served_policy import ServedPolicy, compile_policy, load_served_policy
 from tests.support.envs import MASKED_ENV_ID
 
@@ -244,7 +244,7 @@ def test_normalisation_statistics_beside_the_model_are_applied(tmp_path: Path, c
     cls, env, kwargs = _case(case_id)
     model, path, build = saved(tmp_path, cls, env, kwargs)
     stats = _stats(model.observation_space.shape, clip=1.5)  # a tight clip: clipping shows too
-    with pytest.raises(IncompatibleModel, match="normalize.safetensors is missing"):
+    with pytest.raises(IncompatibleModel, match=r"normalize\.safetensors is missing"):
         load_served_policy(path, build, require_stats=True)
     save_stats(stats_path(path), stats)
     served = load_served_policy(path, build, require_stats=True)
@@ -260,10 +260,30 @@ def test_normalisation_statistics_beside_the_model_are_applied(tmp_path: Path, c
 
 
 def test_statistics_of_another_shape_or_format_are_refused(tmp_path: Path) -> None:
-    model, path, build = saved(tmp_path, PPO, "CartPole-v1", {})
+    _, path, build = saved(tmp_path, PPO, "CartPole-v1", {})
     save_stats(stats_path(path), _stats((3,)))
     with pytest.raises(IncompatibleModel, match=r"statistics of shape \(3,\)"):
         load_served_policy(path, build, False)
     stats_path(path).write_bytes(b"not safetensors")
     with pytest.raises(IncompatibleModel, match="unreadable normalisation statistics"):
         load_served_policy(path, build, False)
+
+
+def test_onnx_export_of_a_masked_policy_takes_the_mask_as_a_second_input(tmp_path: Path) -> None:
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    model, path, build = saved(tmp_path, MaskablePPO, MASKED_ENV_ID, {})
+    served = load_served_policy(path, build, False)
+    source = ExportSource(run_id="run-0123456789ab", algorithm="MaskablePPO", env_id=MASKED_ENV_ID, path=path,
+                          timesteps=64, served=served)
+    exported = export_model(get_export_format("onnx"), source)
+    assert exported.signature.startswith("forward(obs: float32[batch, 16], action_mask: bool[batch, 8]) -> int64")
+    session = ort.InferenceSession(exported.data, providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["obs", "action_mask"]
+    obs = observations(model.observation_space, 12).astype(np.float32)
+    rng = np.random.default_rng(3)
+    mask = rng.random((12, 8)) < 0.3
+    mask[np.arange(12), rng.integers(0, 8, 12)] = True
+    actions = session.run(None, {"obs": obs, "action_mask": mask})[0]
+    np.testing.assert_array_equal(actions, model.predict(obs, deterministic=True, action_masks=mask)[0])
+    np.testing.assert_array_equal(actions, act(served, obs, mask))

@@ -162,7 +162,7 @@ def test_weights_that_do_not_fit_the_run_fall_back_then_fail_clearly(tmp_path: P
     assert serving.act(run, OBS[0], True, single=True).model_timesteps == 200
     fits.unlink()
     serving.forget("run-s")
-    with pytest.raises(ModelNotReady, match="checkpoint_300_steps.zip: its weights do not match the policy rebuilt"):
+    with pytest.raises(ModelNotReady, match=r"checkpoint_300_steps\.zip: its weights do not match the policy rebuilt"):
         serving.act(run, OBS[0], True, single=True)
 
 

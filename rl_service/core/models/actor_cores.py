@@ -211,8 +211,9 @@ def _actor_critic(policy: Any) -> ActorParts:
         core = _ActorCriticCore(policy, tanh=False)
 
         def gaussian(obs: Tensor, mask: Tensor | None) -> Tensor:
-            mean = core(obs)
-            return mean + torch.exp(policy.log_std) * torch.randn_like(mean)
+            mean: Tensor = core(obs)
+            std: Tensor = torch.exp(policy.log_std)
+            return mean + std * torch.randn_like(mean)
 
         return ActorParts(core, VALUE, gaussian, bool(policy.squash_output), [])
     raise IncompatibleModel(f"action distribution {name} cannot be served", field="run_id")
@@ -239,6 +240,7 @@ def _reinforce(policy: ReinforcePolicy) -> ActorParts:
 
     def gaussian(obs: Tensor, mask: Tensor | None) -> Tensor:
         mean, std = policy.net(policy.features(obs))
-        return mean + std * torch.randn_like(mean)
+        sample: Tensor = mean + std * torch.randn_like(mean)
+        return sample
 
     return ActorParts(core, VALUE, gaussian, False, [])

@@ -9,7 +9,7 @@ and scripts the rest, so the exported program is the same module with the same w
 This module does not use `from __future__ import annotations`: TorchScript reads these annotations at run time.
 """
 
-from typing import Any, List, Optional
+from typing import Any
 
 import gymnasium as gym
 import numpy as np
@@ -33,8 +33,10 @@ class ObservationNormalizer(nn.Module):
     enabled: bool
     clip: float
     epsilon: float
+    mean: Tensor
+    var: Tensor
 
-    def __init__(self, stats: Optional[NormalizeStats]) -> None:
+    def __init__(self, stats: NormalizeStats | None) -> None:
         super().__init__()
         self.enabled = stats is not None and bool(stats.norm_obs)
         mean = stats.obs_mean if stats is not None and self.enabled else np.zeros(1)
@@ -58,11 +60,13 @@ class ActionHead(nn.Module):
     kind: str
     unscale: bool
     clip: bool
-    split: List[int]
-    action_shape: List[int]
+    split: list[int]
+    action_shape: list[int]
+    low: Tensor
+    high: Tensor
 
     def __init__(self, kind: str, action_space: gym.Space[Any], squash_output: bool,
-                 split: Optional[List[int]] = None) -> None:
+                 split: list[int] | None = None) -> None:
         super().__init__()
         self.kind = kind
         box = isinstance(action_space, gym.spaces.Box)
@@ -70,12 +74,12 @@ class ActionHead(nn.Module):
         self.clip = box and not squash_output  # an unbounded Gaussian's mean: clipped, as predict() does
         self.split = list(split or [])
         self.action_shape = [int(d) for d in (action_space.shape or ())]
-        low = np.asarray(action_space.low, dtype=np.float32) if box else np.zeros(1, np.float32)
-        high = np.asarray(action_space.high, dtype=np.float32) if box else np.zeros(1, np.float32)
+        low = np.asarray(getattr(action_space, "low", 0.0) if box else 0.0, dtype=np.float32)
+        high = np.asarray(getattr(action_space, "high", 0.0) if box else 0.0, dtype=np.float32)
         self.register_buffer("low", torch.as_tensor(low))
         self.register_buffer("high", torch.as_tensor(high))
 
-    def select(self, scores: Tensor, action_mask: Optional[Tensor]) -> Tensor:
+    def select(self, scores: Tensor, action_mask: Tensor | None) -> Tensor:
         """The deterministic action for each row of scores; masked actions get -inf and are never chosen."""
         if action_mask is not None:
             scores = scores.masked_fill(torch.logical_not(action_mask), float("-inf"))
@@ -92,7 +96,7 @@ class ActionHead(nn.Module):
 
     def finish(self, actions: Tensor) -> Tensor:
         """Shape the batch as the action space and bring Box actions into it."""
-        actions = actions.reshape([-1] + self.action_shape)
+        actions = actions.reshape([-1] + self.action_shape)  # noqa: RUF005 (TorchScript has no starred lists)
         if self.unscale:
             return self.low + 0.5 * (actions + 1.0) * (self.high - self.low)
         if self.clip:
@@ -114,7 +118,7 @@ class CompiledActor(nn.Module):
         self.core = core
         self.head = head
 
-    def forward(self, obs: Tensor, action_mask: Optional[Tensor] = None) -> Tensor:
+    def forward(self, obs: Tensor, action_mask: Tensor | None = None) -> Tensor:
         """The deterministic actions for a batch of raw observations."""
         scores = self.core(self.normalizer(obs))
         return self.head.finish(self.head.select(scores, action_mask))

@@ -123,15 +123,20 @@ def check_equivalent(program: Callable[..., Tensor], served: ServedPolicy, what:
                                         field="format")
 
 
-def _signature(served: ServedPolicy, mask_input: str) -> str:
+def _signature(served: ServedPolicy, mask_input: str, optional_mask: bool) -> str:
+    """The program's call in words; an optional mask is described after the plain call, which stays the first
+    words (clients read the signature of an unmasked policy as before)."""
     obs_space, action_space = served.observation_space, served.action_space
     obs = ", ".join(["batch", *(str(d) for d in obs_space.shape or ())])
     act = ", ".join(["batch", *(str(d) for d in action_space.shape or ())])
     kind = "int64" if isinstance(action_space, gym.spaces.Discrete | gym.spaces.MultiDiscrete) else "float32"
-    text = (f"forward(obs: float32[{obs}]{mask_input}) -> {kind}[{act}]: deterministic actions in "
+    required = "" if optional_mask else mask_input
+    text = (f"forward(obs: float32[{obs}]{required}) -> {kind}[{act}]: deterministic actions in "
             f"{describe_space(action_space)} for raw observations in {describe_space(obs_space)}")
-    if mask_input:
-        text += "; action_mask: true = legal, a masked action is never chosen"
+    if mask_input and optional_mask:
+        text += f"; optional second argument{mask_input.lstrip(',')} (true = legal, a masked action is never chosen)"
+    elif mask_input:
+        text += "; action_mask: true = legal, a masked action is never chosen (all true: no mask)"
     if served.normalized:
         text += "; normalises observations with the run's VecNormalize statistics first (built in)"
     return text
@@ -193,7 +198,7 @@ def scripted_actor(served: ServedPolicy) -> torch.jit.ScriptModule:
 def _build_torchscript(source: ExportSource) -> tuple[bytes, str]:
     served = source.served
     mask = f", action_mask: Optional[bool[batch, {served.action_space.n}]] = None" if served.maskable else ""  # type: ignore[attr-defined]
-    signature = _signature(served, mask)
+    signature = _signature(served, mask, optional_mask=True)
     with _EXPORT_LOCK, _quiet(), torch.no_grad():
         program = scripted_actor(served)
         check_equivalent(program, served, "the TorchScript program")
@@ -238,10 +243,11 @@ def _build_onnx(source: ExportSource) -> tuple[bytes, str]:
         module: torch.nn.Module = _MaskedProgram(actor)
         args: tuple[Tensor, ...] = (obs, mask)  # type: ignore[assignment]
         names, shapes = ["obs", "action_mask"], {"obs": {0: batch}, "action_mask": {0: batch}}
-        signature = _signature(served, f", action_mask: bool[batch, {served.action_space.n}]")  # type: ignore[attr-defined]
+        signature = _signature(served, f", action_mask: bool[batch, {served.action_space.n}]",  # type: ignore[attr-defined]
+                               optional_mask=False)
     else:
         module, args, names, shapes = _ObsProgram(actor), (obs,), ["obs"], {"obs": {0: batch}}
-        signature = _signature(served, "")
+        signature = _signature(served, "", optional_mask=False)
     with _EXPORT_LOCK, _quiet(), torch.no_grad():
         try:
             program = torch.onnx.export(module.eval(), args, dynamo=True, input_names=names,

@@ -54,7 +54,8 @@ class ServedPolicy:
             else:
                 head = self.actor.head
                 actions = head.finish(self.sampler(self.actor.normalizer(obs), mask_tensor))
-        return actions.numpy()
+        result: np.ndarray = actions.numpy()
+        return result
 
 
 def load_served_policy(path: Path, build: PolicyBuild, require_stats: bool) -> ServedPolicy:

@@ -60,18 +60,17 @@ def space_from_json(data: Any) -> gym.Space[Any]:
     if kind == "Box":
         return _box(data)
     if kind == "Discrete":
-        n, start = _int(data.get("n"), 1), _int(data.get("start"), None)
-        return gym.spaces.Discrete(n, start=start)
+        return gym.spaces.Discrete(_int(data.get("n"), 1), start=_int(data.get("start"), None))
     if kind == "MultiDiscrete":
-        nvec, start = _int_array(data.get("nvec"), 1), _int_array(data.get("start"), None)
-        if nvec.shape != start.shape:
+        nvec, offsets = _int_array(data.get("nvec"), 1), _int_array(data.get("start"), None)
+        if nvec.shape != offsets.shape:
             raise SpaceFormatError("MultiDiscrete: nvec and start differ in shape")
-        return gym.spaces.MultiDiscrete(nvec, start=start)
+        return gym.spaces.MultiDiscrete(nvec, start=offsets)
     if kind == "MultiBinary":
-        n = data.get("n")
-        if isinstance(n, int):
-            return gym.spaces.MultiBinary(_int(n, 1))
-        return gym.spaces.MultiBinary(_int_array(n, 1).tolist())
+        size = data.get("n")
+        if isinstance(size, int):
+            return gym.spaces.MultiBinary(_int(size, 1))
+        return gym.spaces.MultiBinary(_int_array(size, 1).tolist())
     raise SpaceFormatError(f"space: unknown type {str(kind)[:32]!r}")
 
 
