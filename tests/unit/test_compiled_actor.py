@@ -18,7 +18,7 @@ from stable_baselines3 import A2C, DDPG, DQN, PPO, SAC, TD3
 from rl_service.core.algorithms.reinforce import Reinforce
 from rl_service.core.models.normalization import NormalizeStats, save_stats, stats_path
 from rl_service.core.models.policy_weights import DamagedModel, IncompatibleModel, PolicyBuild
-from rl_service.core.models.run_exporters import ExportSource, export_model, get_export_format, scripted_actor
+from rl_service.core.models.run_exporters import ExportSource, export_model, get_export_format
 from rl_service.core.models.served_policy import ServedPolicy, compile_policy, load_served_policy
 from tests.support.envs import MASKED_ENV_ID
 
@@ -98,6 +98,12 @@ def observations(space: gym.Space[Any], count: int, seed: int = 11) -> np.ndarra
     return np.stack([space.sample() for _ in range(count)])
 
 
+def program_of(served: ServedPolicy) -> torch.jit.ScriptModule:
+    """The TorchScript program Act runs and the torchscript export holds (every policy here compiles)."""
+    assert served.program is not None, served.program_error
+    return served.program
+
+
 def act(served: ServedPolicy, obs: np.ndarray, mask: np.ndarray | None = None, deterministic: bool = True
         ) -> np.ndarray:
     return served.act(obs, mask, deterministic)
@@ -108,15 +114,16 @@ def test_served_and_exported_actions_equal_predict(tmp_path: Path, case_id: str)
     cls, env, kwargs = _case(case_id)
     model, path, build = saved(tmp_path, cls, env, kwargs)
     served = load_served_policy(path, build, require_stats=False)
-    program = scripted_actor(served)  # the TorchScript export's program
+    program = program_of(served)
     for count in (1, 9):
         obs = observations(model.observation_space, count)
         expected, _ = model.predict(obs, deterministic=True)
-        actions = act(served, obs)
+        actions = act(served, obs)  # the TorchScript program, as Act runs it
         assert actions.shape == expected.shape
         np.testing.assert_array_equal(actions, expected)
         with torch.no_grad():
             np.testing.assert_array_equal(program(torch.as_tensor(obs, dtype=torch.float32)).numpy(), expected)
+            np.testing.assert_array_equal(served.actor(torch.as_tensor(obs, dtype=torch.float32)).numpy(), expected)
     if isinstance(model.action_space, gym.spaces.Box):
         many = act(served, observations(model.observation_space, 64))
         assert np.all(many >= model.action_space.low) and np.all(many <= model.action_space.high)
@@ -179,7 +186,7 @@ def test_masked_actions_are_legal_and_the_best_legal_one(tmp_path: Path, case_id
     cls, env, kwargs = _case(case_id)
     model, path, build = saved(tmp_path, cls, env, kwargs)
     served = load_served_policy(path, build, False)
-    program = scripted_actor(served)
+    program = program_of(served)
     obs = observations(model.observation_space, 32)
     n = int(model.action_space.n)
     rng = np.random.default_rng(5)
@@ -253,7 +260,7 @@ def test_normalisation_statistics_beside_the_model_are_applied(tmp_path: Path, c
     expected, _ = model.predict(stats.normalize_observations(raw), deterministic=True)
     np.testing.assert_array_equal(act(served, raw), expected)
     with torch.no_grad():
-        exported = scripted_actor(served)(torch.as_tensor(raw, dtype=torch.float32)).numpy()
+        exported = program_of(served)(torch.as_tensor(raw, dtype=torch.float32)).numpy()
     np.testing.assert_array_equal(exported, expected)
     # The statistics matter for these observations: without them the policy answers otherwise.
     assert not np.array_equal(expected, model.predict(raw, deterministic=True)[0])

@@ -13,32 +13,27 @@ ONNX export keeps the single `obs` input.
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import importlib.util
 import io
 import json
-import logging
 import threading
-import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import gymnasium as gym
-import numpy as np
 import torch
 from torch import Tensor
 
 from rl_service.core.errors import ExportUnavailable, UnknownExportFormat
+from rl_service.core.models import actor_program
 from rl_service.core.models.compiled_actor import CompiledActor
 from rl_service.core.models.served_policy import ServedPolicy
 
 METADATA_NAME = "rl_service.json"  # TorchScript extra file / ONNX metadata key holding what was exported
 # Tracing and exporting are CPU-heavy and torch.export keeps global state: one export at a time.
 _EXPORT_LOCK = threading.Lock()
-CHECK_OBSERVATIONS = 16  # sampled observations each program is checked on before it is handed out
 
 
 @dataclass(frozen=True)
@@ -96,31 +91,16 @@ def export_model(fmt: ExportFormat, source: ExportSource) -> ExportedModel:
                          model_timesteps=source.timesteps, signature=signature)
 
 
-def check_inputs(served: ServedPolicy, count: int = CHECK_OBSERVATIONS) -> tuple[Tensor, Tensor | None]:
-    """Sampled observations (seeded: exports are reproducible) and, for Discrete policies, random legal masks."""
-    space = copy.deepcopy(served.observation_space)
-    space.seed(0)
-    obs = torch.as_tensor(np.stack([space.sample() for _ in range(count)]), dtype=torch.float32)
-    if not served.maskable:
-        return obs, None
-    n = int(served.action_space.n)  # type: ignore[attr-defined]
-    generator = torch.Generator().manual_seed(0)
-    mask = torch.rand(count, n, generator=generator) < 0.5
-    mask[torch.arange(count), torch.randint(0, n, (count,), generator=generator)] = True  # one legal at least
-    return obs, mask
-
-
 def check_equivalent(program: Callable[..., Tensor], served: ServedPolicy, what: str) -> None:
     """ExportUnavailable unless `program` gives the actions the served actor gives (as Act), masked and not."""
-    obs, mask = check_inputs(served)
-    cases: list[tuple[Tensor, ...]] = [(obs,)] if mask is None else [(obs,), (obs, mask)]
-    with torch.no_grad():
-        for args in cases:
-            expected = served.actor(*args).numpy()
-            actions = program(*args).numpy()
-            if actions.shape != expected.shape or not np.allclose(actions, expected, rtol=1e-5, atol=1e-6):
-                raise ExportUnavailable(f"format: {what} does not reproduce the policy's actions; export format sb3",
-                                        field="format")
+    try:
+        actor_program.check_equivalent(program, served.actor, _inputs(served), what)
+    except actor_program.ProgramMismatch as exc:
+        raise ExportUnavailable(f"format: {exc}; export format sb3", field="format") from None
+
+
+def _inputs(served: ServedPolicy, count: int = actor_program.CHECK_OBSERVATIONS) -> tuple[Tensor, Tensor | None]:
+    return actor_program.check_inputs(served.observation_space, served.action_space, served.maskable, count)
 
 
 def _signature(served: ServedPolicy, mask_input: str, optional_mask: bool) -> str:
@@ -163,20 +143,6 @@ def _metadata(source: ExportSource, signature: str) -> str:
     })
 
 
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """Silence the deprecation warnings and log lines torch prints while tracing and exporting."""
-    torch_log = logging.getLogger("torch")
-    level = torch_log.level
-    torch_log.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        torch_log.setLevel(level)
-
-
 def _build_sb3(source: ExportSource) -> tuple[bytes, str]:
     signature = (f"stable-baselines3 zip: {source.algorithm}.load(path) then model.predict(obs, "
                  "deterministic=True)")
@@ -186,22 +152,15 @@ def _build_sb3(source: ExportSource) -> tuple[bytes, str]:
     return source.path.read_bytes(), signature
 
 
-def scripted_actor(served: ServedPolicy) -> torch.jit.ScriptModule:
-    """The served actor as TorchScript: its core traced (the policy's own layers), the rest scripted."""
-    actor = served.fresh_actor()  # never trace the module Act is running
-    obs, _ = check_inputs(served, 2)
-    traced_core = torch.jit.trace(actor.core, actor.normalizer(obs))  # type: ignore[no-untyped-call]
-    program: torch.jit.ScriptModule = torch.jit.script(CompiledActor(actor.normalizer, traced_core, actor.head))
-    return program
-
-
 def _build_torchscript(source: ExportSource) -> tuple[bytes, str]:
     served = source.served
     mask = f", action_mask: Optional[bool[batch, {served.action_space.n}]] = None" if served.maskable else ""  # type: ignore[attr-defined]
     signature = _signature(served, mask, optional_mask=True)
-    with _EXPORT_LOCK, _quiet(), torch.no_grad():
-        program = scripted_actor(served)
-        check_equivalent(program, served, "the TorchScript program")
+    program = served.program  # the very program Act runs
+    if program is None:
+        raise ExportUnavailable(f"format: TorchScript cannot compile this policy ({served.program_error}); export "
+                                "format onnx or sb3", field="format")
+    with _EXPORT_LOCK, actor_program.quiet():
         buffer = io.BytesIO()
         torch.jit.save(program, buffer, _extra_files={METADATA_NAME: _metadata(source, signature)})
     return buffer.getvalue(), signature
@@ -237,7 +196,7 @@ def _build_onnx(source: ExportSource) -> tuple[bytes, str]:
     served = source.served
     masked = served.trained_with_masks and served.maskable
     actor = served.fresh_actor()
-    obs, mask = check_inputs(served, 2)
+    obs, mask = _inputs(served, 2)
     batch = torch.export.Dim("batch")
     if masked:
         module: torch.nn.Module = _MaskedProgram(actor)
@@ -248,7 +207,7 @@ def _build_onnx(source: ExportSource) -> tuple[bytes, str]:
     else:
         module, args, names, shapes = _ObsProgram(actor), (obs,), ["obs"], {"obs": {0: batch}}
         signature = _signature(served, "", optional_mask=False)
-    with _EXPORT_LOCK, _quiet(), torch.no_grad():
+    with _EXPORT_LOCK, actor_program.quiet(), torch.no_grad():
         try:
             program = torch.onnx.export(module.eval(), args, dynamo=True, input_names=names,
                                         output_names=["action"], verbose=False, dynamic_shapes=shapes)

@@ -23,7 +23,7 @@ from rl_service.core.models.run_exporters import (
     export_model,
     get_export_format,
 )
-from rl_service.core.models.run_policy_build import RunBuild, run_build
+from rl_service.core.models.run_policy_build import run_build
 from rl_service.core.models.served_policy import ServedPolicy, load_served_policy
 from rl_service.core.runs.records import ActResult, RunRecord
 
@@ -90,9 +90,9 @@ class RunServing:
         if best is None:
             raise ModelNotReady(f"model: run {record.run_id} has no evaluated model yet ('best' needs the "
                                 "hyperparameter eval_freq and a first evaluation); use model 'latest'", field="model")
-        build = run_build(record, self._store)
         try:
-            return self._cache.get(record.run_id, BEST, str(path), best.timesteps, best.timesteps, _loader(build))
+            return self._cache.get(record.run_id, BEST, str(path), best.timesteps, best.timesteps,
+                                   self._loader(record))
         except FileNotFoundError:
             raise ModelNotReady(f"model: run {record.run_id}'s best model file is missing", field="model") from None
 
@@ -100,15 +100,22 @@ class RunServing:
         """The final model, else the checkpoint the record names, else the newest on disk that loads (the named
         one may be gone, pruned or lost with a crash, or cut short); ModelNotReady when there is none."""
         path = record.model_path if record.model_saved else record.last_checkpoint_path
-        build = run_build(record, self._store)
         try:  # the cache touches the file only when it loads it: a hit costs no system call
             if not path:
                 raise FileNotFoundError(path)
-            return self._cache.get(record.run_id, LATEST, path, 0, record.timesteps_done, _loader(build))
+            return self._cache.get(record.run_id, LATEST, path, 0, record.timesteps_done, self._loader(record))
         except Exception as exc:
-            return self._newest_loadable(record, build, failed=path, reason=exc)
+            return self._newest_loadable(record, failed=path, reason=exc)
 
-    def _newest_loadable(self, record: RunRecord, build: RunBuild, failed: str, reason: Exception) -> LoadedPolicy:
+    def _loader(self, record: RunRecord) -> Callable[[Path], ServedPolicy]:
+        """Loads a model file of the run; what rebuilding takes is read from the record only on a cache miss."""
+        def load(path: Path) -> ServedPolicy:
+            run = run_build(record, self._store)
+            return load_served_policy(path, run.build, run.requires_stats)
+
+        return load
+
+    def _newest_loadable(self, record: RunRecord, failed: str, reason: Exception) -> LoadedPolicy:
         """The run's newest checkpoint on disk that loads, other than the one that just `failed`; when none does,
         the clearest reason (a model that does not fit the run), else ModelNotReady."""
         for checkpoint in reversed(self._store.checkpoints(record.run_id)):
@@ -116,17 +123,13 @@ class RunServing:
                 continue
             try:
                 return self._cache.get(record.run_id, LATEST, str(checkpoint), 0, record.timesteps_done,
-                                       _loader(build))
+                                       self._loader(record))
             except Exception as exc:  # pruned meanwhile, or cut short by a crash: try the one before
                 reason = reason if isinstance(reason, ServiceError) else exc
                 continue
         if isinstance(reason, ServiceError):
             raise reason
         raise not_ready(record)
-
-
-def _loader(run: RunBuild) -> Callable[[Path], ServedPolicy]:
-    return lambda path: load_served_policy(path, run.build, run.requires_stats)
 
 
 def checked_mask(mask: np.ndarray | None, served: ServedPolicy, count: int, field: str) -> np.ndarray | None:
