@@ -3,8 +3,9 @@
 
 CompiledActor = ObservationNormalizer (VecNormalize's statistics, when the run trained with them) -> a core (the
 policy's own network up to its action scores: logits, Q-values or the mean action; actor_cores.py) -> ActionHead
-(mask, argmax or mode, reshape, Box clipping or unscaling). Act and ActBatch run it eagerly; export traces the core
-and scripts the rest, so the exported program is the same module with the same weights, never a re-implementation.
+(mask, argmax or mode, reshape, Box clipping or unscaling). actor_program.py compiles it to TorchScript (the core
+traced, the rest scripted) once per model file; Act, ActBatch and the torchscript export all run that program, and
+the onnx export is this module exported, so no export re-implements the policy.
 
 This module does not use `from __future__ import annotations`: TorchScript reads these annotations at run time.
 """
