@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import grpc
 import numpy as np
@@ -70,13 +70,15 @@ class TrainingServicer(pb_grpc.TrainingServiceServicer):  # type: ignore[misc]
     @guarded
     def Act(self, request: pb.ActRequest, context: grpc.ServicerContext) -> pb.ActResponse:
         observation = np.asarray(request.observation, dtype=np.float64)
-        result = self._orchestrator.act(request.run_id, observation, request.deterministic, single=True)
+        result = self._orchestrator.act(request.run_id, observation, request.deterministic, single=True,
+                                        action_mask=_mask(request.action_mask), model=request.model)
         return convert.act_response_to_proto(result)
 
     @guarded
     def ActBatch(self, request: pb.ActBatchRequest, context: grpc.ServicerContext) -> pb.ActBatchResponse:
         observations = np.asarray(request.observations, dtype=np.float64)
-        result = self._orchestrator.act(request.run_id, observations, request.deterministic, single=False)
+        result = self._orchestrator.act(request.run_id, observations, request.deterministic, single=False,
+                                        action_mask=_mask(request.action_masks), model=request.model)
         return convert.act_batch_response_to_proto(result)
 
     @guarded
@@ -86,4 +88,10 @@ class TrainingServicer(pb_grpc.TrainingServiceServicer):  # type: ignore[misc]
 
     @guarded
     def ExportModel(self, request: pb.ExportModelRequest, context: grpc.ServicerContext) -> pb.ExportModelResponse:
-        return convert.exported_model_to_proto(self._orchestrator.export(request.run_id, request.format))
+        exported = self._orchestrator.export(request.run_id, request.format, request.model)
+        return convert.exported_model_to_proto(exported)
+
+
+def _mask(flags: Sequence[bool]) -> np.ndarray | None:
+    """A request's repeated bool action mask as an array, or None when it is empty (no mask)."""
+    return np.asarray(flags, dtype=bool) if len(flags) else None

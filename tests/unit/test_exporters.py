@@ -17,12 +17,14 @@ from rl_service.core.algorithms.reinforce import Reinforce
 from rl_service.core.errors import ExportUnavailable, UnknownExportFormat
 from rl_service.core.models import run_exporters as exporters
 from rl_service.core.models.checkpoints import checkpoint_name, checkpoint_timesteps
+from rl_service.core.models.policy_weights import IncompatibleModel, PolicyBuild
 from rl_service.core.models.run_exporters import (
     ExportFormat,
     ExportSource,
     export_model,
     get_export_format,
 )
+from rl_service.core.models.served_policy import compile_policy, load_served_policy
 
 
 class _SpacesEnv(gym.Env[Any, Any]):
@@ -67,8 +69,11 @@ def _saved_model(tmp_path: Path, cls: type[Any], env: Any, kwargs: dict[str, Any
             parameter.add_(torch.randn_like(parameter) * 0.5)
     path = tmp_path / "checkpoint_640_steps.zip"
     model.save(path)
-    source = ExportSource(run_id="run-0123456789ab", algorithm=cls.__name__, algorithm_cls=cls,
-                          env_id=str(env), path=path, timesteps=checkpoint_timesteps(path) or 0)
+    # Served as the service serves it: rebuilt from the class, its arguments and the spaces; only tensors read.
+    served = load_served_policy(path, PolicyBuild(cls, kwargs, model.observation_space, model.action_space),
+                                require_stats=False)
+    source = ExportSource(run_id="run-0123456789ab", algorithm=cls.__name__, env_id=str(env), path=path,
+                          timesteps=checkpoint_timesteps(path) or 0, served=served)
     return model, source
 
 
@@ -133,14 +138,15 @@ def test_missing_packages_and_unsupported_policies_are_unavailable(tmp_path: Pat
     needs = ExportFormat("future", ".x", lambda s: (b"", ""), requires=("no_such_module_for_rl_service",))
     with pytest.raises(ExportUnavailable, match=r"no_such_module_for_rl_service on the server"):
         export_model(needs, source)
-    with pytest.raises(ExportUnavailable, match="cannot be exported"):
-        exporters.DeterministicPolicy(torch.nn.Linear(2, 2), gym.spaces.Discrete(2))
+    with pytest.raises(IncompatibleModel, match="cannot be served"):
+        compile_policy(torch.nn.Linear(2, 2), BOX4, gym.spaces.Discrete(2), None)
 
 
 def test_a_program_that_does_not_act_as_the_policy_is_refused(tmp_path: Path) -> None:
-    model, _ = _saved_model(tmp_path, PPO, "CartPole-v1", {})
+    _, source = _saved_model(tmp_path, PPO, "CartPole-v1", {})
     with pytest.raises(ExportUnavailable, match="does not reproduce the policy's actions"):
-        exporters.check_equivalent(lambda obs: torch.zeros(len(obs), dtype=torch.int64) + 7, model, "a constant")
+        exporters.check_equivalent(lambda obs, mask=None: torch.zeros(len(obs), dtype=torch.int64) + 7,
+                                   source.served, "a constant")
 
 
 def test_checkpoint_names_round_trip() -> None:

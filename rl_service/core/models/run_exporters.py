@@ -1,32 +1,35 @@
 """Trained policies exported for use outside the service: the stable-baselines3 zip, TorchScript and ONNX.
 
-A plain registry of formats (name -> ExportFormat); a lookup miss lists the valid names. TorchScript and ONNX
-hold a module that maps a batch of observations to the deterministic actions `Act` answers with (the same
-preprocessing, network, distribution mode and clipping as stable-baselines3's `predict(deterministic=True)`).
+A plain registry of formats (name -> ExportFormat); a lookup miss lists the valid names. TorchScript and ONNX are
+the run's CompiledActor itself, the module Act and ActBatch run (normalisation and masks included): TorchScript
+scripts it around its traced core, ONNX exports it, and each program is checked against the module before it
+leaves, so an export and Act can never disagree.
+
+Masks: the TorchScript program of a Discrete policy takes `action_mask: Optional[Tensor]` (bool [batch, n], true =
+legal) as a second argument. ONNX graphs have no optional inputs, so an ONNX export takes `action_mask` as a
+second, required input only for policies trained with masks (MaskablePPO; pass all true for "no mask"); every other
+ONNX export keeps the single `obs` input.
 """
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import io
 import json
-import logging
 import threading
-import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import gymnasium as gym
-import numpy as np
 import torch
-from stable_baselines3.common import distributions
-from stable_baselines3.common.policies import ActorCriticPolicy, BasePolicy
-from stable_baselines3.dqn.policies import DQNPolicy
+from torch import Tensor
 
 from rl_service.core.errors import ExportUnavailable, UnknownExportFormat
+from rl_service.core.models import actor_program
+from rl_service.core.models.compiled_actor import CompiledActor
+from rl_service.core.models.served_policy import ServedPolicy
 
 METADATA_NAME = "rl_service.json"  # TorchScript extra file / ONNX metadata key holding what was exported
 # Tracing and exporting are CPU-heavy and torch.export keeps global state: one export at a time.
@@ -35,14 +38,14 @@ _EXPORT_LOCK = threading.Lock()
 
 @dataclass(frozen=True)
 class ExportSource:
-    """What to export: a run's final model or newest checkpoint, and how to load it."""
+    """What to export: a run's model file and the compiled policy Act serves from it."""
 
     run_id: str
     algorithm: str
-    algorithm_cls: type[Any]
     env_id: str
     path: Path
     timesteps: int
+    served: ServedPolicy
 
 
 @dataclass(frozen=True)
@@ -71,7 +74,7 @@ def get_export_format(name: str) -> ExportFormat:
     fmt = EXPORT_FORMATS.get(name.strip().lower())
     if fmt is None:
         valid = ", ".join(EXPORT_FORMATS)
-        shown = repr(name) if name else "(empty)"
+        shown = repr(name[:64]) if name else "(empty)"
         raise UnknownExportFormat(f"format: unknown export format {shown}; choose one of {valid}", field="format")
     return fmt
 
@@ -88,127 +91,35 @@ def export_model(fmt: ExportFormat, source: ExportSource) -> ExportedModel:
                          model_timesteps=source.timesteps, signature=signature)
 
 
-class DeterministicPolicy(torch.nn.Module):
-    """Observations (float32, batch first) -> the actions stable-baselines3's predict(deterministic=True) returns.
-
-    Built from the policy's own submodules, without torch.distributions objects, so that it traces and exports.
-    """
-
-    low: torch.Tensor
-    high: torch.Tensor
-
-    def __init__(self, policy: Any, action_space: gym.Space[Any]) -> None:
-        super().__init__()
-        self.policy = policy
-        self.head = _head_kind(policy)
-        self.action_shape: tuple[int, ...] = tuple(action_space.shape or ())
-        self.split: list[int] = []
-        if self.head == "multi_categorical":
-            self.split = [int(n) for n in policy.action_dist.action_dims]
-        self.box = isinstance(action_space, gym.spaces.Box)
-        self.squash = bool(getattr(policy, "squash_output", False))
-        if isinstance(action_space, gym.spaces.Box):
-            self.register_buffer("low", torch.as_tensor(np.asarray(action_space.low), dtype=torch.float32))
-            self.register_buffer("high", torch.as_tensor(np.asarray(action_space.high), dtype=torch.float32))
-
-    def forward(self, obs: torch.Tensor) -> torch.Tensor:
-        """A batch of observations in, a batch of actions out."""
-        policy = self.policy
-        actions: torch.Tensor
-        if self.head == "q_argmax":
-            actions = policy.q_net(obs).argmax(dim=1)
-        elif self.head == "predict":
-            actions = policy._predict(obs, deterministic=True)
-        else:
-            features = policy.extract_features(obs, policy.pi_features_extractor)
-            out = policy.action_net(policy.mlp_extractor.forward_actor(features))
-            actions = self._mode(out)
-        actions = actions.reshape((-1, *self.action_shape))
-        if self.box:
-            if self.squash:
-                actions = self.low + 0.5 * (actions + 1.0) * (self.high - self.low)
-            else:
-                actions = torch.clamp(actions, self.low, self.high)
-        return actions
-
-    def _mode(self, out: torch.Tensor) -> torch.Tensor:
-        # The same operations as the distributions' mode(): Categorical normalises its logits first.
-        if self.head == "categorical":
-            return _argmax_probs(out)
-        if self.head == "multi_categorical":
-            return torch.stack([_argmax_probs(part) for part in torch.split(out, self.split, dim=1)], dim=1)
-        if self.head == "bernoulli":
-            return torch.round(torch.sigmoid(out))
-        if self.head == "tanh_mean":
-            return torch.tanh(out)
-        return out  # a Gaussian's mean
+def check_equivalent(program: Callable[..., Tensor], served: ServedPolicy, what: str) -> None:
+    """ExportUnavailable unless `program` gives the actions the served actor gives (as Act), masked and not."""
+    try:
+        actor_program.check_equivalent(program, served.actor, _inputs(served), what)
+    except actor_program.ProgramMismatch as exc:
+        raise ExportUnavailable(f"format: {exc}; export format sb3", field="format") from None
 
 
-def _argmax_probs(logits: torch.Tensor) -> torch.Tensor:
-    return torch.softmax(logits - logits.logsumexp(dim=-1, keepdim=True), dim=-1).argmax(dim=1)
+def _inputs(served: ServedPolicy, count: int = actor_program.CHECK_OBSERVATIONS) -> tuple[Tensor, Tensor | None]:
+    return actor_program.check_inputs(served.observation_space, served.action_space, served.maskable, count)
 
 
-def _head_kind(policy: Any) -> str:
-    if isinstance(policy, DQNPolicy):
-        return "q_argmax"
-    if not isinstance(policy, ActorCriticPolicy):
-        if isinstance(policy, BasePolicy):
-            return "predict"  # the policy's own _predict (REINFORCE's); the result is checked against predict()
-        raise ExportUnavailable(
-            f"format: {type(policy).__name__} policies cannot be exported as a program yet; export format sb3",
-            field="format")
-    dist = policy.action_dist
-    if isinstance(dist, distributions.MultiCategoricalDistribution):
-        return "multi_categorical"
-    if isinstance(dist, distributions.CategoricalDistribution):
-        return "categorical"
-    if isinstance(dist, distributions.BernoulliDistribution):
-        return "bernoulli"
-    if isinstance(dist, distributions.StateDependentNoiseDistribution):
-        return "tanh_mean" if dist.bijector is not None else "mean"
-    if isinstance(dist, distributions.DiagGaussianDistribution):
-        return "mean"
-    raise ExportUnavailable(f"format: action distribution {type(dist).__name__} cannot be exported yet; "
-                            "export format sb3", field="format")
-
-
-def _load_module(source: ExportSource) -> tuple[DeterministicPolicy, torch.Tensor, dict[str, Any], Any]:
-    """A fresh copy of the model (never the one Act is using), wrapped, with example input and metadata."""
-    model = source.algorithm_cls.load(source.path, device="cpu")
-    policy = model.policy
-    policy.set_training_mode(False)
-    policy.requires_grad_(False)  # outputs then carry no autograd history: .numpy() works on them
-    module = DeterministicPolicy(policy, model.action_space).eval()
-    space = model.observation_space
-    example = torch.as_tensor(np.stack([space.sample() for _ in range(2)]), dtype=torch.float32)
-    check_equivalent(module, model, "the exported module")
-    signature = _signature(space, model.action_space)
-    metadata = {
-        "run_id": source.run_id, "algorithm": source.algorithm, "env_id": source.env_id,
-        "model_timesteps": source.timesteps, "observation_space": describe_space(space),
-        "action_space": describe_space(model.action_space), "signature": signature,
-    }
-    return module, example, metadata, model
-
-
-def check_equivalent(program: Callable[[torch.Tensor], torch.Tensor], model: Any, what: str) -> None:
-    """ExportUnavailable unless `program` gives the actions model.predict(deterministic=True) gives (as Act)."""
-    space = model.observation_space
-    observations = np.stack([space.sample() for _ in range(8)])
-    expected, _ = model.predict(observations, deterministic=True)
-    with torch.no_grad():
-        actions = program(torch.as_tensor(observations, dtype=torch.float32)).numpy()
-    if actions.shape != expected.shape or not np.allclose(actions, expected, rtol=1e-5, atol=1e-6):
-        raise ExportUnavailable(f"format: {what} does not reproduce the policy's actions; export format sb3",
-                                field="format")
-
-
-def _signature(observation_space: gym.Space[Any], action_space: gym.Space[Any]) -> str:
-    obs = ", ".join(["batch", *(str(d) for d in observation_space.shape or ())])
+def _signature(served: ServedPolicy, mask_input: str, optional_mask: bool) -> str:
+    """The program's call in words; an optional mask is described after the plain call, which stays the first
+    words (clients read the signature of an unmasked policy as before)."""
+    obs_space, action_space = served.observation_space, served.action_space
+    obs = ", ".join(["batch", *(str(d) for d in obs_space.shape or ())])
     act = ", ".join(["batch", *(str(d) for d in action_space.shape or ())])
     kind = "int64" if isinstance(action_space, gym.spaces.Discrete | gym.spaces.MultiDiscrete) else "float32"
-    return (f"forward(obs: float32[{obs}]) -> {kind}[{act}]: deterministic actions in {describe_space(action_space)} "
-            f"for observations in {describe_space(observation_space)}")
+    required = "" if optional_mask else mask_input
+    text = (f"forward(obs: float32[{obs}]{required}) -> {kind}[{act}]: deterministic actions in "
+            f"{describe_space(action_space)} for raw observations in {describe_space(obs_space)}")
+    if mask_input and optional_mask:
+        text += f"; optional second argument{mask_input.lstrip(',')} (true = legal, a masked action is never chosen)"
+    elif mask_input:
+        text += "; action_mask: true = legal, a masked action is never chosen (all true: no mask)"
+    if served.normalized:
+        text += "; normalises observations with the run's VecNormalize statistics first (built in)"
+    return text
 
 
 def describe_space(space: gym.Space[Any]) -> str:
@@ -222,44 +133,84 @@ def describe_space(space: gym.Space[Any]) -> str:
     return repr(space)
 
 
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """Silence the deprecation warnings and log lines torch prints while tracing and exporting."""
-    torch_log = logging.getLogger("torch")
-    level = torch_log.level
-    torch_log.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        torch_log.setLevel(level)
+def _metadata(source: ExportSource, signature: str) -> str:
+    served = source.served
+    return json.dumps({
+        "run_id": source.run_id, "algorithm": source.algorithm, "env_id": source.env_id,
+        "model_timesteps": source.timesteps, "observation_space": describe_space(served.observation_space),
+        "action_space": describe_space(served.action_space), "normalized": served.normalized,
+        "signature": signature,
+    })
 
 
 def _build_sb3(source: ExportSource) -> tuple[bytes, str]:
-    return source.path.read_bytes(), (f"stable-baselines3 zip: {source.algorithm}.load(path) then "
-                                      "model.predict(obs, deterministic=True)")
+    signature = (f"stable-baselines3 zip: {source.algorithm}.load(path) then model.predict(obs, "
+                 "deterministic=True)")
+    if source.served.normalized:
+        signature += ("; the run trained with normalize: observations must be normalised with its statistics, "
+                      "which this zip does not hold (the torchscript and onnx exports include them)")
+    return source.path.read_bytes(), signature
 
 
 def _build_torchscript(source: ExportSource) -> tuple[bytes, str]:
-    with _EXPORT_LOCK, _quiet(), torch.no_grad():
-        module, example, metadata, model = _load_module(source)
-        traced = torch.jit.trace(module, example)  # type: ignore[no-untyped-call]
-        check_equivalent(traced, model, "the traced TorchScript module")
+    served = source.served
+    mask = f", action_mask: Optional[bool[batch, {served.action_space.n}]] = None" if served.maskable else ""  # type: ignore[attr-defined]
+    signature = _signature(served, mask, optional_mask=True)
+    program = served.program  # the very program Act runs
+    if program is None:
+        raise ExportUnavailable(f"format: TorchScript cannot compile this policy ({served.program_error}); export "
+                                "format onnx or sb3", field="format")
+    with _EXPORT_LOCK, actor_program.quiet():
         buffer = io.BytesIO()
-        torch.jit.save(traced, buffer, _extra_files={METADATA_NAME: json.dumps(metadata)})
-    return buffer.getvalue(), str(metadata["signature"])
+        torch.jit.save(program, buffer, _extra_files={METADATA_NAME: _metadata(source, signature)})
+    return buffer.getvalue(), signature
+
+
+class _ObsProgram(torch.nn.Module):
+    """ONNX's view of the actor: observations only."""
+
+    def __init__(self, actor: CompiledActor) -> None:
+        super().__init__()
+        self.actor = actor
+
+    def forward(self, obs: Tensor) -> Tensor:
+        out: Tensor = self.actor(obs, None)
+        return out
+
+
+class _MaskedProgram(torch.nn.Module):
+    """ONNX's view of a masked policy's actor: observations and a required mask."""
+
+    def __init__(self, actor: CompiledActor) -> None:
+        super().__init__()
+        self.actor = actor
+
+    def forward(self, obs: Tensor, action_mask: Tensor) -> Tensor:
+        out: Tensor = self.actor(obs, action_mask)
+        return out
 
 
 def _build_onnx(source: ExportSource) -> tuple[bytes, str]:
     import onnx
 
-    with _EXPORT_LOCK, _quiet(), torch.no_grad():
-        module, example, metadata, _ = _load_module(source)
+    served = source.served
+    masked = served.trained_with_masks and served.maskable
+    actor = served.fresh_actor()
+    obs, mask = _inputs(served, 2)
+    batch = torch.export.Dim("batch")
+    if masked:
+        module: torch.nn.Module = _MaskedProgram(actor)
+        args: tuple[Tensor, ...] = (obs, mask)  # type: ignore[assignment]
+        names, shapes = ["obs", "action_mask"], {"obs": {0: batch}, "action_mask": {0: batch}}
+        signature = _signature(served, f", action_mask: bool[batch, {served.action_space.n}]",  # type: ignore[attr-defined]
+                               optional_mask=False)
+    else:
+        module, args, names, shapes = _ObsProgram(actor), (obs,), ["obs"], {"obs": {0: batch}}
+        signature = _signature(served, "", optional_mask=False)
+    with _EXPORT_LOCK, actor_program.quiet(), torch.no_grad():
         try:
-            program = torch.onnx.export(module, (example,), dynamo=True, input_names=["obs"],
-                                        output_names=["action"], verbose=False,
-                                        dynamic_shapes={"obs": {0: torch.export.Dim("batch")}})
+            program = torch.onnx.export(module.eval(), args, dynamo=True, input_names=names,
+                                        output_names=["action"], verbose=False, dynamic_shapes=shapes)
         except Exception as exc:  # an old torch, or an operation its exporter does not cover
             reason = (str(exc).strip().splitlines() or [""])[0][:300]
             raise ExportUnavailable(f"format: torch's ONNX exporter failed on this policy: {type(exc).__name__}: "
@@ -267,8 +218,8 @@ def _build_onnx(source: ExportSource) -> tuple[bytes, str]:
         if program is None:
             raise ExportUnavailable("format: torch's ONNX exporter returned nothing", field="format")
         proto = program.model_proto
-        onnx.helper.set_model_props(proto, {METADATA_NAME: json.dumps(metadata)})
-    return proto.SerializeToString(), str(metadata["signature"])
+        onnx.helper.set_model_props(proto, {METADATA_NAME: _metadata(source, signature)})
+    return proto.SerializeToString(), signature
 
 
 EXPORT_FORMATS: dict[str, ExportFormat] = {

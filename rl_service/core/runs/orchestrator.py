@@ -220,19 +220,19 @@ class Orchestrator:
             if record.state.is_terminal:
                 return
 
-    def act(self, run_id: str, observations: list[float] | np.ndarray, deterministic: bool,
-            single: bool) -> ActResult:
-        """Actions from the run's newest model or checkpoint for one (single=True) or many observations."""
-        return self._serving.act(self.get(run_id), observations, deterministic, single)
+    def act(self, run_id: str, observations: list[float] | np.ndarray, deterministic: bool, single: bool,
+            action_mask: np.ndarray | None = None, model: str = "") -> ActResult:
+        """Actions from the run's chosen model ("latest" or "best") for one (single=True) or many observations."""
+        return self._serving.act(self.get(run_id), observations, deterministic, single, action_mask, model)
 
     def history(self, run_id: str, offset: int = 0, limit: int = 0) -> HistoryPage:
         """One page of the run's episode history as of its latest checkpoint (empty before the first one)."""
         self.get(run_id)
         return read_history(self._store.run_dir(run_id) / "history.json", run_id, offset, limit)
 
-    def export(self, run_id: str, format_name: str) -> ExportedModel:
-        """The policy Act would use (final model, else newest checkpoint) exported in a registered format."""
-        return self._serving.export(self.get(run_id), format_name)
+    def export(self, run_id: str, format_name: str, model: str = "") -> ExportedModel:
+        """The policy Act would use for the same model choice, exported in a registered format."""
+        return self._serving.export(self.get(run_id), format_name, model)
 
     # ----------------------------------------------------------------- shutdown
 

@@ -224,6 +224,8 @@ class _Trainer:
         `training` is the worker's view (running, completed, stopped early); why a run stopped (a user's
         StopTraining or a server shutdown) is the run registry's business, reported by GetTrainingStatus.
         """
+        from rl_service.core.models.space_json import spaces_to_json
+
         job = self.job
         self.store.write_json(self.store.run_dir(job.run_id) / "metadata.json", {
             "run_id": job.run_id,
@@ -239,6 +241,8 @@ class _Trainer:
             "model_path": job.model_path,
             "observation_space": repr(model.observation_space),
             "action_space": repr(model.action_space),
+            # The same spaces in plain JSON: serving rebuilds the policy from them without unpickling the model.
+            "spaces": spaces_to_json(model.observation_space, model.action_space),
             "created_at": job.created_at,
             "updated_at": time.time(),
             "attempt": job.attempt,
