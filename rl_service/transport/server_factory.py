@@ -25,6 +25,7 @@ from rl_service.infra.process_executor import LocalProcessExecutor
 from rl_service.infra.process_lifeline import exit_later
 from rl_service.infra.settings import Settings
 from rl_service.infra.sqlite_run_registry import SqliteRunRegistry
+from rl_service.transport.decode_guard import server_interceptors
 from rl_service.transport.policy_servicer import PolicyServicer
 from rl_service.transport.stream_slots import StreamSlots
 from rl_service.transport.training_servicer import TrainingServicer
@@ -137,8 +138,10 @@ def _build_started(settings: Settings, lock: DataDirLock) -> RunningServer:
         ("grpc.max_send_message_length", settings.max_message_bytes),
         ("grpc.so_reuseport", 0),
     ]
+    interceptors = server_interceptors()  # outermost first; others join this list
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=settings.grpc_max_workers,
-                                                    thread_name_prefix="rpc"), options=options)
+                                                    thread_name_prefix="rpc"), options=options,
+                         interceptors=interceptors)
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     for service in HEALTH_SERVICES:
         health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
