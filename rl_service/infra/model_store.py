@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rl_service.core.errors import AlreadyExists, InvalidRequest, PathOutsideRoot
+from rl_service.core.errors import AlreadyExists, InvalidRequest, PathOutsideRoot, quoted
 from rl_service.core.models.checkpoints import (
     checkpoint_name,
     checkpoint_timesteps,
@@ -50,7 +50,7 @@ class FileModelStore:
         resolved = candidate.resolve()
         if resolved == root or not resolved.is_relative_to(root):
             raise PathOutsideRoot(
-                f"model_output_path: {requested!r} resolves outside MODELS_DIR ({root}); "
+                f"model_output_path: {quoted(requested)} resolves outside MODELS_DIR ({root}); "
                 "give a path relative to MODELS_DIR such as 'cartpole/ppo.zip'",
                 field="model_output_path",
             )
@@ -58,7 +58,7 @@ class FileModelStore:
             resolved = resolved.with_name(resolved.name + ".zip")
         if resolved.exists():
             raise AlreadyExists(
-                f"model_output_path: {resolved.relative_to(root)} already exists in MODELS_DIR; "
+                f"model_output_path: {quoted(str(resolved.relative_to(root)))} already exists in MODELS_DIR; "
                 "choose a new path (models are never overwritten)",
                 field="model_output_path",
             )

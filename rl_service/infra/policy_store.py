@@ -15,7 +15,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save
 
-from rl_service.core.errors import InvalidRequest
+from rl_service.core.errors import InvalidRequest, quoted
 from rl_service.infra.atomic import atomic_write_bytes
 
 STATE_FILE = "state.safetensors"
@@ -32,7 +32,7 @@ class FilePolicyStore:
         root = self.root.resolve()
         path = (root / policy_id).resolve()
         if path.parent != root:
-            raise InvalidRequest(f"policy_id: {policy_id!r} is not a safe name", field="policy_id")
+            raise InvalidRequest(f"policy_id: {quoted(policy_id)} is not a safe name", field="policy_id")
         return path
 
     def save_state(self, policy_id: str, tensors: dict[str, Any], metadata: dict[str, str]) -> None:
@@ -77,7 +77,7 @@ class FilePolicyStore:
         directory = self._dir(policy_id) / "checkpoints"
         path = (directory / f"{name}{SUFFIX}").resolve()
         if path.parent != directory:
-            raise InvalidRequest(f"name: {name!r} is not a safe checkpoint name", field="name")
+            raise InvalidRequest(f"name: {quoted(name)} is not a safe checkpoint name", field="name")
         return path
 
 

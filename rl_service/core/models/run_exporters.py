@@ -26,7 +26,7 @@ from stable_baselines3.common import distributions
 from stable_baselines3.common.policies import ActorCriticPolicy, BasePolicy
 from stable_baselines3.dqn.policies import DQNPolicy
 
-from rl_service.core.errors import ExportUnavailable, UnknownExportFormat
+from rl_service.core.errors import ExportUnavailable, UnknownExportFormat, quoted
 
 METADATA_NAME = "rl_service.json"  # TorchScript extra file / ONNX metadata key holding what was exported
 # Tracing and exporting are CPU-heavy and torch.export keeps global state: one export at a time.
@@ -71,7 +71,7 @@ def get_export_format(name: str) -> ExportFormat:
     fmt = EXPORT_FORMATS.get(name.strip().lower())
     if fmt is None:
         valid = ", ".join(EXPORT_FORMATS)
-        shown = repr(name) if name else "(empty)"
+        shown = quoted(name) if name else "(empty)"
         raise UnknownExportFormat(f"format: unknown export format {shown}; choose one of {valid}", field="format")
     return fmt
 

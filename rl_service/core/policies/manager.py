@@ -25,6 +25,7 @@ from rl_service.core.errors import (
     InvalidRequest,
     PolicyNotFound,
     VersionConflict,
+    quoted,
 )
 from rl_service.core.models.policy_exporters import state_dict_bytes, weights_from_safetensors
 from rl_service.core.policies.experience import validate_batch
@@ -213,6 +214,7 @@ class PolicyManager:
         with policy.lock:
             self._check_live(policy, None)
             if checkpoint is not None:
+                check_name(checkpoint, "checkpoint")
                 tensors, metadata = self._checkpoint(policy, checkpoint)
                 net, used = new_net(policy.spec), int(metadata["version"])
                 net.load_state_dict(net_weights(tensors))
@@ -329,7 +331,7 @@ class PolicyManager:
     def _checkpoint(self, policy: LivePolicy, name: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         found = self._store.load_checkpoint(policy.policy_id, name)
         if found is None:
-            raise CheckpointNotFound(f"checkpoint: policy {policy.policy_id!r} has no checkpoint {name!r}",
+            raise CheckpointNotFound(f"checkpoint: policy {policy.policy_id!r} has no checkpoint {quoted(name)}",
                                      field="checkpoint")
         return found
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from rl_service.core.algorithms.hyperparams import HyperValue, format_value
 from rl_service.core.algorithms.registry import AlgorithmSpec, get_algorithm
 from rl_service.core.envs import ExternalEnvironments, env_spaces, is_external_env
-from rl_service.core.errors import InvalidHyperparameter, InvalidRequest
+from rl_service.core.errors import InvalidHyperparameter, InvalidRequest, quoted
 from rl_service.core.runs.records import RunRecord, RunState, TrainingRequest
 from rl_service.core.seeds import seed_or_random
 
@@ -80,8 +80,8 @@ def _simulation_n_envs(request: TrainingRequest, values: dict[str, HyperValue], 
     """An external simulation decides how many envs step together; a client's different n_envs is refused."""
     if any(key.strip().lower() == "n_envs" for key in request.hyperparameters) and values.get("n_envs") != hosted:
         raise InvalidHyperparameter(
-            f"hyperparameters['n_envs']: the simulation at {request.env_id} hosts {hosted} envs; omit n_envs or "
-            f"set it to {hosted}", field="hyperparameters.n_envs")
+            f"hyperparameters['n_envs']: the simulation at {quoted(request.env_id)} hosts {hosted} envs; omit "
+            f"n_envs or set it to {hosted}", field="hyperparameters.n_envs")
     return {**values, "n_envs": hosted}
 
 
