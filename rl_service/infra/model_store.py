@@ -1,12 +1,18 @@
-"""Models, checkpoints, metadata and history on the filesystem, confined to MODELS_DIR and CHECKPOINT_DIR."""
+"""Models, checkpoints, metadata and history on the filesystem, confined to MODELS_DIR and CHECKPOINT_DIR.
+
+Paths are checked when a request is accepted (resolve_model_path) and again by every write: each goes through
+`_write`, which writes relative to a descriptor of the root and refuses a symlinked directory on the way
+(infra.atomic), so a directory swapped for a link after the check cannot send a file elsewhere.
+"""
 
 from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from rl_service.core.errors import AlreadyExists, InvalidRequest, PathOutsideRoot, quoted
 from rl_service.core.models.checkpoints import (
@@ -15,7 +21,7 @@ from rl_service.core.models.checkpoints import (
     replay_buffer_name,
     replay_buffer_timesteps,
 )
-from rl_service.infra.atomic import atomic_write_json, atomic_write_with
+from rl_service.infra.atomic import PathEscapesRoot, atomic_write_with, json_bytes
 
 MAX_PATH_LENGTH = 1024
 
@@ -66,13 +72,13 @@ class FileModelStore:
 
     def save_model(self, model: Any, path: Path) -> None:
         """Write the algorithm's zip (stable-baselines3 format) atomically."""
-        atomic_write_with(path, model.save)
+        self._write(path, model.save)
 
     def save_checkpoint(self, run_id: str, model: Any, timesteps: int, replay_buffer: bool = False) -> Path:
         """Write checkpoint_<timesteps>_steps.zip (and its replay buffer), then keep only the newest checkpoints."""
         directory = self.checkpoint_run_dir(run_id)
         if replay_buffer:  # first, so that a checkpoint on disk always has its buffer
-            atomic_write_with(directory / replay_buffer_name(timesteps), model.save_replay_buffer)
+            self._write(directory / replay_buffer_name(timesteps), model.save_replay_buffer)
         path = directory / checkpoint_name(timesteps)
         self.save_model(model, path)
         self._prune(run_id)
@@ -91,7 +97,7 @@ class FileModelStore:
             metadata = json.loads(path.read_text(encoding="utf-8"))
         except (FileNotFoundError, ValueError):
             return  # the worker never got as far as writing it
-        atomic_write_json(path, {**metadata, "attempts": attempts})
+        self.write_json(path, {**metadata, "attempts": attempts})
 
     def delete_run(self, run_id: str, model_path: Path) -> None:
         """Remove a run's directories and its final model, wherever in MODELS_DIR it was written."""
@@ -121,7 +127,20 @@ class FileModelStore:
 
     def write_json(self, path: Path, data: Any) -> None:
         """Write JSON atomically."""
-        atomic_write_json(path, data)
+        self._write(path, lambda handle: handle.write(json_bytes(data)))
+
+    def _write(self, path: Path, write: Callable[[IO[bytes]], Any]) -> None:
+        """Every write of the store: atomic, confined at write time to the root `path` was made under."""
+        atomic_write_with(path, write, root=self._root_of(path))
+
+    def _root_of(self, path: Path) -> Path:
+        # The innermost root holding the path (CHECKPOINT_DIR may be configured inside MODELS_DIR, or the reverse).
+        roots = sorted((self.models_dir.resolve(), self.checkpoint_dir.resolve()), key=lambda r: len(r.parts),
+                       reverse=True)
+        for root in roots:
+            if path.is_relative_to(root) and path != root:
+                return root
+        raise PathEscapesRoot(f"{path} is outside MODELS_DIR and CHECKPOINT_DIR")
 
     def _prune(self, run_id: str) -> None:
         found = self.checkpoints(run_id)  # oldest first
