@@ -94,6 +94,7 @@ def orchestrator_config(settings: Settings) -> OrchestratorConfig:
         auto_resume=settings.auto_resume,
         max_run_attempts=settings.max_run_attempts,
         save_replay_buffer=settings.save_replay_buffer,
+        max_network_parameters=settings.max_network_parameters,
     )
 
 
@@ -131,7 +132,9 @@ def _build_started(settings: Settings, lock: DataDirLock) -> RunningServer:
                              PolicyConfig(versions_kept=settings.policy_versions_kept,
                                           max_pending_steps=settings.max_pending_steps,
                                           sync=settings.policy_sync,
-                                          sync_interval_seconds=settings.policy_sync_interval_seconds), log)
+                                          sync_interval_seconds=settings.policy_sync_interval_seconds,
+                                          max_policies=settings.max_policies,
+                                          max_network_parameters=settings.max_network_parameters), log)
 
     options = [
         ("grpc.max_receive_message_length", settings.max_message_bytes),

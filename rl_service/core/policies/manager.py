@@ -21,6 +21,7 @@ import torch
 from rl_service.core.algorithms.reinforce_update import UpdateStats
 from rl_service.core.errors import (
     AlreadyExists,
+    CapacityExceeded,
     CheckpointNotFound,
     InvalidRequest,
     PolicyNotFound,
@@ -37,6 +38,7 @@ from rl_service.core.policies.spec import (
     PolicySpecRequest,
     build_spec,
     check_name,
+    check_network_sizes,
     new_critic,
     new_net,
     with_seed,
@@ -88,6 +90,7 @@ class PolicyManager:
         """Create a policy; the same spec again is a no-op, a different one ALREADY_EXISTS."""
         check_name(policy_id, "policy_id")
         spec = build_spec(request)
+        check_network_sizes(spec, self._config.max_network_parameters)  # before anything is built
         with self._lock:
             existing = self._policies.get(policy_id)
             if existing is not None:
@@ -97,6 +100,10 @@ class PolicyManager:
                         return existing.snapshot(self._writer.durable_version(policy_id), created=False)
                 raise AlreadyExists(f"policy_id: {policy_id!r} already exists with a different spec (or initial "
                                     "weights were given); delete it first or choose another id", field="policy_id")
+            if len(self._policies) >= self._config.max_policies:
+                raise CapacityExceeded(f"policy_id: this server holds {len(self._policies)} named policies, its cap "
+                                       f"(MAX_POLICIES={self._config.max_policies}); delete one first",
+                                       field="policy_id")
             policy = LivePolicy(policy_id, spec, new_net(spec), time.time(), new_critic(spec))
             if initial_weights:
                 policy.net.load_state_dict(weights_from_safetensors(initial_weights, policy.net, "initial_weights"))

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from rl_service.core.algorithms.hyperparams import HyperValue, Param, Schema, format_value, merge
+from rl_service.core.algorithms.network_size import mlp_parameters
 from rl_service.core.algorithms.networks import PolicyNet, build_policy_net
 from rl_service.core.algorithms.ppo_update import ValueNet, ppo_init
 from rl_service.core.algorithms.registry import ACTIVATIONS
@@ -168,6 +169,36 @@ def build_spec(request: PolicySpecRequest) -> PolicySpec:
         raise InvalidHyperparameter(f"spec.{exc.message}", field=f"spec.{exc.field}") from None
     effective = {key: format_value(value) for key, value in sorted(values.items())}
     return PolicySpec(obs_shape, request.discrete_actions, action_shape, low, high, effective, seed, algorithm)
+
+
+def network_sizes(spec: PolicySpec) -> dict[str, int]:
+    """Parameters of the spec's actor (and critic, for PPO), counted without building them."""
+    hidden: tuple[int, ...] = spec.values()["net_arch"]  # type: ignore[assignment]
+    shape = spec.shape
+    actions = spec.discrete_actions if spec.discrete_actions is not None else shape.action_size
+    log_std = 0 if spec.discrete_actions is not None else shape.action_size
+    sizes = {"actor": mlp_parameters(shape.observation_size, hidden, actions) + log_std}
+    if spec.is_ppo:
+        sizes["critic"] = mlp_parameters(shape.observation_size, hidden, 1)
+    return sizes
+
+
+def check_network_sizes(spec: PolicySpec, cap: int) -> None:
+    """Refuse a spec whose actor or critic would pass MAX_NETWORK_PARAMETERS, naming net_arch (or the
+    observation shape when even one hidden unit is too many)."""
+    over = {name: count for name, count in network_sizes(spec).items() if count > cap}
+    if not over:
+        return
+    name, count = max(over.items(), key=lambda item: item[1])
+    if max(network_sizes(replace(spec, hyperparameters={**spec.hyperparameters, "net_arch": "1"})).values()) > cap:
+        raise InvalidRequest(
+            f"spec.observation_shape: {spec.shape.observation_size:,} observation values make the {name} "
+            f"{count:,} parameters, and even net_arch 1 passes this server's cap of {cap:,} "
+            "(MAX_NETWORK_PARAMETERS)", field="spec.observation_shape")
+    raise InvalidHyperparameter(
+        f"spec.hyperparameters['net_arch']: {spec.hyperparameters['net_arch']} makes the {name} {count:,} "
+        f"parameters for {spec.shape.observation_size:,} observation values, over this server's cap of {cap:,} "
+        "(MAX_NETWORK_PARAMETERS); use narrower or fewer layers", field="spec.hyperparameters.net_arch")
 
 
 def with_seed(spec: PolicySpec, seed: int) -> PolicySpec:

@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from rl_service.core.algorithms.hyperparams import HyperValue, format_value
+from rl_service.core.algorithms.network_size import check_run_network
 from rl_service.core.algorithms.registry import AlgorithmSpec, get_algorithm
 from rl_service.core.envs import ExternalEnvironments, env_spaces, is_external_env
 from rl_service.core.errors import InvalidHyperparameter, InvalidRequest, quoted
@@ -13,6 +14,7 @@ from rl_service.core.runs.records import RunRecord, RunState, TrainingRequest
 from rl_service.core.seeds import seed_or_random
 
 MIN_CHECKPOINT_INTERVAL = 100
+DEFAULT_NET_ARCH = (64, 64)  # what constructor_kwargs builds when a schema has no net_arch
 MAX_EXPERIMENT_ID = 128
 
 
@@ -22,6 +24,7 @@ class RequestLimits:
 
     max_total_timesteps: int = 100_000_000
     default_checkpoint_interval: int = 10_000
+    max_network_parameters: int = 10_000_000  # parameters of a run's policy (MAX_NETWORK_PARAMETERS)
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,9 @@ def validate_request(request: TrainingRequest, limits: RequestLimits,
         values = _simulation_n_envs(request, values, spaces.num_envs)
         spec.validate(values)
     spec.check_spaces(spaces.action_space, values)
+    check_run_network(spec.name, spaces.observation_space, spaces.action_space,
+                      values.get("net_arch") or DEFAULT_NET_ARCH,  # type: ignore[arg-type]
+                      limits.max_network_parameters)
     effective = {key: format_value(value) for key, value in sorted(values.items())}
     return ValidatedRequest(experiment_id, spec, effective, interval, seed)
 
