@@ -37,6 +37,13 @@ def _batch(policy_id: str) -> ppb.TrainingBatch:
     return ppb.TrainingBatch(policy_id=policy_id, states=[0.0, 0.0], actions=[0.0], rewards=[1.0], dones=[True])
 
 
+def _many_keys() -> bytes:
+    import torch
+    from safetensors.torch import save
+
+    return save({f"unexpected.{'k' * 200}.{i}": torch.zeros(1) for i in range(2000)})
+
+
 CASES: dict[str, tuple[Callable[[ServerHandle, ppb_grpc.PolicyServiceStub], Any], grpc.StatusCode]] = {
     "run_id NUL": (lambda s, p: s.stub.GetTrainingStatus(pb.RunRequest(run_id="\x00" * HUGE), timeout=30),
                    NOT_FOUND),
@@ -69,6 +76,11 @@ CASES: dict[str, tuple[Callable[[ServerHandle, ppb_grpc.PolicyServiceStub], Any]
         policy_id=POLICY, states=[0.0, 0.0], actions=[0.0], checkpoint="é" * HUGE), timeout=30), INVALID),
     "checkpoint name": (lambda s, p: p.SaveCheckpoint(ppb.CheckpointRequest(policy_id=POLICY, name="/" * HUGE),
                                                       timeout=30), INVALID),
+    "observation_shape": (lambda s, p: p.CreatePolicy(ppb.CreatePolicyRequest(
+        policy_id="q", spec=ppb.PolicySpec(observation_shape=[-217] * 100_000, discrete_n=2)), timeout=30), INVALID),
+    "initial_weights keys": (lambda s, p: p.CreatePolicy(ppb.CreatePolicyRequest(
+        policy_id="q", spec=ppb.PolicySpec(observation_shape=[2], discrete_n=2),
+        initial_weights=_many_keys()), timeout=30), INVALID),
     "stream policy_id": (lambda s, p: p.SendTrainingBatchStream(iter([_batch("é" * HUGE), _batch(POLICY)]),
                                                                 timeout=30), INVALID),
 }

@@ -117,3 +117,14 @@ def test_create_policy_past_max_policies_is_resource_exhausted() -> None:
     assert not manager.create("a", request).created  # the same spec again stays a no-op at the cap
     manager.delete("a")
     assert manager.create("c", request).created
+
+
+@pytest.mark.parametrize("shape", [(2,) * 64, (2**32, 2**32), (3,) * 41])
+def test_shapes_whose_product_overflows_int64_are_refused(shape: tuple[int, ...]) -> None:
+    # numpy's int64 product wraps around: [2] * 64 once counted as 0 observation values and was accepted.
+    with pytest.raises(InvalidRequest) as info:
+        build_spec(PolicySpecRequest(observation_shape=shape, discrete_actions=2))
+    assert info.value.field == "spec.observation_shape"
+    with pytest.raises(InvalidRequest) as info:
+        build_spec(PolicySpecRequest(observation_shape=(2,), box_shape=shape))
+    assert info.value.field == "spec.box.shape"

@@ -4,6 +4,7 @@ validated into the spec the service keeps, and the network it builds."""
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
@@ -135,9 +136,11 @@ class PolicySpec:
 def build_spec(request: PolicySpecRequest) -> PolicySpec:
     """Validate a client's spec; InvalidRequest names the field at fault."""
     obs_shape = tuple(int(d) for d in request.observation_shape)
-    if not obs_shape or any(d < 1 for d in obs_shape) or int(np.prod(obs_shape)) > MAX_OBSERVATION_SIZE:
-        raise InvalidRequest(f"spec.observation_shape: {list(obs_shape)} must be non-empty positive dimensions "
-                             f"of at most {MAX_OBSERVATION_SIZE} values in all", field="spec.observation_shape")
+    # math.prod on Python ints: numpy's int64 product wraps around ([2] * 64 would count as 0 values).
+    if not obs_shape or any(d < 1 for d in obs_shape) or math.prod(obs_shape) > MAX_OBSERVATION_SIZE:
+        raise InvalidRequest(f"spec.observation_shape: {quoted(str(list(obs_shape)))} must be non-empty positive "
+                             f"dimensions of at most {MAX_OBSERVATION_SIZE} values in all",
+                             field="spec.observation_shape")
     if request.discrete_actions is not None:
         if not 2 <= request.discrete_actions <= MAX_ACTION_SIZE:
             raise InvalidRequest(f"spec.discrete_n: {request.discrete_actions} must be in [2, {MAX_ACTION_SIZE}]",
@@ -147,10 +150,10 @@ def build_spec(request: PolicySpecRequest) -> PolicySpec:
         high: tuple[float, ...] = ()
     else:
         action_shape = tuple(int(d) for d in request.box_shape)
-        if not action_shape or any(d < 1 for d in action_shape) or int(np.prod(action_shape)) > MAX_ACTION_SIZE:
+        if not action_shape or any(d < 1 for d in action_shape) or math.prod(action_shape) > MAX_ACTION_SIZE:
             raise InvalidRequest("spec: give discrete_n, or box with a non-empty positive shape "
                                  f"of at most {MAX_ACTION_SIZE} values", field="spec.box.shape")
-        size = int(np.prod(action_shape))
+        size = math.prod(action_shape)
         low, high = tuple(float(v) for v in request.box_low), tuple(float(v) for v in request.box_high)
         for name, bound in (("low", low), ("high", high)):
             if bound and (len(bound) != size or any(np.isnan(bound))):
