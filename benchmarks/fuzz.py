@@ -42,6 +42,7 @@ def _fuzz_rpc(channel: Any, rpc: Any, hints: Any, cases: int, raw: bool) -> list
 
     outcomes: list[Any] = []
     count = STREAM_CHUNKS if rpc.client_streaming else 1
+    strategy: Any
     if raw:
         strategy = st.lists(mutated_bytes(rpc.request_class.DESCRIPTOR, hints), min_size=1, max_size=count)
     else:
@@ -82,7 +83,10 @@ def run(quick: bool, scratch: Path) -> Section:
         hints = target_hints([run_id])
         before = set(_files(base, data))
         rss_start = rss_kib(server.process.pid)
-        rows, per_rpc, samples, problems = [], {}, [], []
+        rows: list[list[str]] = []
+        per_rpc: dict[str, dict[str, Any]] = {}
+        samples: list[dict[str, Any]] = []
+        problems: list[str] = []
         for rpc in served_rpcs():
             t0 = time.perf_counter()
             create_targets(channel)  # a DeletePolicy case may have removed them

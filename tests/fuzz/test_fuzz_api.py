@@ -31,7 +31,7 @@ from tests.support.proto_fuzz import (
     served_rpcs,
 )
 
-FUZZ_EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "12"))
+FUZZ_EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "30"))
 CALL_TIMEOUT = 20.0  # seconds: far above any answer here; a unary call past it hangs
 MAX_RSS_GROWTH_MIB = 200
 RPCS = served_rpcs()
