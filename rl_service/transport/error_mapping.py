@@ -34,7 +34,7 @@ STATUS_BY_ERROR: tuple[tuple[type[errors.ServiceError], grpc.StatusCode], ...] =
     (errors.PolicyNotFound, grpc.StatusCode.NOT_FOUND),
     (errors.CheckpointNotFound, grpc.StatusCode.NOT_FOUND),
     (errors.VersionConflict, grpc.StatusCode.ABORTED),
-    (errors.NonFiniteUpdate, grpc.StatusCode.INTERNAL),
+    (errors.NonFiniteUpdate, grpc.StatusCode.INVALID_ARGUMENT),  # the client's values overflowed float32
 )
 
 # google.rpc.BadRequest describes the syntactic faults of a request: it goes with these codes only. A field named

@@ -109,6 +109,9 @@ KNOWN_CASES = {
     "observation_shape whose int64 product wraps to 0": ("CreatePolicy", ppb.CreatePolicyRequest(
         policy_id="fuzz-wrap", spec=ppb.PolicySpec(observation_shape=[2] * 64, discrete_n=2)).SerializeToString(),
         grpc.StatusCode.INVALID_ARGUMENT),
+    "PPO actions far outside the Gaussian": ("SendTrainingBatch", ppb.TrainingBatch(
+        policy_id="fuzz-ppo", states=[0.1] * 9, actions=[3e38] * 3, rewards=[1.0] * 3,
+        dones=[False, False, True]).SerializeToString(), grpc.StatusCode.INVALID_ARGUMENT),
     "4096-wide run": ("StartTraining", pb.StartTrainingRequest(
         algorithm="PPO", env_id="CartPole-v1", total_timesteps=256,
         hyperparameters={"net_arch": "4096,4096"}).SerializeToString(), grpc.StatusCode.INVALID_ARGUMENT),

