@@ -2,7 +2,7 @@
 `python -m benchmarks render` to rewrite RESULTS.md from results/results.json (e.g. after editing the findings).
 
 Sections: overhead, external_env, act, experience, learning, footprint, chaos, policy_learning, ray,
-learning_breadth (see each module's docstring). The full run writes benchmarks/RESULTS.md and
+learning_breadth, fuzz (see each module's docstring). The full run writes benchmarks/RESULTS.md and
 benchmarks/results/results.json (a section run alone replaces only its own part);
 --quick uses tiny budgets, asserts no goal, and writes to --output (default: a new temporary directory) so it never
 touches the committed results.
@@ -20,7 +20,7 @@ from pathlib import Path
 from benchmarks.common import Section, ServerProcess, start_server_process, write_results
 
 SECTIONS = ("overhead", "external_env", "act", "experience", "learning", "footprint", "chaos",
-            "policy_learning", "ray", "learning_breadth")
+            "policy_learning", "ray", "learning_breadth", "fuzz")
 DEFAULT_OUTPUT = Path(__file__).resolve().parent
 
 
@@ -93,6 +93,10 @@ def run_section(name: str, ctx: Context) -> Section:
         from benchmarks import ray_executor
 
         return ray_executor.run(ctx.quick, ctx.repeats)
+    if name == "fuzz":
+        from benchmarks import fuzz
+
+        return fuzz.run(ctx.quick, ctx.scratch)
     raise ValueError(f"unknown section {name!r}; choose from {', '.join(SECTIONS)}")
 
 

@@ -155,7 +155,8 @@ def write_results(output: Path, sections: list[Section], facts: dict[str, Any], 
     return md_path, json_path
 
 
-SECTION_ORDER = ["overhead", "external_env", "act", "experience", "learning", "footprint", "chaos", "policy_learning"]
+SECTION_ORDER = ["overhead", "external_env", "act", "experience", "learning", "footprint", "chaos", "policy_learning",
+                 "fuzz"]
 
 
 def render_markdown(sections: dict[str, Any], findings: Path | None = None) -> str:

@@ -63,7 +63,7 @@ def is_external_env(env_id: str) -> bool:
 
 def _require_external(external: ExternalEnvironments | None, env_id: str) -> ExternalEnvironments:
     if external is None:
-        raise PermissionDenied(f"env_id: {env_id} is an external environment, and this server has none "
+        raise PermissionDenied(f"env_id: {quoted(env_id)} is an external environment, and this server has none "
                                "configured", field="env_id")
     return external
 

@@ -92,7 +92,13 @@ class ServiceShuttingDown(ServiceError):
 
 
 class NonFiniteUpdate(ServiceError):
-    """A training update produced a NaN or Inf loss or gradient; it was discarded (INTERNAL)."""
+    """A training update on a client's batch produced a NaN or Inf loss or gradient; it was discarded and the
+    policy kept its weights (INVALID_ARGUMENT: the batch's values are too large for float32 arithmetic)."""
+
+    HINT = "the batch's rewards, observations or actions are too large for float32 arithmetic: scale them down"
+
+    def __init__(self, message: str, field: str | None = "batch") -> None:
+        super().__init__(message, field)
 
 
 class VersionConflict(ServiceError):

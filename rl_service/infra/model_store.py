@@ -1,14 +1,20 @@
-"""Models, checkpoints, metadata and history on the filesystem, confined to MODELS_DIR and CHECKPOINT_DIR."""
+"""Models, checkpoints, metadata and history on the filesystem, confined to MODELS_DIR and CHECKPOINT_DIR.
+
+Paths are checked when a request is accepted (resolve_model_path) and again by every write: each goes through
+`_write`, which writes relative to a descriptor of the root and refuses a symlinked directory on the way
+(infra.atomic), so a directory swapped for a link after the check cannot send a file elsewhere.
+"""
 
 from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
-from rl_service.core.errors import AlreadyExists, InvalidRequest, PathOutsideRoot
+from rl_service.core.errors import AlreadyExists, InvalidRequest, PathOutsideRoot, quoted
 from rl_service.core.models.checkpoints import (
     checkpoint_name,
     checkpoint_timesteps,
@@ -16,8 +22,8 @@ from rl_service.core.models.checkpoints import (
     replay_buffer_timesteps,
     stats_timesteps,
 )
-from rl_service.core.models.normalization import NormalizeStats, save_stats, stats_path
-from rl_service.infra.atomic import atomic_write_by_name, atomic_write_json, atomic_write_with
+from rl_service.core.models.normalization import NormalizeStats, stats_bytes, stats_path
+from rl_service.infra.atomic import PathEscapesRoot, atomic_write_with, json_bytes
 
 MAX_PATH_LENGTH = 1024
 
@@ -52,7 +58,7 @@ class FileModelStore:
         resolved = candidate.resolve()
         if resolved == root or not resolved.is_relative_to(root):
             raise PathOutsideRoot(
-                f"model_output_path: {requested!r} resolves outside MODELS_DIR ({root}); "
+                f"model_output_path: {quoted(requested)} resolves outside MODELS_DIR ({root}); "
                 "give a path relative to MODELS_DIR such as 'cartpole/ppo.zip'",
                 field="model_output_path",
             )
@@ -60,7 +66,7 @@ class FileModelStore:
             resolved = resolved.with_name(resolved.name + ".zip")
         if resolved.exists():
             raise AlreadyExists(
-                f"model_output_path: {resolved.relative_to(root)} already exists in MODELS_DIR; "
+                f"model_output_path: {quoted(str(resolved.relative_to(root)))} already exists in MODELS_DIR; "
                 "choose a new path (models are never overwritten)",
                 field="model_output_path",
             )
@@ -69,8 +75,9 @@ class FileModelStore:
     def save_model(self, model: Any, path: Path, normalize: NormalizeStats | None = None) -> None:
         """Write the algorithm's zip (stable-baselines3 format) atomically, after its normalisation statistics."""
         if normalize is not None:  # first, so that a model on disk always has its statistics
-            atomic_write_by_name(stats_path(path), lambda tmp: save_stats(tmp, normalize))
-        atomic_write_with(path, model.save)
+            data = stats_bytes(normalize)
+            self._write(stats_path(path), lambda handle: handle.write(data))
+        self._write(path, model.save)
 
     def save_checkpoint(self, run_id: str, model: Any, timesteps: int, replay_buffer: bool = False,
                         normalize: NormalizeStats | None = None) -> Path:
@@ -78,7 +85,7 @@ class FileModelStore:
         only the newest checkpoints."""
         directory = self.checkpoint_run_dir(run_id)
         if replay_buffer:  # first, so that a checkpoint on disk always has its buffer
-            atomic_write_with(directory / replay_buffer_name(timesteps), model.save_replay_buffer)
+            self._write(directory / replay_buffer_name(timesteps), model.save_replay_buffer)
         path = directory / checkpoint_name(timesteps)
         self.save_model(model, path, normalize)
         self._prune(run_id)
@@ -97,7 +104,7 @@ class FileModelStore:
             metadata = json.loads(path.read_text(encoding="utf-8"))
         except (FileNotFoundError, ValueError):
             return  # the worker never got as far as writing it
-        atomic_write_json(path, {**metadata, "attempts": attempts})
+        self.write_json(path, {**metadata, "attempts": attempts})
 
     def delete_run(self, run_id: str, model_path: Path) -> None:
         """Remove a run's directories and its final model, wherever in MODELS_DIR it was written."""
@@ -128,7 +135,20 @@ class FileModelStore:
 
     def write_json(self, path: Path, data: Any) -> None:
         """Write JSON atomically."""
-        atomic_write_json(path, data)
+        self._write(path, lambda handle: handle.write(json_bytes(data)))
+
+    def _write(self, path: Path, write: Callable[[IO[bytes]], Any]) -> None:
+        """Every write of the store: atomic, confined at write time to the root `path` was made under."""
+        atomic_write_with(path, write, root=self._root_of(path))
+
+    def _root_of(self, path: Path) -> Path:
+        # The innermost root holding the path (CHECKPOINT_DIR may be configured inside MODELS_DIR, or the reverse).
+        roots = sorted((self.models_dir.resolve(), self.checkpoint_dir.resolve()), key=lambda r: len(r.parts),
+                       reverse=True)
+        for root in roots:
+            if path.is_relative_to(root) and path != root:
+                return root
+        raise PathEscapesRoot(f"{path} is outside MODELS_DIR and CHECKPOINT_DIR")
 
     def _prune(self, run_id: str) -> None:
         found = self.checkpoints(run_id)  # oldest first

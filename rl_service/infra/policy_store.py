@@ -1,4 +1,5 @@
-"""Named policies on disk as safetensors files (tensors + string metadata; no pickle), written atomically.
+"""Named policies on disk as safetensors files (tensors + string metadata; no pickle), written atomically and
+confined to POLICIES_DIR at write time (a directory swapped for a symlink fails the write: infra.atomic).
 
 POLICIES_DIR/<policy_id>/state.safetensors          the current state, replaced after every accepted update
 POLICIES_DIR/<policy_id>/checkpoints/<name>.safetensors
@@ -15,8 +16,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save
 
-from rl_service.core.errors import InvalidRequest
-from rl_service.infra.atomic import atomic_write_bytes
+from rl_service.core.errors import InvalidRequest, quoted
+from rl_service.infra.atomic import PathEscapesRoot, atomic_write_bytes
 
 STATE_FILE = "state.safetensors"
 SUFFIX = ".safetensors"
@@ -30,14 +31,15 @@ class FilePolicyStore:
 
     def _dir(self, policy_id: str) -> Path:
         root = self.root.resolve()
-        path = (root / policy_id).resolve()
-        if path.parent != root:
-            raise InvalidRequest(f"policy_id: {policy_id!r} is not a safe name", field="policy_id")
+        path = root / policy_id
+        if path.parent != root or policy_id in ("", ".", "..") or "\x00" in policy_id:
+            raise InvalidRequest(f"policy_id: {quoted(policy_id)} is not a safe name", field="policy_id")
+        _refuse_link(path)
         return path
 
     def save_state(self, policy_id: str, tensors: dict[str, Any], metadata: dict[str, str]) -> None:
         """Replace the current state atomically."""
-        atomic_write_bytes(self._dir(policy_id) / STATE_FILE, _encode(tensors, metadata))
+        atomic_write_bytes(self._dir(policy_id) / STATE_FILE, _encode(tensors, metadata), root=self.root)
 
     def load_state(self, policy_id: str) -> tuple[dict[str, Any], dict[str, str]]:
         """The current state."""
@@ -57,7 +59,7 @@ class FilePolicyStore:
 
     def save_checkpoint(self, policy_id: str, name: str, tensors: dict[str, Any], metadata: dict[str, str]) -> None:
         """Write a named checkpoint atomically."""
-        atomic_write_bytes(self._checkpoint(policy_id, name), _encode(tensors, metadata))
+        atomic_write_bytes(self._checkpoint(policy_id, name), _encode(tensors, metadata), root=self.root)
 
     def load_checkpoint(self, policy_id: str, name: str) -> tuple[dict[str, Any], dict[str, str]] | None:
         """A named checkpoint, or None when there is none by that name."""
@@ -75,10 +77,17 @@ class FilePolicyStore:
 
     def _checkpoint(self, policy_id: str, name: str) -> Path:
         directory = self._dir(policy_id) / "checkpoints"
-        path = (directory / f"{name}{SUFFIX}").resolve()
-        if path.parent != directory:
-            raise InvalidRequest(f"name: {name!r} is not a safe checkpoint name", field="name")
+        _refuse_link(directory)
+        path = directory / f"{name}{SUFFIX}"
+        if path.parent != directory or "\x00" in name:
+            raise InvalidRequest(f"name: {quoted(name)} is not a safe checkpoint name", field="name")
         return path
+
+
+def _refuse_link(path: Path) -> None:
+    # Checked here for reads and deletes; writes are confined again at write time (atomic_write_bytes's root).
+    if path.is_symlink():
+        raise PathEscapesRoot(f"{path} is a symlink; POLICIES_DIR holds real directories only")
 
 
 def _encode(tensors: dict[str, Any], metadata: dict[str, str]) -> bytes:

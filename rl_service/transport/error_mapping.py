@@ -34,7 +34,7 @@ STATUS_BY_ERROR: tuple[tuple[type[errors.ServiceError], grpc.StatusCode], ...] =
     (errors.PolicyNotFound, grpc.StatusCode.NOT_FOUND),
     (errors.CheckpointNotFound, grpc.StatusCode.NOT_FOUND),
     (errors.VersionConflict, grpc.StatusCode.ABORTED),
-    (errors.NonFiniteUpdate, grpc.StatusCode.INTERNAL),
+    (errors.NonFiniteUpdate, grpc.StatusCode.INVALID_ARGUMENT),  # the client's values overflowed float32
 )
 
 # google.rpc.BadRequest describes the syntactic faults of a request: it goes with these codes only. A field named
@@ -61,6 +61,26 @@ def status_for(error: errors.ServiceError) -> grpc.StatusCode:
 
 def _clip(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def fit_message(message: str, limit: int = MAX_TRAILER_BYTES) -> str:
+    """The message cut (marked with "…") so that grpc-message stays within `limit` bytes on the wire.
+
+    A last guard: errors quote at most a short prefix of a client's value (errors.quoted), but one that does not
+    must still reach the client with its own code rather than a metadata-size error.
+    """
+    if len(message) * 12 <= limit:  # even 4 UTF-8 bytes a character, each percent-encoded, it fits
+        return message
+    cost = 0
+    for index, char in enumerate(message):
+        cost += _wire_bytes(char)
+        if cost > limit - 9:  # room for the marker
+            return message[:index] + "…"
+    return message
+
+
+def _wire_bytes(char: str) -> int:
+    return sum(1 if 0x20 <= b <= 0x7E and b != 0x25 else 3 for b in char.encode("utf-8", "surrogatepass"))
 
 
 def _trailer_bytes(message: str, status: status_pb2.Status) -> int:
@@ -90,7 +110,7 @@ def _abort(context: grpc.ServicerContext, rpc: str, exc: Exception) -> NoReturn:
         status = rich_status(exc)
         if status is not None:
             context.abort_with_status(status)
-        context.abort(status_for(exc), exc.message)
+        context.abort(status_for(exc), fit_message(exc.message))
     _log.exception("unexpected error", rpc=rpc)
     context.abort(grpc.StatusCode.INTERNAL, f"internal error in {rpc}: {type(exc).__name__}")
     raise AssertionError("unreachable: context.abort raises")

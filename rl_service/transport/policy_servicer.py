@@ -66,7 +66,7 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):  # type: ignore[misc]
                 self._require_owner(chunk.policy_id)  # before any more of the stream is read
             if chunks and chunk.policy_id and chunk.policy_id != chunks[0].policy_id:
                 raise InvalidRequest(f"policy_id: chunk {len(chunks)} names {quoted(chunk.policy_id)}, the stream "
-                                     f"started with {chunks[0].policy_id!r}", field="policy_id")
+                                     f"started with {quoted(chunks[0].policy_id)}", field="policy_id")
             size += (_FLOAT_BYTES * (len(chunk.states) + len(chunk.actions) + len(chunk.rewards) + len(chunk.log_probs))
                      + len(chunk.dones) + len(chunk.truncated))
             if size > self._max_batch_bytes:

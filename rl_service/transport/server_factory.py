@@ -27,6 +27,7 @@ from rl_service.infra.ray_executor import RayExecutor
 from rl_service.infra.settings import Settings
 from rl_service.infra.sqlite_run_registry import SqliteRunRegistry
 from rl_service.transport.auth import auth_interceptors
+from rl_service.transport.decode_guard import server_interceptors
 from rl_service.transport.health_port import start_health_server
 from rl_service.transport.policy_servicer import PolicyServicer
 from rl_service.transport.port_security import PortSecurity
@@ -101,6 +102,7 @@ def orchestrator_config(settings: Settings) -> OrchestratorConfig:
         auto_resume=settings.auto_resume,
         max_run_attempts=settings.max_run_attempts,
         save_replay_buffer=settings.save_replay_buffer,
+        max_network_parameters=settings.max_network_parameters,
     )
 
 
@@ -143,13 +145,18 @@ def _build_started(settings: Settings, lock: DataDirLock, config: OrchestratorCo
                              PolicyConfig(versions_kept=settings.policy_versions_kept,
                                           max_pending_steps=settings.max_pending_steps,
                                           sync=settings.policy_sync,
-                                          sync_interval_seconds=settings.policy_sync_interval_seconds), log)
+                                          sync_interval_seconds=settings.policy_sync_interval_seconds,
+                                          max_policies=settings.max_policies,
+                                          max_network_parameters=settings.max_network_parameters), log)
 
     options = [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
         ("grpc.so_reuseport", 0),
     ]
+    # Outermost first: authentication, then the decode guard, so that an unauthenticated caller's garbage bytes
+    # are UNAUTHENTICATED, not INVALID_ARGUMENT (the guard's deserializer never raises).
+    interceptors = [*interceptors, *server_interceptors()]
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=settings.grpc_max_workers,
                                                     thread_name_prefix="rpc"),
                          interceptors=interceptors, options=options)

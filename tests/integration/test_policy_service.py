@@ -345,7 +345,8 @@ def test_bad_specs_are_invalid(stub: pb_grpc.PolicyServiceStub, spec: pb.PolicyS
     assert info.value.code() == INVALID and word in info.value.details()
 
 
-def test_non_finite_loss_is_internal_and_keeps_the_last_good_weights(stub: pb_grpc.PolicyServiceStub) -> None:
+def test_non_finite_loss_is_invalid_argument_and_keeps_the_last_good_weights(stub: pb_grpc.PolicyServiceStub
+                                                                              ) -> None:
     spec = pb.PolicySpec(observation_shape=[2], box=pb.BoxActions(shape=[1]), seed=1)  # unbounded actions
     policy_id = create(stub, spec)
     good = stub.SendTrainingBatch(pb.TrainingBatch(policy_id=policy_id, states=[0.1, 0.2, 0.3, 0.4],
@@ -355,7 +356,9 @@ def test_non_finite_loss_is_internal_and_keeps_the_last_good_weights(stub: pb_gr
     with pytest.raises(grpc.RpcError) as info:  # log N(1e30 | mean, std) overflows float32 to -inf
         stub.SendTrainingBatch(pb.TrainingBatch(policy_id=policy_id, states=[0.1, 0.2, 0.3, 0.4],
                                                 actions=[1e30, -0.5], rewards=[1, 0], dones=[False, True]))
-    assert info.value.code() == grpc.StatusCode.INTERNAL and "loss" in info.value.details()
+    # The client's values overflowed: its mistake, not the server's (INVALID_ARGUMENT naming the batch).
+    assert info.value.code() == INVALID and "loss" in info.value.details()
+    assert info.value.details().startswith("batch: ")
     assert stub.GetPolicy(pb.PolicyRequest(policy_id=policy_id)).version == 1
     assert_same_weights(weights(stub, policy_id), before)
 

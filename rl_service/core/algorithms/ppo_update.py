@@ -182,8 +182,9 @@ def _epochs(actor: PolicyNet, critic: ValueNet, optimizer: torch.optim.Optimizer
             entropy = distribution.entropy().mean()
             loss = policy_loss - settings.ent_coef * entropy + settings.vf_coef * value_loss
             if not torch.isfinite(loss):
-                raise NonFiniteUpdate(f"the PPO loss is {loss.item()} (policy loss {policy_loss.item()}, value "
-                                      f"loss {value_loss.item()}, entropy {entropy.item()}); the update was discarded")
+                raise NonFiniteUpdate(f"batch: the PPO loss is {loss.item()} (policy loss {policy_loss.item()}, "
+                                      f"value loss {value_loss.item()}, entropy {entropy.item()}); the update was "
+                                      f"discarded; {NonFiniteUpdate.HINT}")
             with torch.no_grad():
                 approx_kl = float(((ratio - 1) - log_ratio).mean())
                 clip_fraction = float(((ratio - 1).abs() > clip).float().mean())
@@ -194,7 +195,8 @@ def _epochs(actor: PolicyNet, critic: ValueNet, optimizer: torch.optim.Optimizer
             limit = settings.max_grad_norm if settings.max_grad_norm else math.inf
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, limit))
             if not math.isfinite(grad_norm):
-                raise NonFiniteUpdate(f"the PPO gradient norm is {grad_norm}; the update was discarded")
+                raise NonFiniteUpdate(f"batch: the PPO gradient norm is {grad_norm}; the update was discarded; "
+                                      f"{NonFiniteUpdate.HINT}")
             optimizer.step()
             for key, value in (("loss", loss.item()), ("policy_loss", policy_loss.item()),
                                ("value_loss", value_loss.item()), ("entropy", entropy.item()),

@@ -83,15 +83,16 @@ def reinforce_update(net: PolicyNet, optimizer: torch.optim.Optimizer, episodes:
     policy_loss = -(log_prob * advantages).mean()
     loss = policy_loss - beta * entropy
     if not torch.isfinite(loss):
-        raise NonFiniteUpdate(f"the REINFORCE loss is {loss.item()} (policy loss {policy_loss.item()}, "
-                              f"entropy {entropy.item()}); the update was discarded")
+        raise NonFiniteUpdate(f"batch: the REINFORCE loss is {loss.item()} (policy loss {policy_loss.item()}, "
+                              f"entropy {entropy.item()}); the update was discarded; {NonFiniteUpdate.HINT}")
     optimizer.zero_grad()
     loss.backward()  # type: ignore[no-untyped-call]
     params = [p for group in optimizer.param_groups for p in group["params"]]
     grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm else math.inf))
     if not math.isfinite(grad_norm):
         optimizer.zero_grad()
-        raise NonFiniteUpdate(f"the REINFORCE gradient norm is {grad_norm}; the update was discarded")
+        raise NonFiniteUpdate(f"batch: the REINFORCE gradient norm is {grad_norm}; the update was discarded; "
+                              f"{NonFiniteUpdate.HINT}")
     optimizer.step()
     return UpdateStats(
         loss=float(loss.item()),

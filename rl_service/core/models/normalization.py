@@ -52,10 +52,20 @@ def is_stats_file(path: Path) -> bool:
     return path.name.endswith(_SUFFIX)
 
 
-def save_stats(path: Path, stats: NormalizeStats) -> None:
-    """Write `stats` to `path` (callers write to a temp name and rename, as for every other file)."""
-    from safetensors.numpy import save_file
+def stats_bytes(stats: NormalizeStats) -> bytes:
+    """`stats` as the bytes of a statistics file (the model store writes them atomically, confined to its root)."""
+    from safetensors.numpy import save
 
+    tensors, metadata = _tensors_and_metadata(stats)
+    return save(tensors, metadata=metadata)
+
+
+def save_stats(path: Path, stats: NormalizeStats) -> None:
+    """Write `stats` to `path` directly (tests and tools; the server writes through the model store)."""
+    path.write_bytes(stats_bytes(stats))
+
+
+def _tensors_and_metadata(stats: NormalizeStats) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     tensors = {"obs_mean": np.ascontiguousarray(stats.obs_mean, dtype=np.float64),
                "obs_var": np.ascontiguousarray(stats.obs_var, dtype=np.float64)}
     metadata = {"format": FORMAT_VERSION, "obs_count": repr(float(stats.obs_count)),
@@ -64,7 +74,7 @@ def save_stats(path: Path, stats: NormalizeStats) -> None:
                 "norm_reward": str(bool(stats.norm_reward)).lower(), "clip_obs": repr(float(stats.clip_obs)),
                 "clip_reward": repr(float(stats.clip_reward)), "epsilon": repr(float(stats.epsilon)),
                 "gamma": repr(float(stats.gamma))}
-    save_file(tensors, str(path), metadata=metadata)
+    return tensors, metadata
 
 
 def load_stats(path: Path) -> NormalizeStats:

@@ -12,7 +12,7 @@ from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from rl_service.core.algorithms.networks import CategoricalPolicyNet, GaussianPolicyNet, PolicyNet
-from rl_service.core.errors import InvalidRequest
+from rl_service.core.errors import InvalidRequest, quoted
 
 # Magic numbers of formats that can run code when loaded: refused by name so the client learns why.
 _CODE_CARRYING = ((b"PK\x03\x04", "a zip archive (TorchScript or an SB3 model)"), (b"\x80", "a pickle"))
@@ -70,17 +70,17 @@ def weights_from_safetensors(data: bytes, net: PolicyNet, field: str) -> dict[st
     try:
         tensors = load_safetensors(data)
     except (SafetensorError, ValueError, RuntimeError, OverflowError) as exc:
-        raise InvalidRequest(f"{field}: not a readable safetensors file ({exc})", field=field) from None
+        raise InvalidRequest(f"{field}: not a readable safetensors file ({quoted(str(exc))})", field=field) from None
     expected = net.state_dict()
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     if missing or unexpected:
         raise InvalidRequest(
             f"{field}: keys do not match the policy's architecture (missing: {missing or 'none'}; "
-            f"unexpected: {unexpected or 'none'})", field=field)
+            f"unexpected: {quoted(str(unexpected)) if unexpected else 'none'})", field=field)
     for key, tensor in tensors.items():
         if tuple(tensor.shape) != tuple(expected[key].shape):
-            raise InvalidRequest(f"{field}: {key} has shape {tuple(tensor.shape)}, the policy needs "
+            raise InvalidRequest(f"{field}: {key} has shape {quoted(str(tuple(tensor.shape)))}, the policy needs "
                                  f"{tuple(expected[key].shape)}", field=field)
         if not tensor.dtype.is_floating_point:
             raise InvalidRequest(f"{field}: {key} has dtype {tensor.dtype}; floating point expected", field=field)

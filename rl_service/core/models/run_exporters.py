@@ -26,7 +26,7 @@ import gymnasium as gym
 import torch
 from torch import Tensor
 
-from rl_service.core.errors import ExportUnavailable, UnknownExportFormat
+from rl_service.core.errors import ExportUnavailable, UnknownExportFormat, quoted
 from rl_service.core.models import actor_program
 from rl_service.core.models.compiled_actor import CompiledActor
 from rl_service.core.models.served_policy import ServedPolicy
@@ -74,7 +74,7 @@ def get_export_format(name: str) -> ExportFormat:
     fmt = EXPORT_FORMATS.get(name.strip().lower())
     if fmt is None:
         valid = ", ".join(EXPORT_FORMATS)
-        shown = repr(name[:64]) if name else "(empty)"
+        shown = quoted(name) if name else "(empty)"
         raise UnknownExportFormat(f"format: unknown export format {shown}; choose one of {valid}", field="format")
     return fmt
 

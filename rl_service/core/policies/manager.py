@@ -21,10 +21,12 @@ import torch
 from rl_service.core.algorithms.reinforce_update import UpdateStats
 from rl_service.core.errors import (
     AlreadyExists,
+    CapacityExceeded,
     CheckpointNotFound,
     InvalidRequest,
     PolicyNotFound,
     VersionConflict,
+    quoted,
 )
 from rl_service.core.models.policy_exporters import state_dict_bytes, weights_from_safetensors
 from rl_service.core.policies.experience import validate_batch
@@ -36,6 +38,7 @@ from rl_service.core.policies.spec import (
     PolicySpecRequest,
     build_spec,
     check_name,
+    check_network_sizes,
     new_critic,
     new_net,
     with_seed,
@@ -89,6 +92,7 @@ class PolicyManager:
         stays), a different one ALREADY_EXISTS."""
         check_name(policy_id, "policy_id")
         spec = build_spec(request)
+        check_network_sizes(spec, self._config.max_network_parameters)  # before anything is built
         with self._lock:
             existing = self._policies.get(policy_id)
             if existing is not None:
@@ -98,6 +102,10 @@ class PolicyManager:
                         return existing.snapshot(self._writer.durable_version(policy_id), created=False)
                 raise AlreadyExists(f"policy_id: {policy_id!r} already exists with a different spec (or initial "
                                     "weights were given); delete it first or choose another id", field="policy_id")
+            if len(self._policies) >= self._config.max_policies:
+                raise CapacityExceeded(f"policy_id: this server holds {len(self._policies)} named policies, its cap "
+                                       f"(MAX_POLICIES={self._config.max_policies}); delete one first",
+                                       field="policy_id")
             policy = LivePolicy(policy_id, spec, new_net(spec), time.time(), new_critic(spec), owner)
             if initial_weights:
                 policy.net.load_state_dict(weights_from_safetensors(initial_weights, policy.net, "initial_weights"))
@@ -220,6 +228,7 @@ class PolicyManager:
         with policy.lock:
             self._check_live(policy, None)
             if checkpoint is not None:
+                check_name(checkpoint, "checkpoint")
                 tensors, metadata = self._checkpoint(policy, checkpoint)
                 net, used = new_net(policy.spec), int(metadata["version"])
                 net.load_state_dict(net_weights(tensors))
@@ -336,7 +345,7 @@ class PolicyManager:
     def _checkpoint(self, policy: LivePolicy, name: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         found = self._store.load_checkpoint(policy.policy_id, name)
         if found is None:
-            raise CheckpointNotFound(f"checkpoint: policy {policy.policy_id!r} has no checkpoint {name!r}",
+            raise CheckpointNotFound(f"checkpoint: policy {policy.policy_id!r} has no checkpoint {quoted(name)}",
                                      field="checkpoint")
         return found
 

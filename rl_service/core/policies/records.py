@@ -19,6 +19,8 @@ class PolicyConfig:
     # once and starts no thread; the server's default (POLICY_SYNC) is background.
     sync: Literal["always", "background"] = "always"
     sync_interval_seconds: float = 1.0  # the most a background save may lag the newest version
+    max_policies: int = 1000  # named policies held at most; CreatePolicy beyond is RESOURCE_EXHAUSTED
+    max_network_parameters: int = 10_000_000  # parameters of a policy's actor, and of its critic
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ validated into the spec the service keeps, and the network it builds."""
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
@@ -14,6 +15,7 @@ import numpy as np
 import torch
 
 from rl_service.core.algorithms.hyperparams import HyperValue, Param, Schema, format_value, merge
+from rl_service.core.algorithms.network_size import mlp_parameters
 from rl_service.core.algorithms.networks import PolicyNet, build_policy_net
 from rl_service.core.algorithms.ppo_update import ValueNet, ppo_init
 from rl_service.core.algorithms.registry import ACTIVATIONS
@@ -134,9 +136,11 @@ class PolicySpec:
 def build_spec(request: PolicySpecRequest) -> PolicySpec:
     """Validate a client's spec; InvalidRequest names the field at fault."""
     obs_shape = tuple(int(d) for d in request.observation_shape)
-    if not obs_shape or any(d < 1 for d in obs_shape) or int(np.prod(obs_shape)) > MAX_OBSERVATION_SIZE:
-        raise InvalidRequest(f"spec.observation_shape: {list(obs_shape)} must be non-empty positive dimensions "
-                             f"of at most {MAX_OBSERVATION_SIZE} values in all", field="spec.observation_shape")
+    # math.prod on Python ints: numpy's int64 product wraps around ([2] * 64 would count as 0 values).
+    if not obs_shape or any(d < 1 for d in obs_shape) or math.prod(obs_shape) > MAX_OBSERVATION_SIZE:
+        raise InvalidRequest(f"spec.observation_shape: {quoted(str(list(obs_shape)))} must be non-empty positive "
+                             f"dimensions of at most {MAX_OBSERVATION_SIZE} values in all",
+                             field="spec.observation_shape")
     if request.discrete_actions is not None:
         if not 2 <= request.discrete_actions <= MAX_ACTION_SIZE:
             raise InvalidRequest(f"spec.discrete_n: {request.discrete_actions} must be in [2, {MAX_ACTION_SIZE}]",
@@ -146,10 +150,10 @@ def build_spec(request: PolicySpecRequest) -> PolicySpec:
         high: tuple[float, ...] = ()
     else:
         action_shape = tuple(int(d) for d in request.box_shape)
-        if not action_shape or any(d < 1 for d in action_shape) or int(np.prod(action_shape)) > MAX_ACTION_SIZE:
+        if not action_shape or any(d < 1 for d in action_shape) or math.prod(action_shape) > MAX_ACTION_SIZE:
             raise InvalidRequest("spec: give discrete_n, or box with a non-empty positive shape "
                                  f"of at most {MAX_ACTION_SIZE} values", field="spec.box.shape")
-        size = int(np.prod(action_shape))
+        size = math.prod(action_shape)
         low, high = tuple(float(v) for v in request.box_low), tuple(float(v) for v in request.box_high)
         for name, bound in (("low", low), ("high", high)):
             if bound and (len(bound) != size or any(np.isnan(bound))):
@@ -168,6 +172,36 @@ def build_spec(request: PolicySpecRequest) -> PolicySpec:
         raise InvalidHyperparameter(f"spec.{exc.message}", field=f"spec.{exc.field}") from None
     effective = {key: format_value(value) for key, value in sorted(values.items())}
     return PolicySpec(obs_shape, request.discrete_actions, action_shape, low, high, effective, seed, algorithm)
+
+
+def network_sizes(spec: PolicySpec) -> dict[str, int]:
+    """Parameters of the spec's actor (and critic, for PPO), counted without building them."""
+    hidden: tuple[int, ...] = spec.values()["net_arch"]  # type: ignore[assignment]
+    shape = spec.shape
+    actions = spec.discrete_actions if spec.discrete_actions is not None else shape.action_size
+    log_std = 0 if spec.discrete_actions is not None else shape.action_size
+    sizes = {"actor": mlp_parameters(shape.observation_size, hidden, actions) + log_std}
+    if spec.is_ppo:
+        sizes["critic"] = mlp_parameters(shape.observation_size, hidden, 1)
+    return sizes
+
+
+def check_network_sizes(spec: PolicySpec, cap: int) -> None:
+    """Refuse a spec whose actor or critic would pass MAX_NETWORK_PARAMETERS, naming net_arch (or the
+    observation shape when even one hidden unit is too many)."""
+    over = {name: count for name, count in network_sizes(spec).items() if count > cap}
+    if not over:
+        return
+    name, count = max(over.items(), key=lambda item: item[1])
+    if max(network_sizes(replace(spec, hyperparameters={**spec.hyperparameters, "net_arch": "1"})).values()) > cap:
+        raise InvalidRequest(
+            f"spec.observation_shape: {spec.shape.observation_size:,} observation values make the {name} "
+            f"{count:,} parameters, and even net_arch 1 passes this server's cap of {cap:,} "
+            "(MAX_NETWORK_PARAMETERS)", field="spec.observation_shape")
+    raise InvalidHyperparameter(
+        f"spec.hyperparameters['net_arch']: {spec.hyperparameters['net_arch']} makes the {name} {count:,} "
+        f"parameters for {spec.shape.observation_size:,} observation values, over this server's cap of {cap:,} "
+        "(MAX_NETWORK_PARAMETERS); use narrower or fewer layers", field="spec.hyperparameters.net_arch")
 
 
 def with_seed(spec: PolicySpec, seed: int) -> PolicySpec:

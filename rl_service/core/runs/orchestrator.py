@@ -67,6 +67,7 @@ class OrchestratorConfig:
     auto_resume: bool = True  # at start-up, resume runs a crash or a shutdown left unfinished
     max_run_attempts: int = 3  # worker deaths after which a run ends FAILED instead of resuming
     save_replay_buffer: bool = True  # off-policy algorithms save their replay buffer with each checkpoint
+    max_network_parameters: int = 10_000_000  # parameters of one run's policy, checked before it is built
 
 
 class Orchestrator:
@@ -75,7 +76,8 @@ class Orchestrator:
     def __init__(self, config: OrchestratorConfig, registry: RunRegistry, store: ModelStore,
                  executor: Executor, logger: Any) -> None:
         self._config = config
-        self._limits = RequestLimits(config.max_total_timesteps, config.default_checkpoint_interval)
+        self._limits = RequestLimits(config.max_total_timesteps, config.default_checkpoint_interval,
+                                     config.max_network_parameters)
         self._registry = registry
         self._store = store
         self._executor = executor

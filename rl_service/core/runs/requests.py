@@ -7,13 +7,15 @@ from dataclasses import dataclass
 
 from rl_service.core.algorithms.hyperparams import HyperValue, format_value
 from rl_service.core.algorithms.masking import masks_missing, registered_env_has_masks
+from rl_service.core.algorithms.network_size import check_run_network
 from rl_service.core.algorithms.registry import AlgorithmSpec, get_algorithm
 from rl_service.core.envs import ExternalEnvironments, env_spaces, is_external_env
-from rl_service.core.errors import InvalidHyperparameter, InvalidRequest
+from rl_service.core.errors import InvalidHyperparameter, InvalidRequest, quoted
 from rl_service.core.runs.records import RunRecord, RunState, TrainingRequest
 from rl_service.core.seeds import seed_or_random
 
 MIN_CHECKPOINT_INTERVAL = 100
+DEFAULT_NET_ARCH = (64, 64)  # what constructor_kwargs builds when a schema has no net_arch
 MAX_EXPERIMENT_ID = 128
 
 
@@ -23,6 +25,7 @@ class RequestLimits:
 
     max_total_timesteps: int = 100_000_000
     default_checkpoint_interval: int = 10_000
+    max_network_parameters: int = 10_000_000  # parameters of a run's policy (MAX_NETWORK_PARAMETERS)
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,9 @@ def validate_request(request: TrainingRequest, limits: RequestLimits,
     # A simulation's masks are known once a worker reaches it (the worker fails clearly without them).
     if spec.needs_action_masks and not external and not registered_env_has_masks(request.env_id):
         raise masks_missing(spec.name, request.env_id)
+    check_run_network(spec.name, spaces.observation_space, spaces.action_space,
+                      values.get("net_arch") or DEFAULT_NET_ARCH,  # type: ignore[arg-type]
+                      limits.max_network_parameters)
     effective = {key: format_value(value) for key, value in sorted(values.items())}
     return ValidatedRequest(experiment_id, spec, effective, interval, seed)
 
@@ -84,8 +90,8 @@ def _simulation_n_envs(request: TrainingRequest, values: dict[str, HyperValue], 
     """An external simulation decides how many envs step together; a client's different n_envs is refused."""
     if any(key.strip().lower() == "n_envs" for key in request.hyperparameters) and values.get("n_envs") != hosted:
         raise InvalidHyperparameter(
-            f"hyperparameters['n_envs']: the simulation at {request.env_id} hosts {hosted} envs; omit n_envs or "
-            f"set it to {hosted}", field="hyperparameters.n_envs")
+            f"hyperparameters['n_envs']: the simulation at {quoted(request.env_id)} hosts {hosted} envs; omit "
+            f"n_envs or set it to {hosted}", field="hyperparameters.n_envs")
     return {**values, "n_envs": hosted}
 
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from urllib.parse import quote, urlsplit
 
-from rl_service.core.errors import InvalidRequest, PermissionDenied
+from rl_service.core.errors import InvalidRequest, PermissionDenied, quoted
 
 SCHEME = "grpc"
 TLS_SCHEME = "grpcs"  # the same, over TLS: the simulation's certificate is verified (EXTERNAL_ENV_CA_FILE)
@@ -86,21 +86,21 @@ def parse_address(text: str, field: str = "env_id") -> ExternalAddress:
         parts = urlsplit(url)
         port = parts.port
     except ValueError as exc:
-        raise InvalidRequest(f"{field}: {url!r} is not a valid address ({exc}); {usage}", field=field) from None
+        raise InvalidRequest(f"{field}: {quoted(url)} is not a valid address ({exc}); {usage}", field=field) from None
     scheme = parts.scheme.lower()
     if scheme not in (SCHEME, TLS_SCHEME):
-        raise InvalidRequest(f"{field}: {url!r} is not a grpc://, grpcs:// or unix: address; {usage}, or "
+        raise InvalidRequest(f"{field}: {quoted(url)} is not a grpc://, grpcs:// or unix: address; {usage}, or "
                              f"{UNIX_USAGE}", field=field)
     if parts.username is not None or parts.password is not None or parts.path not in ("", "/") \
             or parts.query or parts.fragment:
-        raise InvalidRequest(f"{field}: {url!r} may hold only a host and a port; {usage}", field=field)
+        raise InvalidRequest(f"{field}: {quoted(url)} may hold only a host and a port; {usage}", field=field)
     host = (parts.hostname or "").lower()
     if not host:
-        raise InvalidRequest(f"{field}: {url!r} has no host; {usage}", field=field)
+        raise InvalidRequest(f"{field}: {quoted(url)} has no host; {usage}", field=field)
     if port is None or not 1 <= port <= 65535:
-        raise InvalidRequest(f"{field}: {url!r} needs a port in 1..65535; {usage}", field=field)
+        raise InvalidRequest(f"{field}: {quoted(url)} needs a port in 1..65535; {usage}", field=field)
     if _ip(host) is None and not _HOSTNAME.match(host):
-        raise InvalidRequest(f"{field}: {host!r} is neither an IP address nor a hostname; {usage}", field=field)
+        raise InvalidRequest(f"{field}: {quoted(host)} is neither an IP address nor a hostname; {usage}", field=field)
     return ExternalAddress(url=url, host=host, port=port, tls=scheme == TLS_SCHEME)
 
 
@@ -110,15 +110,15 @@ def _parse_unix(url: str, field: str) -> ExternalAddress:
     if path.startswith("//"):  # unix://AUTHORITY/PATH: only an empty authority, as gRPC has it
         path = path[2:]
         if path and not path.startswith("/"):
-            raise InvalidRequest(f"{field}: {url!r} names a host; a socket address has none; {UNIX_USAGE}",
+            raise InvalidRequest(f"{field}: {quoted(url)} names a host; a socket address has none; {UNIX_USAGE}",
                                  field=field)
     if not path or path == "/":
-        raise InvalidRequest(f"{field}: {url!r} has no socket path; {UNIX_USAGE}", field=field)
+        raise InvalidRequest(f"{field}: {quoted(url)} has no socket path; {UNIX_USAGE}", field=field)
     if any(ord(c) < 32 or c == "\x7f" for c in path):
-        raise InvalidRequest(f"{field}: {url!r}: the socket path holds a NUL byte or another control character; "
-                             f"{UNIX_USAGE}", field=field)
+        raise InvalidRequest(f"{field}: {quoted(url)}: the socket path holds a NUL byte or another control "
+                             f"character; {UNIX_USAGE}", field=field)
     if any(c in path for c in "?#%"):  # gRPC would read them as a query, a fragment or a percent-escape
-        raise InvalidRequest(f"{field}: {url!r} may hold only a socket path (no ?, # or %); {UNIX_USAGE}",
+        raise InvalidRequest(f"{field}: {quoted(url)} may hold only a socket path (no ?, # or %); {UNIX_USAGE}",
                              field=field)
     return ExternalAddress(url=url, socket_path=path)
 
@@ -213,6 +213,7 @@ class SocketDirectory:
         size = len(os.fsencode(path))
         if size > MAX_SOCKET_PATH_BYTES:
             raise InvalidRequest(
-                f"{field}: {address.url} resolves to a socket path of {size} bytes; a unix socket path holds at most "
-                f"{MAX_SOCKET_PATH_BYTES} (sun_path); use a shorter name or EXTERNAL_ENV_SOCKET_DIR", field=field)
+                f"{field}: {address.url} resolves to a socket path of {size} bytes; a unix socket path holds "
+                f"at most {MAX_SOCKET_PATH_BYTES} (sun_path); use a shorter name or EXTERNAL_ENV_SOCKET_DIR",
+                field=field)
         return replace(address, socket_path=path)
