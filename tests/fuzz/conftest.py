@@ -11,16 +11,30 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 from grpc_health.v1 import health_pb2
 
+from rl_service.cli.security import BearerToken
+from rl_service.infra.auth_tokens import Role, new_token, token_line
+from rl_service_proto.v1 import training_pb2_grpc
 from tests.conftest import FAST_PPO, ServerHandle, start_server
 from tests.support.proto_fuzz import SERVER_LIMITS, Hints, create_targets, target_hints
 
 # One entry per way of reaching the server: settings overrides (given the root) and the metadata every call
 # carries. Authentication adds "authenticated": an AUTH_TOKENS_FILE written under the root and its bearer token.
 ServerKind = Callable[[Path], tuple[dict[str, Any], tuple[tuple[str, str], ...]]]
-SERVER_KINDS: dict[str, ServerKind] = {"plain": lambda root: ({}, ())}
+
+
+def _authenticated(root: Path) -> tuple[dict[str, Any], tuple[tuple[str, str], ...]]:
+    """A server with AUTH_TOKENS_FILE; calls carry an admin's token, so every handler is reached."""
+    token = new_token()
+    tokens = root / "tokens"
+    tokens.write_text(token_line("fuzzer", Role.ADMIN, token) + "\n")
+    return {"auth_tokens_file": tokens}, (("authorization", f"Bearer {token}"),)
+
+
+SERVER_KINDS: dict[str, ServerKind] = {"plain": lambda root: ({}, ()), "authenticated": _authenticated}
 
 
 @dataclass
@@ -88,6 +102,10 @@ def target(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
     previous = os.getcwd()
     os.chdir(cwd)
     handle = start_server(root / "server", **{**SERVER_LIMITS, **overrides})
+    if metadata:  # the fixture's own calls (start, status) carry the token too; fuzzed calls pass `metadata`
+        token = dict(metadata)["authorization"].removeprefix("Bearer ")
+        handle.stub = training_pb2_grpc.TrainingServiceStub(grpc.intercept_channel(handle.channel,
+                                                                                   BearerToken(token)))
     try:
         run_id = handle.start(total_timesteps=256, hyperparameters=FAST_PPO)
         handle.wait_until(run_id, lambda s: s.is_done, timeout=120)

@@ -148,9 +148,9 @@ def test_train_reports_failed_runs_and_bad_requests(server: ServerHandle) -> Non
     assert failed.code == 1
     assert re.search(r"FAILED run-[0-9a-f]{12} at [\d,]+/5,000 timesteps: RuntimeError: .*deliberate crash", failed.err)
 
-    bad = at(server, "train", "--algo", "TRPO", "--env", "CartPole-v1", "--timesteps", "100")
+    bad = at(server, "train", "--algo", "HER", "--env", "CartPole-v1", "--timesteps", "100")
     assert bad.code == 1
-    assert bad.err.startswith("ERROR INVALID_ARGUMENT: algorithm: unknown algorithm 'TRPO'"), bad.err
+    assert bad.err.startswith("ERROR INVALID_ARGUMENT: algorithm: unknown algorithm 'HER'"), bad.err
     bad_hp = at(server, "train", "--algo", "PPO", "--env", "CartPole-v1", "--timesteps", "100", "--hp", "gamma=2")
     assert bad_hp.code == 1 and bad_hp.err.startswith("ERROR INVALID_ARGUMENT:") and "gamma" in bad_hp.err
 

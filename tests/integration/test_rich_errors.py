@@ -79,7 +79,7 @@ def test_bad_hyperparameter_value_names_its_field(server: ServerHandle) -> None:
 @pytest.mark.parametrize(("fields", "field"), [
     ({"total_timesteps": 0}, "total_timesteps"),
     ({"total_timesteps": 10**12}, "total_timesteps"),
-    ({"algorithm": "TRPO"}, "algorithm"),
+    ({"algorithm": "HER"}, "algorithm"),
     ({"env_id": "CartPol-v1"}, "env_id"),
     ({"seed": -1}, "seed"),
     ({"checkpoint_interval": 5}, "checkpoint_interval"),
