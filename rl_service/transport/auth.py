@@ -271,10 +271,8 @@ def _wrapped(handler: grpc.RpcMethodHandler, call: _Call) -> grpc.RpcMethodHandl
 
 def auth_interceptors(settings: Settings) -> list[grpc.ServerInterceptor]:
     """The server's interceptors: AUTH_TOKENS_FILE read once (TokenFileError stops the start-up), or none set."""
-    log = get_logger("auth")
+    # Nothing is logged here: a refusal later in start-up must print its one line alone. The "server started"
+    # line says whether authentication is on.
     if settings.auth_tokens_file is None:
-        log.info("authentication off: AUTH_TOKENS_FILE is not set; every call acts as an admin")
         return [AuthInterceptor(None)]
-    tokens = load_tokens(settings.auth_tokens_file)
-    log.info("authentication on", tokens_file=str(settings.auth_tokens_file), tokens=len(tokens.entries))
-    return [AuthInterceptor(tokens)]
+    return [AuthInterceptor(load_tokens(settings.auth_tokens_file))]

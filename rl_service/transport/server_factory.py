@@ -111,7 +111,7 @@ def build_server(settings: Settings) -> RunningServer:
     directories (lock, crash leftovers), then build and start the rest (DataDirInUse: refused)."""
     security = PortSecurity.from_settings(settings)  # TLS files and the exposure rule
     config = orchestrator_config(settings)  # reads EXTERNAL_ENV_CA_FILE
-    interceptors = auth_interceptors(settings)  # reads AUTH_TOKENS_FILE (last: it logs whether auth is on)
+    interceptors = auth_interceptors(settings)  # reads AUTH_TOKENS_FILE
     lock = DataDirLock.acquire(settings.data_dir)
     try:
         removed = remove_temp_files(settings.data_dir, settings.models_root, settings.checkpoint_root,
@@ -192,6 +192,7 @@ def _build_started(settings: Settings, lock: DataDirLock, config: OrchestratorCo
     for service in HEALTH_SERVICES:
         health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
     log.info("server started", address=f"{settings.grpc_host}:{port}", transport=security.mode,
+             authentication="tokens" if settings.auth_tokens_file is not None else "off (every call acts as admin)",
              models_dir=str(settings.models_root),
              checkpoint_dir=str(settings.checkpoint_root), max_concurrent_runs=settings.max_concurrent_runs)
     return RunningServer(server, port, orchestrator, policies, health_servicer, settings, lock, health_server,

@@ -61,6 +61,11 @@ def test_undecodable_request_of_a_server_stream_is_invalid_argument(server: Serv
 
 @pytest.mark.parametrize("bad_at", [0, 1])
 def test_undecodable_chunk_of_a_client_stream_is_invalid_argument(server: ServerHandle, bad_at: int) -> None:
+    from rl_service_proto.v1 import policy_pb2_grpc
+
+    # The policy exists, so a good first chunk passes the owner check and the bad second one is what is refused.
+    policy_pb2_grpc.PolicyServiceStub(server.channel).CreatePolicy(
+        ppb.CreatePolicyRequest(policy_id="p", spec=ppb.PolicySpec(observation_shape=[2], discrete_n=2)), timeout=30)
     good = ppb.TrainingBatch(policy_id="p", states=[0.0, 1.0], actions=[0.0], rewards=[1.0],
                              dones=[True]).SerializeToString()
     chunks = [good, good]

@@ -17,6 +17,7 @@ from rl_service.core.models.normalization import load_stats, stats_path
 from rl_service_proto.v1 import training_pb2 as pb
 from tests.conftest import FAST_PPO, ServerHandle, files_under
 from tests.support.envs import MASKED_ENV_ID, MaskedChoiceEnv
+from tests.support.grpc_errors import field_violations
 
 SAC_QUICK = {"learning_starts": "100", "batch_size": "64", "net_arch": "64,64", "buffer_size": "2000"}
 MASKED_QUICK = {"n_steps": "128", "batch_size": "64", "n_epochs": "2", "net_arch": "32"}
@@ -176,3 +177,20 @@ def test_maskable_ppo_on_a_simulation_without_masks_trains_as_ppo(server_factory
     finally:
         simulation.stop()
     assert final.state == pb.SUCCEEDED and final.timesteps_done == 512, final.error
+
+
+def test_evaluations_on_a_simulation_are_refused_naming_eval_freq(server_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from rl_service.envserver.reference_server import serve_gym
+
+    handle: ServerHandle = server_factory(tmp_path)
+    simulation = serve_gym("CartPole-v1", 2)
+    try:
+        with pytest.raises(grpc.RpcError) as caught:
+            handle.start("PPO", env_id=simulation.address, total_timesteps=512,
+                         hyperparameters={**FAST_PPO, "eval_freq": "256"})
+    finally:
+        simulation.stop()
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "eval_freq" in caught.value.details() and "one client at a time" in caught.value.details()
+    assert field_violations(caught.value) == ["hyperparameters.eval_freq"]
+    assert not list(handle.stub.ListRuns(pb.ListRunsRequest(), timeout=10).runs)

@@ -282,11 +282,13 @@ def test_statistics_are_saved_pruned_and_deleted_with_their_checkpoint(store: Fi
 def test_a_failed_statistics_write_leaves_nothing(store: FileModelStore, monkeypatch: pytest.MonkeyPatch) -> None:
     import rl_service.infra.model_store as module
 
-    def broken(path: Path, stats: object) -> None:
-        path.write_bytes(b"half")
-        raise OSError("disk full")
+    real = module.stats_bytes
 
-    monkeypatch.setattr(module, "save_stats", broken)
+    def broken(stats: object) -> bytes:  # the statistics' bytes are made, then the disk fills mid-write
+        data = real(stats)  # type: ignore[arg-type]
+        raise OSError(f"disk full after {len(data) // 2} of {len(data)} bytes")
+
+    monkeypatch.setattr(module, "stats_bytes", broken)
     with pytest.raises(OSError, match="disk full"):
         store.save_checkpoint("run-1", FakeModel(), 100, normalize=_stats(1.0))
     assert not store.checkpoint_run_dir("run-1").exists() or not os.listdir(store.checkpoint_run_dir("run-1"))

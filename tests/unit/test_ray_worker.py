@@ -23,8 +23,9 @@ def _settings(tmp_path: Path, **values: object) -> Settings:
 
 
 def _job(tmp_path: Path, **changes: object) -> RunJob:
+    model_path = tmp_path / "data" / "models" / "run-1" / "m.zip"  # inside MODELS_DIR: writes are confined to it
     job = RunJob(run_id="run-1", experiment_id="e", algorithm="ppo", env_id="CartPole-v1", total_timesteps=64,
-                 seed=1, hyperparameters={}, checkpoint_interval=1000, model_path=str(tmp_path / "m.zip"))
+                 seed=1, hyperparameters={}, checkpoint_interval=1000, model_path=str(model_path))
     return RunJob.from_dict({**job.to_dict(), **changes})
 
 

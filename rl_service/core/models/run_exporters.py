@@ -2,8 +2,9 @@
 
 A plain registry of formats (name -> ExportFormat); a lookup miss lists the valid names. TorchScript and ONNX are
 the run's CompiledActor itself, the module Act and ActBatch run (normalisation and masks included): TorchScript
-scripts it around its traced core, ONNX exports it, and each program is checked against the module before it
-leaves, so an export and Act can never disagree.
+scripts it around its traced core (the very program Act runs, checked against the module when it is compiled),
+and ONNX exports the same module, so an export and Act compute the same function. (An ONNX file is not run
+before it leaves: onnxruntime is not a server dependency; the tests check ONNX exports against Act.)
 
 Masks: the TorchScript program of a Discrete policy takes `action_mask: Optional[Tensor]` (bool [batch, n], true =
 legal) as a second argument. ONNX graphs have no optional inputs, so an ONNX export takes `action_mask` as a

@@ -56,8 +56,8 @@ def run_spaces(record: RunRecord, metadata_path: Path) -> tuple[gym.Space[Any], 
     if is_external_env(record.env_id):
         raise ModelNotReady(
             f"run_id: run {record.run_id} trained on an external environment before this server recorded spaces "
-            "in metadata.json, so its policy cannot be rebuilt without unpickling; retrain it, or export format "
-            "sb3", field="run_id")
+            "in metadata.json, so its policy cannot be rebuilt without unpickling; resume it (its next model records "
+            "them) or retrain it", field="run_id")
     try:  # a registered id names code the operator installed, not code a client sent
         spaces = env_spaces(record.env_id)
     except ServiceError as exc:

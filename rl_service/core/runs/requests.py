@@ -66,9 +66,16 @@ def validate_request(request: TrainingRequest, limits: RequestLimits,
         values = _simulation_n_envs(request, values, spaces.num_envs)
         spec.validate(values)
     spec.check_spaces(spaces.action_space, values, spaces.observation_space)
-    # A simulation's masks are known once a worker reaches it (the worker fails clearly without them).
+    # A simulation's masks are known once a worker reaches it; one that sends none has every action legal.
     if spec.needs_action_masks and not external and not registered_env_has_masks(request.env_id):
         raise masks_missing(spec.name, request.env_id)
+    if external and values.get("eval_freq"):
+        # An evaluation needs a second instance of the environment; a simulation hosts one set of envs for one
+        # client (docs/environment-protocol.md), so evaluating would reset the envs training is stepping.
+        raise InvalidHyperparameter(
+            "hyperparameters['eval_freq']: evaluations need a separate environment instance, and a simulation "
+            "serves one client at a time; evaluate registered Gymnasium environments only, or export the policy "
+            "and evaluate it against your simulation", field="hyperparameters.eval_freq")
     check_run_network(spec.name, spaces.observation_space, spaces.action_space,
                       values.get("net_arch") or DEFAULT_NET_ARCH,  # type: ignore[arg-type]
                       limits.max_network_parameters)
