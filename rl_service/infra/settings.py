@@ -104,6 +104,10 @@ class Settings(BaseSettings):
         None, description="PEM CA bundle that grpcs:// simulations' certificates must chain to "
                           "(unset: the system's roots)")
 
+    # The HTTP/JSON API, /metrics and the dashboard, served beside gRPC by the same process (same host, TLS, tokens).
+    http_enabled: bool = Field(True, description="serve the HTTP/JSON API, /metrics and the dashboard on HTTP_PORT")
+    http_port: int = Field(8080, ge=0, le=65535, description="HTTP port (0: any free port), on GRPC_HOST")
+
     # Where runs train (see docs/architecture.md, "Executors").
     executor: Literal["local", "ray"] = Field(
         "local", description="local: one process per run on this machine; ray: one Ray actor per run on a cluster")
