@@ -27,8 +27,10 @@ DEFAULT_OUTPUT = Path(__file__).resolve().parent
 class Context:
     """What the sections share: the output directory, the mode, and one service in a subprocess (started lazily)."""
 
-    def __init__(self, output: Path, quick: bool, repeats: int, learning_data: Path | None, seeds: list[int]) -> None:
+    def __init__(self, output: Path, quick: bool, repeats: int, learning_data: Path | None, seeds: list[int],
+                 fuzz_cases: int | None = None) -> None:
         self.output = output
+        self.fuzz_cases = fuzz_cases
         self.quick = quick
         self.repeats = repeats
         self.learning_data = learning_data
@@ -96,7 +98,7 @@ def run_section(name: str, ctx: Context) -> Section:
     if name == "fuzz":
         from benchmarks import fuzz
 
-        return fuzz.run(ctx.quick, ctx.scratch)
+        return fuzz.run(ctx.quick, ctx.scratch, ctx.fuzz_cases)
     raise ValueError(f"unknown section {name!r}; choose from {', '.join(SECTIONS)}")
 
 
@@ -134,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--repeats", type=int, help="repeats per comparison (default 3, 1 with --quick)")
     run.add_argument("--learning-data", type=Path,
                      help="collect learning runs trained earlier by `python -m benchmarks.learning train`")
+    run.add_argument("--fuzz-cases", type=int, help="fuzz: cases per RPC and kind (default 10,000; 3 with --quick)")
     run.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="learning seeds (default 0 1 2)")
     render = sub.add_parser("render", help="rewrite RESULTS.md from results/results.json (after editing findings)")
     render.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
@@ -148,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     output = args.output or (Path(tempfile.mkdtemp(prefix="benchmarks-quick-")) if args.quick else DEFAULT_OUTPUT)
     repeats = args.repeats or (1 if args.quick else 3)
-    ctx = Context(output.resolve(), args.quick, repeats, args.learning_data, args.seeds)
+    ctx = Context(output.resolve(), args.quick, repeats, args.learning_data, args.seeds, args.fuzz_cases)
     from benchmarks.machine import machine_facts
 
     facts = machine_facts()

@@ -8,7 +8,7 @@ status codes seen, the slowest answer, and any problem (INTERNAL or UNKNOWN, a u
 deadline, a status that did not fit the trailers or echoed the request); and the server's resident memory
 (VmRSS) before, during (sampled after each RPC) and after, with the files written outside its directories.
 
-`python -m benchmarks run --only fuzz` (10,000 cases per RPC and kind); `--quick`: 3.
+`python -m benchmarks run --only fuzz` (10,000 cases per RPC and kind; `--fuzz-cases N` for fewer); `--quick`: 3.
 """
 
 from __future__ import annotations
@@ -60,14 +60,14 @@ def _fuzz_rpc(channel: Any, rpc: Any, hints: Any, cases: int, raw: bool) -> list
     return outcomes
 
 
-def run(quick: bool, scratch: Path) -> Section:
+def run(quick: bool, scratch: Path, cases_per_kind: int | None = None) -> Section:
     """Start a fuzz server, aim at a finished run and two policies, fuzz each RPC, report."""
     import grpc
 
     from rl_service_proto.v1 import training_pb2 as pb
     from tests.support.proto_fuzz import create_targets, judge, served_rpcs, target_hints
 
-    cases = QUICK_CASES if quick else CASES
+    cases = cases_per_kind or (QUICK_CASES if quick else CASES)
     base = scratch / "fuzz"  # the server's data directory and nothing else: anything new beside it escaped
     data = base / "server"
     server = start_server_process(data, env=_environment())
