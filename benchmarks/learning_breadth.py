@@ -178,7 +178,8 @@ def report(runs: list[dict[str, Any]], quick: bool) -> Section:
 def run(quick: bool, seeds: list[int]) -> Section:
     """A server in a subprocess (two runs at a time, the suite's masked env loaded), every run, the report."""
     seeds = seeds[:1] if quick else seeds
-    env = {"GYM_PACKAGES": "tests.support.envs",
+    # 27 runs are queued at once (9 configurations x 3 seeds), two training at a time.
+    env = {"GYM_PACKAGES": "tests.support.envs", "MAX_QUEUED_RUNS": "64",
            "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)}
     with tempfile.TemporaryDirectory(prefix="bench-learning-breadth-") as tmp:
         server = start_server_process(Path(tmp) / "server", "--max-concurrent-runs", "2", env=env)
