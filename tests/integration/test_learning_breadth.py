@@ -194,3 +194,30 @@ def test_evaluations_on_a_simulation_are_refused_naming_eval_freq(server_factory
     assert "eval_freq" in caught.value.details() and "one client at a time" in caught.value.details()
     assert field_violations(caught.value) == ["hyperparameters.eval_freq"]
     assert not list(handle.stub.ListRuns(pb.ListRunsRequest(), timeout=10).runs)
+
+
+def test_a_normalised_runs_exports_answer_as_act_for_raw_observations(server: ServerHandle) -> None:
+    import io
+
+    import numpy as np
+    import torch
+
+    run_id = server.start(total_timesteps=1024, seed=9, checkpoint_interval=512,
+                          hyperparameters={**FAST_PPO, "normalize": "true", "eval_freq": "512",
+                                           "n_eval_episodes": "2"})
+    final = server.watch_to_end(run_id)[-1]
+    assert final.state == pb.SUCCEEDED and final.HasField("best_evaluation")
+    stats = load_stats(stats_path(Path(final.model_path)))
+    # Raw CartPole states well away from the statistics' mean: normalisation changes what the policy sees.
+    raw = np.random.default_rng(0).uniform(-2.0, 2.0, size=(64, 4)).astype(np.float32)
+    assert not np.allclose(stats.normalize_observations(raw), raw)
+    for model in ("latest", "best"):
+        answered = server.stub.ActBatch(pb.ActBatchRequest(run_id=run_id, observations=raw.ravel().tolist(),
+                                                           deterministic=True, model=model), timeout=30)
+        exported = server.stub.ExportModel(pb.ExportModelRequest(run_id=run_id, format="torchscript", model=model),
+                                           timeout=60)
+        program = torch.jit.load(io.BytesIO(exported.data))
+        with torch.inference_mode():
+            actions = program(torch.from_numpy(raw)).numpy().reshape(-1)
+        assert actions.tolist() == list(answered.actions), model
+        assert exported.model_timesteps == answered.model_timesteps
