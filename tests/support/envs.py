@@ -89,6 +89,21 @@ class MaskedChoiceEnv(gym.Env[np.ndarray, np.int64]):
         return self._draw(), reward, False, self._t >= self.episode_length, {}
 
 
+class SpacesEnv(gym.Env[Any, Any]):
+    """A do-nothing environment with the given spaces (not registered): enough to build untrained policies."""
+
+    def __init__(self, observation_space: gym.Space[Any], action_space: gym.Space[Any]) -> None:
+        self.observation_space = observation_space
+        self.action_space = action_space
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[Any, dict[str, Any]]:
+        super().reset(seed=seed)
+        return self.observation_space.sample(), {}
+
+    def step(self, action: Any) -> tuple[Any, float, bool, bool, dict[str, Any]]:
+        return self.observation_space.sample(), 0.0, False, False, {}
+
+
 def register() -> None:
     """Register the test environments with Gymnasium (idempotent)."""
     if CRASH_ENV_ID not in gym.registry:

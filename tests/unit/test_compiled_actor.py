@@ -20,23 +20,7 @@ from rl_service.core.models.normalization import NormalizeStats, save_stats, sta
 from rl_service.core.models.policy_weights import DamagedModel, IncompatibleModel, PolicyBuild
 from rl_service.core.models.run_exporters import ExportSource, export_model, get_export_format
 from rl_service.core.models.served_policy import ServedPolicy, compile_policy, load_served_policy
-from tests.support.envs import MASKED_ENV_ID
-
-
-class _SpacesEnv(gym.Env[Any, Any]):
-    """A do-nothing environment with the given spaces: enough to build (untrained) policies."""
-
-    def __init__(self, observation_space: gym.Space[Any], action_space: gym.Space[Any]) -> None:
-        self.observation_space = observation_space
-        self.action_space = action_space
-
-    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[Any, dict[str, Any]]:
-        super().reset(seed=seed)
-        return self.observation_space.sample(), {}
-
-    def step(self, action: Any) -> tuple[Any, float, bool, bool, dict[str, Any]]:
-        return self.observation_space.sample(), 0.0, False, False, {}
-
+from tests.support.envs import MASKED_ENV_ID, SpacesEnv
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -49,16 +33,16 @@ CASES: list[tuple[str, type[Any], Any, dict[str, Any]]] = [
     ("ppo-box", PPO, "Pendulum-v1", {}),
     ("ppo-box-sde", PPO, "Pendulum-v1", {"use_sde": True}),
     ("ppo-box-sde-squashed", PPO, "Pendulum-v1", {"use_sde": True, "policy_kwargs": {"squash_output": True}}),
-    ("ppo-multidiscrete", PPO, _SpacesEnv(BOX4, gym.spaces.MultiDiscrete([3, 2, 4])), {}),
-    ("a2c-multibinary", A2C, _SpacesEnv(gym.spaces.MultiBinary(3), gym.spaces.MultiBinary(4)), {}),
+    ("ppo-multidiscrete", PPO, SpacesEnv(BOX4, gym.spaces.MultiDiscrete([3, 2, 4])), {}),
+    ("a2c-multibinary", A2C, SpacesEnv(gym.spaces.MultiBinary(3), gym.spaces.MultiBinary(4)), {}),
     ("a2c-discrete-observations", A2C, "FrozenLake-v1", {}),
     ("dqn", DQN, "CartPole-v1", OFF),
     ("qrdqn", QRDQN, "CartPole-v1", {**OFF, "policy_kwargs": {"n_quantiles": 7}}),
     ("sac", SAC, "Pendulum-v1", OFF),
     ("sac-sde", SAC, "Pendulum-v1", {**OFF, "use_sde": True}),
-    ("sac-2d-actions", SAC, _SpacesEnv(BOX4, WIDE_2D), OFF),
+    ("sac-2d-actions", SAC, SpacesEnv(BOX4, WIDE_2D), OFF),
     ("td3", TD3, "Pendulum-v1", OFF),
-    ("td3-2d-actions", TD3, _SpacesEnv(BOX4, WIDE_2D), OFF),
+    ("td3-2d-actions", TD3, SpacesEnv(BOX4, WIDE_2D), OFF),
     ("ddpg", DDPG, "Pendulum-v1", OFF),
     ("tqc", TQC, "Pendulum-v1", {**OFF, "policy_kwargs": {"n_quantiles": 5, "n_critics": 2}}),
     ("trpo-discrete", TRPO, "CartPole-v1", {}),

@@ -25,22 +25,7 @@ from rl_service.core.models.run_exporters import (
     get_export_format,
 )
 from rl_service.core.models.served_policy import compile_policy, load_served_policy
-
-
-class _SpacesEnv(gym.Env[Any, Any]):
-    """A do-nothing environment with the given spaces: enough to build (untrained) policies."""
-
-    def __init__(self, observation_space: gym.Space[Any], action_space: gym.Space[Any]) -> None:
-        self.observation_space = observation_space
-        self.action_space = action_space
-
-    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[Any, dict[str, Any]]:
-        super().reset(seed=seed)
-        return self.observation_space.sample(), {}
-
-    def step(self, action: Any) -> tuple[Any, float, bool, bool, dict[str, Any]]:
-        return self.observation_space.sample(), 0.0, False, False, {}
-
+from tests.support.envs import SpacesEnv
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:DeprecationWarning")
 
@@ -52,11 +37,11 @@ CASES: list[tuple[str, type[Any], Any, dict[str, Any]]] = [
     ("a2c-discrete-observations", A2C, "FrozenLake-v1", {}),
     ("ppo-box", PPO, "Pendulum-v1", {}),
     ("ppo-box-sde", PPO, "Pendulum-v1", {"use_sde": True}),
-    ("ppo-multidiscrete", PPO, _SpacesEnv(BOX4, gym.spaces.MultiDiscrete([3, 2, 4])), {}),
-    ("a2c-multibinary", A2C, _SpacesEnv(gym.spaces.MultiBinary(3), gym.spaces.MultiBinary(4)), {}),
+    ("ppo-multidiscrete", PPO, SpacesEnv(BOX4, gym.spaces.MultiDiscrete([3, 2, 4])), {}),
+    ("a2c-multibinary", A2C, SpacesEnv(gym.spaces.MultiBinary(3), gym.spaces.MultiBinary(4)), {}),
     ("reinforce-discrete", Reinforce, "CartPole-v1", {}),
     ("reinforce-box", Reinforce, "Pendulum-v1", {}),
-    ("ppo-box-2d-actions", PPO, _SpacesEnv(gym.spaces.MultiDiscrete([2, 5]),
+    ("ppo-box-2d-actions", PPO, SpacesEnv(gym.spaces.MultiDiscrete([2, 5]),
                                            gym.spaces.Box(-2.0, 3.0, (2, 2), np.float32)), {}),
 ]
 
