@@ -3,6 +3,7 @@ FastAPI could not validate as INVALID_ARGUMENT naming its field, and a request b
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Awaitable, Callable, MutableMapping
 from http import HTTPStatus
 from typing import Any
@@ -94,26 +95,29 @@ class BodySizeCap:
             await self._refuse(scope, receive, send)
             return
         seen = 0
+        over = False
         started = False
 
         async def counted_receive() -> Message:
-            nonlocal seen
+            nonlocal seen, over
             message = await receive()
             seen += len(message.get("body", b""))
             if seen > self._limit:
+                over = True
                 raise _TooLarge()
             return message
 
         async def tracked_send(message: Message) -> None:
             nonlocal started
+            if over and not started:
+                return  # the app's own answer to the failed read (FastAPI: 400) gives way to the 413 below
             started = started or message["type"] == "http.response.start"
             await send(message)
 
-        try:
+        with contextlib.suppress(_TooLarge):  # FastAPI may also catch it, and answer 400: dropped above
             await self._app(scope, counted_receive, tracked_send)
-        except _TooLarge:
-            if not started:
-                await self._refuse(scope, receive, send)
+        if over and not started:
+            await self._refuse(scope, receive, send)
 
     async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
         response = problem(grpc.StatusCode.RESOURCE_EXHAUSTED,
