@@ -50,7 +50,8 @@ def create_app(api: HttpApi, max_body_bytes: int) -> Any:
     from rl_service.transport.http.routes_runs import runs_router
     from rl_service.transport.http.routes_service import service_router
 
-    app = FastAPI(title="rl-service", version="1", description=(
+    # No /docs or /redoc: their pages load Swagger UI and ReDoc from a CDN; /openapi.json is served.
+    app = FastAPI(title="rl-service", version="1", docs_url=None, redoc_url=None, description=(
         "The HTTP/JSON API of rl-service, beside its gRPC API over the same core: the same roles, tokens "
         "(Authorization: Bearer) and audit lines. Errors are RFC 9457 problem JSON whose `code` is the gRPC code."))
     install_problem_handlers(app)
