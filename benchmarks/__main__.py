@@ -20,7 +20,7 @@ from pathlib import Path
 from benchmarks.common import Section, ServerProcess, start_server_process, write_results
 
 SECTIONS = ("overhead", "external_env", "act", "experience", "learning", "footprint", "chaos",
-            "policy_learning", "ray", "learning_breadth", "fuzz")
+            "policy_learning", "ray", "learning_breadth", "fuzz", "http")
 DEFAULT_OUTPUT = Path(__file__).resolve().parent
 
 
@@ -99,6 +99,10 @@ def run_section(name: str, ctx: Context) -> Section:
         from benchmarks import fuzz
 
         return fuzz.run(ctx.quick, ctx.scratch, ctx.fuzz_cases)
+    if name == "http":
+        from benchmarks import http_api
+
+        return http_api.run(ctx.server(), ctx.quick, ctx.repeats)
     raise ValueError(f"unknown section {name!r}; choose from {', '.join(SECTIONS)}")
 
 

@@ -173,7 +173,8 @@ def profile_act(calls: int = 300) -> str:
     from rl_service.transport.server_factory import build_server
 
     with tempfile.TemporaryDirectory(prefix="bench-act-profile-") as tmp:
-        settings = Settings(_env_file=None, grpc_host="127.0.0.1", grpc_port=0, data_dir=Path(tmp),  # type: ignore[call-arg]
+        settings = Settings(_env_file=None, grpc_host="127.0.0.1", grpc_port=0, http_enabled=False,  # type: ignore[call-arg]
+                            data_dir=Path(tmp),
                             log_level="ERROR", log_format="console")
         configure_logging(settings.log_level, settings.log_format)
         running = build_server(settings)

@@ -219,6 +219,7 @@ class ServerProcess:
     port: int
     started_at: float  # perf_counter when Popen was called
     log_path: Path
+    http_url: str = ""  # the HTTP API's base URL from the "server started" line ("" when HTTP is off)
 
     @property
     def address(self) -> str:
@@ -243,7 +244,8 @@ def start_server_process(data_dir: Path, *extra: str, env: dict[str, str] | None
     started."""
     data_dir.mkdir(parents=True, exist_ok=True)
     log_path = data_dir / "server.log"
-    environment = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    # HTTP_PORT=0: never the default 8080, which another server (or a parallel CI job) may hold.
+    environment = {**os.environ, "PYTHONUNBUFFERED": "1", "HTTP_PORT": "0", **(env or {})}
     command = [sys.executable, str(REPO / "server.py"), "--host", "127.0.0.1", "--port", "0", "--data-dir",
                str(data_dir), "--log-format", "json", "--log-level", "INFO", "--env-file", os.devnull, *extra]
     started = time.perf_counter()
@@ -266,7 +268,8 @@ def start_server_process(data_dir: Path, *extra: str, env: dict[str, str] | None
             if record.get("event") == "server started":
                 port = int(str(record["address"]).rsplit(":", 1)[1])
                 _drain(process, log_path)
-                return ServerProcess(process, port, started, log_path)
+                http = str(record.get("http", "off"))
+                return ServerProcess(process, port, started, log_path, "" if http == "off" else http.rstrip("/"))
     process.kill()
     raise RuntimeError(f"server did not start; see {log_path}")
 

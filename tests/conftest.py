@@ -83,6 +83,9 @@ def make_settings(root: Path, **overrides: Any) -> Settings:
         "log_level": "WARNING",
         # The suite's own environments (rl_service/CrashAfter-v0): registered by the server and its workers.
         "gym_packages": TEST_GYM_PACKAGES,
+        # No HTTP API unless a test asks for it (http_enabled=True): fewer servers; and then port 0, never 8080.
+        "http_enabled": False,
+        "http_port": 0,
     }
     values.update(overrides)
     return Settings(_env_file=None, **values)  # type: ignore[call-arg]

@@ -129,6 +129,11 @@ class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
                            f"{entry.name!r} has role {entry.role.label}", entry.name)
         return Principal(entry.name, entry.role)
 
+    def call(self, method: str) -> _Call:
+        """Admission, principal and audit for calls of one RPC that reach a servicer another way (the HTTP API):
+        the same table, tokens and audit lines as gRPC's."""
+        return _Call(self, method)
+
     def audited(self, method: str) -> bool:
         """Whether calls of this RPC get an audit line even when admitted."""
         return is_audited(self._roles.get(method))

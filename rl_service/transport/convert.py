@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+from rl_service.core.algorithms.hyperparams import Param, format_value
 from rl_service.core.errors import InvalidRequest
 from rl_service.core.models.run_exporters import ExportedModel
 from rl_service.core.runs.history import Episode, HistoryPage
@@ -16,6 +20,9 @@ from rl_service.core.runs.records import (
     TrainingRequest,
 )
 from rl_service_proto.v1 import training_pb2 as pb
+
+if TYPE_CHECKING:  # the registry imports torch; conversion itself needs only the spec's fields
+    from rl_service.core.algorithms.registry import AlgorithmSpec
 
 
 def training_request_from_proto(msg: pb.StartTrainingRequest) -> TrainingRequest:
@@ -145,3 +152,28 @@ def exported_model_from_proto(msg: pb.ExportModelResponse) -> ExportedModel:
     """ExportModelResponse -> ExportedModel (used by clients and round-trip tests)."""
     return ExportedModel(data=msg.data, filename=msg.filename, format=msg.format,
                          model_timesteps=msg.model_timesteps, signature=msg.signature)
+
+
+def hyperparameter_to_proto(param: Param) -> pb.HyperparameterInfo:
+    """One schema entry -> HyperparameterInfo (the default as the text StartTraining accepts)."""
+    msg = pb.HyperparameterInfo(
+        name=param.name, kind=param.kind, default_value=format_value(param.default),
+        low_exclusive=param.low_exclusive, schedule=param.schedule, accepts_none=param.optional,
+        choices=list(param.choices), words=list(param.words), help=param.help, accepted=param.describe_range())
+    if param.kind in ("float", "int"):  # bounds mean something for numbers only
+        if param.low is not None:
+            msg.low = param.low
+        if param.high is not None:
+            msg.high = param.high
+    return msg
+
+
+def algorithms_to_proto(specs: Iterable[AlgorithmSpec]) -> pb.ListAlgorithmsResponse:
+    """The algorithm registry -> ListAlgorithmsResponse, hyperparameters sorted by name."""
+    return pb.ListAlgorithmsResponse(algorithms=[
+        pb.AlgorithmInfo(name=spec.name, source=spec.source,
+                         action_spaces=[space.__name__ for space in spec.action_spaces],
+                         needs_action_masks=spec.needs_action_masks,
+                         hyperparameters=[hyperparameter_to_proto(p)
+                                          for p in sorted(spec.schema.params, key=lambda p: p.name)])
+        for spec in specs])

@@ -37,6 +37,28 @@ STATUS_BY_ERROR: tuple[tuple[type[errors.ServiceError], grpc.StatusCode], ...] =
     (errors.NonFiniteUpdate, grpc.StatusCode.INVALID_ARGUMENT),  # the client's values overflowed float32
 )
 
+# The HTTP API answers with the status Google's mapping gives each gRPC code (google/rpc/code.proto), so that the
+# table above decides both transports' codes; the problem JSON body names the gRPC code too.
+HTTP_STATUS_BY_CODE: dict[grpc.StatusCode, int] = {
+    grpc.StatusCode.OK: 200,
+    grpc.StatusCode.CANCELLED: 499,
+    grpc.StatusCode.UNKNOWN: 500,
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.ALREADY_EXISTS: 409,
+    grpc.StatusCode.PERMISSION_DENIED: 403,
+    grpc.StatusCode.UNAUTHENTICATED: 401,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.FAILED_PRECONDITION: 400,
+    grpc.StatusCode.ABORTED: 409,
+    grpc.StatusCode.OUT_OF_RANGE: 400,
+    grpc.StatusCode.UNIMPLEMENTED: 501,
+    grpc.StatusCode.INTERNAL: 500,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DATA_LOSS: 500,
+}
+
 # google.rpc.BadRequest describes the syntactic faults of a request: it goes with these codes only. A field named
 # by an error of another code (run_id of NOT_FOUND, expected_version of ABORTED) stays in its message.
 FIELD_VIOLATION_CODES = frozenset({grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE})
@@ -57,6 +79,11 @@ def status_for(error: errors.ServiceError) -> grpc.StatusCode:
         if isinstance(error, cls):
             return code
     return grpc.StatusCode.INTERNAL
+
+
+def http_status_for(code: grpc.StatusCode) -> int:
+    """The HTTP status the HTTP API answers for a gRPC code."""
+    return HTTP_STATUS_BY_CODE.get(code, 500)
 
 
 def _clip(text: str, limit: int) -> str:

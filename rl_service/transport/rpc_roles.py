@@ -33,7 +33,8 @@ def _rows(service: ServiceDescriptor, role: Role | None, *names: str) -> dict[st
 RPC_ROLES: dict[str, Role | None] = {
     **_rows(_HEALTH, None, "Check", "Watch", "List"),
     **_rows(_REFLECTION, Role.READER, "ServerReflectionInfo"),
-    **_rows(_TRAINING, Role.READER, "GetTrainingStatus", "WatchTraining", "ListRuns", "GetRunHistory"),
+    **_rows(_TRAINING, Role.READER, "GetTrainingStatus", "WatchTraining", "ListRuns", "GetRunHistory",
+            "ListAlgorithms"),
     **_rows(_TRAINING, Role.ACTOR, "Act", "ActBatch", "ExportModel"),
     **_rows(_TRAINING, Role.TRAINER, "StartTraining", "StopTraining", "ResumeTraining", "DeleteRun"),
     **_rows(_POLICY, Role.READER, "GetPolicy", "ListPolicies", "ListCheckpoints"),

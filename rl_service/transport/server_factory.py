@@ -26,9 +26,11 @@ from rl_service.infra.process_lifeline import exit_later
 from rl_service.infra.ray_executor import RayExecutor
 from rl_service.infra.settings import Settings
 from rl_service.infra.sqlite_run_registry import SqliteRunRegistry
-from rl_service.transport.auth import auth_interceptors
+from rl_service.transport.auth import AuthInterceptor, auth_interceptors
 from rl_service.transport.decode_guard import server_interceptors
 from rl_service.transport.health_port import start_health_server
+from rl_service.transport.http.server import HttpServer, start_http_api
+from rl_service.transport.metrics import MetricsInterceptor, ServiceMetrics
 from rl_service.transport.policy_servicer import PolicyServicer
 from rl_service.transport.port_security import PortSecurity
 from rl_service.transport.stream_slots import StreamSlots
@@ -58,6 +60,8 @@ class RunningServer:
     lock: DataDirLock | None = None
     health_server: grpc.Server | None = None  # HEALTH_PORT's plaintext health-only server
     health_port: int | None = None
+    http_server: HttpServer | None = None  # HTTP_PORT's HTTP/JSON API, /metrics and dashboard
+    http_port: int | None = None
     _stopped: bool = False
 
     def stop(self, grace: float | None = None) -> None:
@@ -75,6 +79,8 @@ class RunningServer:
         # Bounded: a gRPC stop that never completes (seen after heavy load) must not keep the data directory.
         if not self.server.stop(grace=5).wait(timeout=SHUTDOWN_OVERRUN_SECONDS):
             log.warning("gRPC server did not stop in time", seconds=SHUTDOWN_OVERRUN_SECONDS)
+        if self.http_server is not None:
+            self.http_server.stop()
         if self.health_server is not None:
             self.health_server.stop(grace=0)
         if self.lock is not None:
@@ -154,9 +160,12 @@ def _build_started(settings: Settings, lock: DataDirLock, config: OrchestratorCo
         ("grpc.max_send_message_length", settings.max_message_bytes),
         ("grpc.so_reuseport", 0),
     ]
-    # Outermost first: authentication, then the decode guard, so that an unauthenticated caller's garbage bytes
-    # are UNAUTHENTICATED, not INVALID_ARGUMENT (the guard's deserializer never raises).
-    interceptors = [*interceptors, *server_interceptors()]
+    # Outermost first: metrics (refusals count too), authentication, then the decode guard, so that an
+    # unauthenticated caller's garbage bytes are UNAUTHENTICATED, not INVALID_ARGUMENT (the guard's deserializer
+    # never raises).
+    metrics = ServiceMetrics(orchestrator, policies)
+    auth = next(i for i in interceptors if isinstance(i, AuthInterceptor))
+    interceptors = [MetricsInterceptor(metrics), *interceptors, *server_interceptors()]
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=settings.grpc_max_workers,
                                                     thread_name_prefix="rpc"),
                          interceptors=interceptors, options=options)
@@ -165,10 +174,10 @@ def _build_started(settings: Settings, lock: DataDirLock, config: OrchestratorCo
         health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     stream_slots = StreamSlots(settings.max_watch_streams)  # one cap over both services' watch streams
-    training_pb2_grpc.add_TrainingServiceServicer_to_server(
-        TrainingServicer(orchestrator, stream_slots), server)
-    policy_pb2_grpc.add_PolicyServiceServicer_to_server(
-        PolicyServicer(policies, settings.max_batch_bytes, stream_slots), server)
+    training = TrainingServicer(orchestrator, stream_slots)
+    policy = PolicyServicer(policies, settings.max_batch_bytes, stream_slots)
+    training_pb2_grpc.add_TrainingServiceServicer_to_server(training, server)
+    policy_pb2_grpc.add_PolicyServiceServicer_to_server(policy, server)
     reflection.enable_server_reflection(
         (TRAINING_SERVICE, POLICY_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
          reflection.SERVICE_NAME), server)
@@ -189,14 +198,33 @@ def _build_started(settings: Settings, lock: DataDirLock, config: OrchestratorCo
             server.stop(grace=0)
             orchestrator.shutdown(0)
             raise
+    http_server = None
+    if settings.http_enabled:  # the same servicers, so both transports answer alike
+        try:
+            http_server = start_http_api(settings, training, policy, health_servicer, auth, metrics)
+        except OSError:
+            for stoppable in (server, health_server):
+                if stoppable is not None:
+                    stoppable.stop(grace=0)
+            orchestrator.shutdown(0)
+            raise
     for service in HEALTH_SERVICES:
         health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
     log.info("server started", address=f"{settings.grpc_host}:{port}", transport=security.mode,
              authentication="tokens" if settings.auth_tokens_file is not None else "off (every call acts as admin)",
              models_dir=str(settings.models_root),
-             checkpoint_dir=str(settings.checkpoint_root), max_concurrent_runs=settings.max_concurrent_runs)
+             checkpoint_dir=str(settings.checkpoint_root), max_concurrent_runs=settings.max_concurrent_runs,
+             http=_http_address(settings, http_server))
     return RunningServer(server, port, orchestrator, policies, health_servicer, settings, lock, health_server,
-                         health_port)
+                         health_port, http_server, http_server.port if http_server else None)
+
+
+def _http_address(settings: Settings, http_server: HttpServer | None) -> str:
+    """Where the HTTP API and dashboard answer, for the start-up line ("off" when HTTP_ENABLED=false)."""
+    if http_server is None:
+        return "off"
+    host = f"[{settings.grpc_host}]" if ":" in settings.grpc_host else settings.grpc_host
+    return f"{http_server.scheme}://{host}:{http_server.port}/"
 
 
 def install_signal_handlers(running: RunningServer) -> threading.Event:

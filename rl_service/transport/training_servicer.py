@@ -7,6 +7,7 @@ from collections.abc import Iterator, Sequence
 import grpc
 import numpy as np
 
+from rl_service.core.algorithms.registry import ALGORITHMS
 from rl_service.core.runs.orchestrator import Orchestrator
 from rl_service.transport import convert
 from rl_service.transport.auth import current_principal, require_owner
@@ -90,6 +91,11 @@ class TrainingServicer(pb_grpc.TrainingServiceServicer):  # type: ignore[misc]
     def ExportModel(self, request: pb.ExportModelRequest, context: grpc.ServicerContext) -> pb.ExportModelResponse:
         exported = self._orchestrator.export(request.run_id, request.format, request.model)
         return convert.exported_model_to_proto(exported)
+
+    @guarded
+    def ListAlgorithms(self, request: pb.ListAlgorithmsRequest, context: grpc.ServicerContext
+                       ) -> pb.ListAlgorithmsResponse:
+        return convert.algorithms_to_proto(ALGORITHMS.values())
 
 
 def _mask(flags: Sequence[bool]) -> np.ndarray | None:

@@ -301,7 +301,7 @@ def test_a_bad_tokens_file_stops_the_start_with_one_line_naming_it_and_the_line(
     tokens = tmp_path / "tokens"
     tokens.write_text(f"ok reader sha256:{'0' * 64}\nbad superuser sha256:{'1' * 64}\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("GRPC_", "LOG_", "AUTH_"))}
-    env.update({"DATA_DIR": str(tmp_path / "data"), "GRPC_HOST": "127.0.0.1", "GRPC_PORT": "0",
+    env.update({"DATA_DIR": str(tmp_path / "data"), "GRPC_HOST": "127.0.0.1", "GRPC_PORT": "0", "HTTP_PORT": "0",
                 "AUTH_TOKENS_FILE": str(tokens)})
     result = subprocess.run([sys.executable, str(ROOT / "server.py")], cwd=tmp_path, env=env, capture_output=True,
                             text=True, timeout=120)

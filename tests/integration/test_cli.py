@@ -479,7 +479,7 @@ def test_installed_script_unreachable_and_unknown_subcommand() -> None:
 
 @needs_script
 def test_serve_starts_a_server_that_the_other_commands_reach(tmp_path: Path) -> None:
-    env = script_env(DATA_DIR=str(tmp_path / "data"), LOG_FORMAT="json")
+    env = script_env(DATA_DIR=str(tmp_path / "data"), LOG_FORMAT="json", HTTP_PORT="0")
     server = subprocess.Popen([str(SCRIPT), "serve", "--host", "127.0.0.1", "--port", "0"], cwd=tmp_path, env=env,
                               stderr=subprocess.PIPE, text=True)
     try:

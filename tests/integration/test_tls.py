@@ -186,7 +186,7 @@ def test_healthcheck_exits_two_on_an_unusable_file(pki: TestPki, tls_port: int, 
 def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
     drop = ("GRPC_", "LOG_", "TLS_", "AUTH_", "ALLOW_", "EXTERNAL_ENV_", "DATA_DIR", "GYM_")
     env = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
-    env.update({"DATA_DIR": str(tmp_path / "data"), "GRPC_HOST": "127.0.0.1", "GRPC_PORT": "0"})
+    env.update({"DATA_DIR": str(tmp_path / "data"), "GRPC_HOST": "127.0.0.1", "GRPC_PORT": "0", "HTTP_PORT": "0"})
     env.update(extra)
     return env
 

@@ -809,11 +809,157 @@ class ExportModelRequest(_message.Message):
 Global___ExportModelRequest: _TypeAlias = ExportModelRequest  # noqa: Y015
 
 @_typing.final
-class ExportModelResponse(_message.Message):
+class ListAlgorithmsRequest(_message.Message):
     """The exported policy, from the same model or checkpoint Act uses. torchscript and onnx hold a program that maps
     float32 observations [batch, ...] to the deterministic actions Act answers; sb3 is stable-baselines3's zip.
     """
 
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListAlgorithmsRequest: _TypeAlias = ListAlgorithmsRequest  # noqa: Y015
+
+@_typing.final
+class HyperparameterInfo(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    DEFAULT_VALUE_FIELD_NUMBER: _builtins.int
+    LOW_FIELD_NUMBER: _builtins.int
+    HIGH_FIELD_NUMBER: _builtins.int
+    LOW_EXCLUSIVE_FIELD_NUMBER: _builtins.int
+    SCHEDULE_FIELD_NUMBER: _builtins.int
+    ACCEPTS_NONE_FIELD_NUMBER: _builtins.int
+    CHOICES_FIELD_NUMBER: _builtins.int
+    WORDS_FIELD_NUMBER: _builtins.int
+    HELP_FIELD_NUMBER: _builtins.int
+    ACCEPTED_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    kind: _builtins.str
+    """"float", "int", "bool", "choice", "net_arch" or "normalize" """
+    default_value: _builtins.str
+    """the default as the text StartTraining accepts ("none" when unset)"""
+    low: _builtins.float
+    """unset: no lower bound (or not a number)"""
+    high: _builtins.float
+    low_exclusive: _builtins.bool
+    """low itself is refused"""
+    schedule: _builtins.bool
+    """also accepts "lin_<start>" """
+    accepts_none: _builtins.bool
+    """also accepts "none" """
+    help: _builtins.str
+    accepted: _builtins.str
+    """the accepted values in words, as error messages state them"""
+    @_builtins.property
+    def choices(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """kind "choice": the accepted words"""
+
+    @_builtins.property
+    def words(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """words a number key also accepts (SAC's ent_coef "auto")"""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        kind: _builtins.str = ...,
+        default_value: _builtins.str = ...,
+        low: _builtins.float | None = ...,
+        high: _builtins.float | None = ...,
+        low_exclusive: _builtins.bool = ...,
+        schedule: _builtins.bool = ...,
+        accepts_none: _builtins.bool = ...,
+        choices: _abc.Iterable[_builtins.str] | None = ...,
+        words: _abc.Iterable[_builtins.str] | None = ...,
+        help: _builtins.str = ...,
+        accepted: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_high", b"_high", "_low", b"_low", "high", b"high", "low", b"low"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_high", b"_high", "_low", b"_low", "accepted", b"accepted", "accepts_none", b"accepts_none", "choices", b"choices", "default_value", b"default_value", "help", b"help", "high", b"high", "kind", b"kind", "low", b"low", "low_exclusive", b"low_exclusive", "name", b"name", "schedule", b"schedule", "words", b"words"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__high: _TypeAlias = _typing.Literal["high"]  # noqa: Y015
+    _WhichOneofArgType__high: _TypeAlias = _typing.Literal["_high", b"_high"]  # noqa: Y015
+    _WhichOneofReturnType__low: _TypeAlias = _typing.Literal["low"]  # noqa: Y015
+    _WhichOneofArgType__low: _TypeAlias = _typing.Literal["_low", b"_low"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__high) -> _WhichOneofReturnType__high | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__low) -> _WhichOneofReturnType__low | None: ...
+
+Global___HyperparameterInfo: _TypeAlias = HyperparameterInfo  # noqa: Y015
+
+@_typing.final
+class AlgorithmInfo(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    ACTION_SPACES_FIELD_NUMBER: _builtins.int
+    NEEDS_ACTION_MASKS_FIELD_NUMBER: _builtins.int
+    HYPERPARAMETERS_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """the canonical name, e.g. "PPO" """
+    source: _builtins.str
+    """"stable-baselines3", "sb3-contrib" or "rl_service" """
+    needs_action_masks: _builtins.bool
+    @_builtins.property
+    def action_spaces(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Gymnasium space classes it can act in, e.g. "Discrete", "Box" """
+
+    @_builtins.property
+    def hyperparameters(self) -> _containers.RepeatedCompositeFieldContainer[Global___HyperparameterInfo]:
+        """sorted by name"""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        source: _builtins.str = ...,
+        action_spaces: _abc.Iterable[_builtins.str] | None = ...,
+        needs_action_masks: _builtins.bool = ...,
+        hyperparameters: _abc.Iterable[Global___HyperparameterInfo] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action_spaces", b"action_spaces", "hyperparameters", b"hyperparameters", "name", b"name", "needs_action_masks", b"needs_action_masks", "source", b"source"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AlgorithmInfo: _TypeAlias = AlgorithmInfo  # noqa: Y015
+
+@_typing.final
+class ListAlgorithmsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ALGORITHMS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def algorithms(self) -> _containers.RepeatedCompositeFieldContainer[Global___AlgorithmInfo]: ...
+    def __init__(
+        self,
+        *,
+        algorithms: _abc.Iterable[Global___AlgorithmInfo] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["algorithms", b"algorithms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListAlgorithmsResponse: _TypeAlias = ListAlgorithmsResponse  # noqa: Y015
+
+@_typing.final
+class ExportModelResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     DATA_FIELD_NUMBER: _builtins.int

@@ -89,6 +89,11 @@ class TrainingServiceStub:
                 request_serializer=rl__service__proto_dot_v1_dot_training__pb2.DeleteRunRequest.SerializeToString,
                 response_deserializer=rl__service__proto_dot_v1_dot_training__pb2.DeleteRunResponse.FromString,
                 _registered_method=True)
+        self.ListAlgorithms = channel.unary_unary(
+                '/rl_service.v1.TrainingService/ListAlgorithms',
+                request_serializer=rl__service__proto_dot_v1_dot_training__pb2.ListAlgorithmsRequest.SerializeToString,
+                response_deserializer=rl__service__proto_dot_v1_dot_training__pb2.ListAlgorithmsResponse.FromString,
+                _registered_method=True)
 
 
 class TrainingServiceServicer:
@@ -169,6 +174,13 @@ class TrainingServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListAlgorithms(self, request, context):
+        """The registered algorithms with each hyperparameter's type, default, range and help: enough to build a form.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TrainingServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -226,6 +238,11 @@ def add_TrainingServiceServicer_to_server(servicer, server):
                     servicer.DeleteRun,
                     request_deserializer=rl__service__proto_dot_v1_dot_training__pb2.DeleteRunRequest.FromString,
                     response_serializer=rl__service__proto_dot_v1_dot_training__pb2.DeleteRunResponse.SerializeToString,
+            ),
+            'ListAlgorithms': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAlgorithms,
+                    request_deserializer=rl__service__proto_dot_v1_dot_training__pb2.ListAlgorithmsRequest.FromString,
+                    response_serializer=rl__service__proto_dot_v1_dot_training__pb2.ListAlgorithmsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -525,6 +542,33 @@ class TrainingService:
             '/rl_service.v1.TrainingService/DeleteRun',
             rl__service__proto_dot_v1_dot_training__pb2.DeleteRunRequest.SerializeToString,
             rl__service__proto_dot_v1_dot_training__pb2.DeleteRunResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAlgorithms(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rl_service.v1.TrainingService/ListAlgorithms',
+            rl__service__proto_dot_v1_dot_training__pb2.ListAlgorithmsRequest.SerializeToString,
+            rl__service__proto_dot_v1_dot_training__pb2.ListAlgorithmsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -57,6 +57,8 @@ class TrainingServiceStub:
     """
     DeleteRun: _grpc.UnaryUnaryMultiCallable[_training_pb2.DeleteRunRequest, _training_pb2.DeleteRunResponse]
     """Removes a finished run with its checkpoints, models, history and record. FAILED_PRECONDITION while active."""
+    ListAlgorithms: _grpc.UnaryUnaryMultiCallable[_training_pb2.ListAlgorithmsRequest, _training_pb2.ListAlgorithmsResponse]
+    """The registered algorithms with each hyperparameter's type, default, range and help: enough to build a form."""
 
 @_typing.type_check_only
 class TrainingServiceAsyncStub(TrainingServiceStub):
@@ -83,6 +85,8 @@ class TrainingServiceAsyncStub(TrainingServiceStub):
     """
     DeleteRun: _aio.UnaryUnaryMultiCallable[_training_pb2.DeleteRunRequest, _training_pb2.DeleteRunResponse]  # type: ignore[assignment]
     """Removes a finished run with its checkpoints, models, history and record. FAILED_PRECONDITION while active."""
+    ListAlgorithms: _aio.UnaryUnaryMultiCallable[_training_pb2.ListAlgorithmsRequest, _training_pb2.ListAlgorithmsResponse]  # type: ignore[assignment]
+    """The registered algorithms with each hyperparameter's type, default, range and help: enough to build a form."""
 
 class TrainingServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -172,5 +176,13 @@ class TrainingServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_training_pb2.DeleteRunResponse, _abc.Awaitable[_training_pb2.DeleteRunResponse]]:
         """Removes a finished run with its checkpoints, models, history and record. FAILED_PRECONDITION while active."""
+
+    @_abc_1.abstractmethod
+    def ListAlgorithms(
+        self,
+        request: _training_pb2.ListAlgorithmsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_training_pb2.ListAlgorithmsResponse, _abc.Awaitable[_training_pb2.ListAlgorithmsResponse]]:
+        """The registered algorithms with each hyperparameter's type, default, range and help: enough to build a form."""
 
 def add_TrainingServiceServicer_to_server(servicer: TrainingServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
