@@ -89,7 +89,8 @@ def test_background_saves_catch_up_within_the_interval(server_factory) -> None: 
 def _env(data_dir: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("GRPC_", "LOG_", "MAX_", "MODELS_", "GYM_", "POLICY", "DATA_DIR"))}
-    env.update({"DATA_DIR": str(data_dir), "GRPC_HOST": "127.0.0.1", "GRPC_PORT": "0", "HTTP_PORT": "0", "LOG_FORMAT": "json"})
+    env.update({"DATA_DIR": str(data_dir), "GRPC_HOST": "127.0.0.1", "GRPC_PORT": "0", "HTTP_PORT": "0",
+                "LOG_FORMAT": "json"})
     env.update(extra)
     return env
 

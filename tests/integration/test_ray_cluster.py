@@ -94,8 +94,8 @@ class _Blocker:
 
 def test_sigkill_of_the_server_leaves_no_actor_training(cluster: RayTestCluster, tmp_path: Path) -> None:
     env = {k: v for k, v in ray_env().items() if not k.startswith(("GRPC_", "LOG_", "MAX_", "MODELS_", "GYM_"))}
-    env.update({"DATA_DIR": str(tmp_path / "data"), "GRPC_HOST": "127.0.0.1", "GRPC_PORT": "0", "HTTP_PORT": "0", "LOG_FORMAT": "json",
-                "EXECUTOR": "ray", "RAY_ADDRESS": cluster.address})
+    env.update({"DATA_DIR": str(tmp_path / "data"), "GRPC_HOST": "127.0.0.1", "GRPC_PORT": "0", "HTTP_PORT": "0",
+                "LOG_FORMAT": "json", "EXECUTOR": "ray", "RAY_ADDRESS": cluster.address})
     server = subprocess.Popen([sys.executable, str(ROOT / "server.py")], cwd=tmp_path, env=env,
                               stderr=subprocess.PIPE, text=True)
     assert server.stderr is not None
