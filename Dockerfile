@@ -1,6 +1,6 @@
 # The rl-service image: the gRPC server (and, with the `ray` extra it holds, a Ray node for EXECUTOR=ray).
 #   docker build -t rl-service:0.1.0 .
-#   docker run --rm -p 50051:50051 -p 50052:50052 -v rl-data:/data \
+#   docker run --rm -p 50051:50051 -p 50052:50052 -p 8080:8080 -v rl-data:/data \
 #     -v "$PWD/secrets:/etc/rl-service:ro" -e AUTH_TOKENS_FILE=/etc/rl-service/tokens \
 #     -e TLS_CERT_FILE=/etc/rl-service/tls.crt -e TLS_KEY_FILE=/etc/rl-service/tls.key rl-service:0.1.0
 # GRPC_HOST is 0.0.0.0 here, so the server refuses to start without TLS and tokens (or ALLOW_INSECURE=true).
@@ -33,10 +33,12 @@ ENV DATA_DIR=/data \
     GRPC_HOST=0.0.0.0 \
     GRPC_PORT=50051 \
     HEALTH_PORT=50052 \
+    HTTP_PORT=8080 \
     LOG_FORMAT=json
 VOLUME ["/data"]
-# 50051: the API (TLS when TLS_CERT_FILE is set); 50052: grpc.health.v1 alone, plaintext (HEALTH_PORT).
-EXPOSE 50051 50052
+# 50051: the API (TLS when TLS_CERT_FILE is set); 50052: grpc.health.v1 alone, plaintext (HEALTH_PORT);
+# 8080: the HTTP/JSON API, the dashboard and /metrics (HTTPS with the same certificate).
+EXPOSE 50051 50052 8080
 
 # The plaintext health-only port answers even when the API port speaks TLS.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \

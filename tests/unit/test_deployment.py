@@ -85,7 +85,7 @@ def test_ports_and_probes_match_the_server(server: dict[str, Any]) -> None:
     container = _container(server)
     env = _env(container)
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert ports == {"grpc": int(env["GRPC_PORT"]), "health": int(env["HEALTH_PORT"])}
+    assert ports == {"grpc": int(env["GRPC_PORT"]), "health": int(env["HEALTH_PORT"]), "http": int(env["HTTP_PORT"])}
     assert env["GRPC_HOST"] == "0.0.0.0", "reachable from the Service"
     probes = {name: container[name] for name in ("startupProbe", "readinessProbe", "livenessProbe")}
     for name, probe in probes.items():
@@ -132,9 +132,14 @@ def test_the_service_reaches_the_api_port() -> None:
     service = _one("Service", "rl-service")
     labels = SERVERS[0]["spec"]["template"]["metadata"]["labels"]
     assert service["spec"]["selector"].items() <= labels.items()
-    (port,) = service["spec"]["ports"]
+    ports = {port["name"]: port for port in service["spec"]["ports"]}
     env = _env(_container(SERVERS[0]))
-    assert port["port"] == int(env["GRPC_PORT"]) and port["targetPort"] == "grpc"
+    assert ports.keys() == {"grpc", "http"}
+    assert ports["grpc"]["port"] == int(env["GRPC_PORT"]) and ports["grpc"]["targetPort"] == "grpc"
+    assert ports["http"]["port"] == int(env["HTTP_PORT"]) and ports["http"]["targetPort"] == "http"
+    monitor = _one("ServiceMonitor", "rl-service")
+    assert [endpoint["port"] for endpoint in monitor["spec"]["endpoints"]] == ["http"]
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
 
 
 def test_the_ray_variant_shares_one_read_write_many_volume_with_every_ray_node() -> None:
@@ -173,7 +178,7 @@ def test_the_dockerfile_runs_as_non_root_with_the_health_check_and_ports_of_the_
     for server in SERVERS:
         assert server["spec"]["template"]["spec"]["securityContext"]["runAsUser"] == int(user)
     (exposed,) = [args for name, args in instructions if name == "EXPOSE"]
-    assert {int(p) for p in exposed.split()} == {int(env["GRPC_PORT"]), int(env["HEALTH_PORT"])}
+    assert {int(p) for p in exposed.split()} == {int(env["GRPC_PORT"]), int(env["HEALTH_PORT"]), int(env["HTTP_PORT"])}
     (volume,) = [args for name, args in instructions if name == "VOLUME"]
     assert volume.strip('[]" ') == env["DATA_DIR"]
     (check,) = [args for name, args in instructions if name == "HEALTHCHECK"]
