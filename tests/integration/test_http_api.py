@@ -174,6 +174,12 @@ def test_bodies_that_cannot_start_a_run_are_400_naming_their_field(http: httpx.C
     assert_problem(http.post("/v1/runs", json=body), 400, "INVALID_ARGUMENT", field)
 
 
+def test_a_body_that_is_not_json_is_400_naming_the_body(http: httpx.Client) -> None:
+    problem = assert_problem(http.post("/v1/runs", content=b"{not json", headers={"content-type": "application/json"}),
+                             400, "INVALID_ARGUMENT", "body")
+    assert problem["detail"].startswith("body: ")
+
+
 def test_unknown_routes_methods_and_runs_are_problem_json(http: httpx.Client) -> None:
     assert_problem(http.get("/v1/nothing"), 404, "NOT_FOUND")
     assert_problem(http.put("/v1/runs"), 405, "UNKNOWN")

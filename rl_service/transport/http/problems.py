@@ -52,9 +52,10 @@ def install_problem_handlers(app: FastAPI) -> None:
     async def invalid(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
         first = exc.errors()[0] if exc.errors() else {}
-        # loc is ("body", "total_timesteps") or ("query", "limit"): the field is what follows its place.
+        # loc is ("body", "total_timesteps") or ("query", "limit"): the field is what follows its place. A body
+        # that is not JSON at all is ("body", <character offset>): the field is then the body itself.
         parts = [str(p) for p in first.get("loc", ())[1:]]
-        field = ".".join(parts) or "body"
+        field = "body" if first.get("type") == "json_invalid" else ".".join(parts) or "body"
         # pydantic's message is its own sentence (it does not repeat the value); the field a client named is cut.
         reason = str(first.get("msg", "invalid value"))[:200]
         return problem(grpc.StatusCode.INVALID_ARGUMENT, f"{field[:MAX_QUOTED]}: {reason}", field[:MAX_QUOTED])
