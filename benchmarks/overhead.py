@@ -63,12 +63,13 @@ def bare_spec(algorithm: str, env_id: str, hyper: dict[str, str], timesteps: int
     """The script's arguments: the same values the service's schema parses the strings into."""
     from rl_service.core.algorithms.hyperparams import LinearSchedule
     from rl_service.core.algorithms.registry import get_algorithm
+    from rl_service.core.algorithms.schemas import SERVICE_KEYS
 
     spec = get_algorithm(algorithm)
     values = spec.schema.parse(hyper)
     kwargs: dict[str, Any] = {}
     for key, value in values.items():
-        if key in ("n_envs", "net_arch", "activation_fn"):
+        if key in SERVICE_KEYS:  # the service's own keys (n_envs, net_arch, normalize, eval_freq, ...)
             continue
         kwargs[key] = ["lin", value.start] if isinstance(value, LinearSchedule) else value
     return {"algorithm": spec.name, "env_id": env_id, "n_envs": int(values["n_envs"]), "seed": seed,

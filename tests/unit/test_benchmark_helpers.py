@@ -155,3 +155,13 @@ def test_learning_records_each_finished_run_once() -> None:
                        "wall_seconds": 15.0, "timesteps_done": 500}
     assert "state" not in runs[1]
     assert _record_finished(runs, {"a": done}) == []  # already recorded
+
+
+@pytest.mark.parametrize("algorithm", ["PPO", "A2C", "DQN"])
+def test_the_bare_script_spec_is_plain_json_without_service_keys(algorithm: str) -> None:
+    from benchmarks.overhead import bare_spec
+    from rl_service.core.algorithms.schemas import SERVICE_KEYS
+
+    spec = bare_spec(algorithm, "CartPole-v1", {}, 256, 0, "/tmp/x.zip")
+    assert json.loads(json.dumps(spec)) == spec  # what the subprocess receives
+    assert not SERVICE_KEYS & spec["kwargs"].keys()
