@@ -39,7 +39,8 @@ class NormalizeStats:
         if not self.norm_obs:
             return observations.astype(np.float32, copy=False)
         scaled = (observations - self.obs_mean) / np.sqrt(self.obs_var + self.epsilon)
-        return np.clip(scaled, -self.clip_obs, self.clip_obs).astype(np.float32)
+        clipped: np.ndarray = np.clip(scaled, -self.clip_obs, self.clip_obs)
+        return clipped.astype(np.float32)
 
 
 def stats_path(model_path: Path) -> Path:
