@@ -64,7 +64,10 @@ class LocalProcessExecutor:
                   None if self._lock_fd is None else _PassedFd(self._lock_fd)))
         process.start()
         with self._lock:
-            self._processes[run_id] = process
+            previous = self._processes.get(run_id)
+            if previous is not None and not previous.is_alive():
+                previous.join(timeout=0)  # a resumed run's earlier process, ended but not yet reaped: no zombie
+            self._processes[run_id] = process  # from now on only this process's exit is the run's
             self._stops[run_id] = stop
 
     def request_stop(self, run_id: str) -> None:

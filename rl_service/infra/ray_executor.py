@@ -151,5 +151,7 @@ class RayExecutor:
         if exitcode == EXIT_FINISHED:
             ray.kill(run.actor, no_restart=True)  # its CPUs go back now, not when the handle is collected
         with self._lock:
-            self._runs.pop(run_id, None)
-            self._exited.append((run_id, exitcode))
+            # A run relaunched (resumed) while this actor was ending has a new entry: this exit is not its.
+            if self._runs.get(run_id) is run:
+                del self._runs[run_id]
+                self._exited.append((run_id, exitcode))

@@ -60,8 +60,10 @@ class FuzzTarget:
 
     def outside_data_dirs(self) -> set[Path]:
         """Every path below the root that is not inside a configured directory (sentinels, parents, cwd)."""
-        return {path for path in self.root.rglob("*")
-                if not any(path.resolve() == d or path.resolve().is_relative_to(d) for d in self.data_dirs)}
+        # .coverage.* files are the test run's own: pytest-cov's subprocess coverage writes them into the working
+        # directory of every worker process (the server's cwd here), not anything the server's code wrote.
+        return {path for path in self.root.rglob("*") if not path.name.startswith(".coverage.")
+                and not any(path.resolve() == d or path.resolve().is_relative_to(d) for d in self.data_dirs)}
 
     def new_paths_outside(self) -> list[str]:
         """What appeared outside the configured directories since the server started."""

@@ -467,3 +467,28 @@ def test_delete_removes_the_record_and_the_files(harness: Harness) -> None:
     assert harness.store.deleted == [run_id] and run_id not in harness.registry.records
     with pytest.raises(RunNotFound):
         harness.orchestrator.get(run_id)
+
+
+def test_the_exit_of_a_resumed_runs_previous_process_is_not_its_death() -> None:
+    harness = Harness(max_concurrent_runs=1)
+    try:
+        run_id = harness.start()
+        harness.executor.on_stop = lambda rid: harness.executor.finish(rid, timesteps=300, stopped_early=True)
+        harness.orchestrator.stop_run(run_id)
+        harness.wait_state(run_id, RunState.CANCELLED)
+        harness.store.saved[run_id] = [Path(f"/ckpt/{run_id}/checkpoint_300_steps.zip")]
+        blocker = harness.start()  # takes the only slot, so the resumed run waits PENDING
+        assert harness.orchestrator.resume_run(run_id).state is RunState.PENDING
+        harness.executor.exit(run_id, 0)  # the first attempt's process ends only now
+        deadline = time.monotonic() + 1.0
+        while harness.executor.exits and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not harness.executor.exits, "the pump reaped the exit"
+        record = harness.orchestrator.get(run_id)
+        assert record.state is RunState.PENDING and record.attempt == 2 and record.deaths == 0
+        assert not [line for line in harness.log.lines
+                    if line[1] in ("worker died; the run resumes", "worker event out of order; dropped")]
+        harness.executor.finish(blocker)
+        harness.wait_state(run_id, RunState.RUNNING)
+    finally:
+        harness.orchestrator.shutdown(0)

@@ -395,16 +395,21 @@ class Orchestrator:
             if event is not None:
                 self._apply_from_worker(event.run_id, event)
                 continue
-            for run_id, exitcode in self._executor.reap():
-                while (late := self._executor.next_event(timeout=0)) is not None:
-                    self._apply_from_worker(late.run_id, late)
-                self._apply_from_worker(run_id, WorkerExited(exitcode, self._config.max_run_attempts))
+            # Reaped and applied under the lock that launches hold: an exit reaped here is the process of the run's
+            # current launch, never one a resume replaced in between (that exit would read as the new one's death).
+            with self._cond:
+                for run_id, exitcode in self._executor.reap():
+                    while (late := self._executor.next_event(timeout=0)) is not None:
+                        self._apply_from_worker(late.run_id, late)
+                    self._apply_from_worker(run_id, WorkerExited(exitcode, self._config.max_run_attempts))
 
     def _apply_from_worker(self, run_id: str, event: RunEvent) -> None:
         """A worker's event for a live run; one for a run already ended (killed, say) is dropped."""
         with self._cond:
             if run_id not in self._live:
                 return
+            if isinstance(event, WorkerExited) and self._live[run_id].state is RunState.PENDING:
+                return  # a resumed run waiting for a slot: the exit is its previous attempt's process ending
             try:
                 self._transition(run_id, event)
             except InvalidTransition as exc:
