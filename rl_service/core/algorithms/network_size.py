@@ -45,12 +45,8 @@ def features_size(space: gym.Space[Any]) -> int:
 
 
 def action_outputs(space: gym.Space[Any]) -> int:
-    """The width of the action head: logits per choice, or one mean per Box dimension."""
-    if isinstance(space, gym.spaces.Discrete):
-        return int(space.n)
-    if isinstance(space, gym.spaces.MultiDiscrete):
-        return int(space.nvec.sum())
-    return int(math.prod(space.shape or (1,)))
+    """The width of the action head: logits per choice, or one mean per Box dimension (features_size's rule)."""
+    return features_size(space)
 
 
 def run_network_parameters(algorithm: str, observation_space: gym.Space[Any], action_space: gym.Space[Any],
