@@ -28,9 +28,10 @@ class Context:
     """What the sections share: the output directory, the mode, and one service in a subprocess (started lazily)."""
 
     def __init__(self, output: Path, quick: bool, repeats: int, learning_data: Path | None, seeds: list[int],
-                 fuzz_cases: int | None = None) -> None:
+                 fuzz_cases: int | None = None, keep_finished: bool = False) -> None:
         self.output = output
         self.fuzz_cases = fuzz_cases
+        self.keep_finished = keep_finished
         self.quick = quick
         self.repeats = repeats
         self.learning_data = learning_data
@@ -86,7 +87,8 @@ def run_section(name: str, ctx: Context) -> Section:
     if name == "learning_breadth":
         from benchmarks import learning_breadth
 
-        return learning_breadth.run(ctx.quick, ctx.seeds)
+        kept = learning_breadth.finished_runs(ctx.output / "results" / "results.json") if ctx.keep_finished else []
+        return learning_breadth.run(ctx.quick, ctx.seeds, kept)
     if name == "footprint":
         from benchmarks import footprint
 
@@ -142,6 +144,9 @@ def main(argv: list[str] | None = None) -> int:
                      help="collect learning runs trained earlier by `python -m benchmarks.learning train`")
     run.add_argument("--fuzz-cases", type=int, help="fuzz: cases per RPC and kind (default 10,000; 3 with --quick)")
     run.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="learning seeds (default 0 1 2)")
+    run.add_argument("--keep-finished", action="store_true",
+                     help="learning_breadth: reuse the succeeded runs in --output's results.json whose algorithm, "
+                          "environment, seed, budget and hyperparameters are unchanged; train only the rest")
     render = sub.add_parser("render", help="rewrite RESULTS.md from results/results.json (after editing findings)")
     render.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
     args = parser.parse_args(argv)
@@ -155,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     output = args.output or (Path(tempfile.mkdtemp(prefix="benchmarks-quick-")) if args.quick else DEFAULT_OUTPUT)
     repeats = args.repeats or (1 if args.quick else 3)
-    ctx = Context(output.resolve(), args.quick, repeats, args.learning_data, args.seeds, args.fuzz_cases)
+    ctx = Context(output.resolve(), args.quick, repeats, args.learning_data, args.seeds, args.fuzz_cases,
+                  args.keep_finished)
     from benchmarks.machine import machine_facts
 
     facts = machine_facts()

@@ -13,10 +13,12 @@ figures: rl-baselines3-zoo benchmark.md at commit 0088472b (one trained agent ea
 
     python -m benchmarks run --only learning_breadth            # the full table (about an hour on 2 CPUs)
     python -m benchmarks run --quick --only learning_breadth    # every configuration for a few hundred steps
+    python -m benchmarks run --only learning_breadth --keep-finished  # train only what the last results lack
 """
 
 from __future__ import annotations
 
+import json
 import os
 import statistics
 import tempfile
@@ -69,12 +71,13 @@ CONFIGS: tuple[Config, ...] = (
     Config("TQC", "Pendulum-v1", 20_000,
            {"learning_rate": "0.001", "use_sde": "true", "gradient_steps": "64", "train_freq": "64",
             "net_arch": "64,64"}, None, f"{ZOO} hyperparams/tqc.yml Pendulum-v0",
-           ("policy_kwargs log_std_init=-2",), quick=_OFF_QUICK),
+           ("policy_kwargs log_std_init=-2 (a key since these runs; not re-run)",), quick=_OFF_QUICK),
     Config("SAC", "MountainCarContinuous-v0", 50_000,
            {"learning_rate": "0.0003", "buffer_size": "50000", "batch_size": "512", "ent_coef": "0.1",
             "train_freq": "32", "gradient_steps": "32", "gamma": "0.9999", "tau": "0.01", "learning_starts": "0",
             "use_sde": "true", "net_arch": "64,64"}, (94.679, 1.134),
-           f"{ZOO} hyperparams/sac.yml MountainCarContinuous-v0", ("policy_kwargs log_std_init=-3.67",),
+           f"{ZOO} hyperparams/sac.yml MountainCarContinuous-v0",
+           ("policy_kwargs log_std_init=-3.67 (a key since these runs; not re-run)",),
            quick={"batch_size": "64", "buffer_size": "1000"}),
     Config("PPO", "Acrobot-v1", 1_000_000,
            {"normalize": "true", "n_envs": "16", "n_steps": "256", "gae_lambda": "0.94", "gamma": "0.99",
@@ -83,9 +86,9 @@ CONFIGS: tuple[Config, ...] = (
     Config("QRDQN", "CartPole-v1", 50_000,
            {"learning_rate": "0.0023", "batch_size": "64", "buffer_size": "100000", "learning_starts": "1000",
             "gamma": "0.99", "target_update_interval": "10", "train_freq": "256", "gradient_steps": "128",
-            "exploration_fraction": "0.16", "exploration_final_eps": "0.04", "net_arch": "256,256"},
+            "exploration_fraction": "0.16", "exploration_final_eps": "0.04", "net_arch": "256,256",
+            "n_quantiles": "10"},
            (500.0, 0.0), f"{ZOO} hyperparams/qrdqn.yml CartPole-v1",
-           ("policy_kwargs n_quantiles=10 (sb3-contrib's default 200 used)",),
            quick={"learning_starts": "100", "buffer_size": "1000", "gradient_steps": "8"}),
     Config("TRPO", "CartPole-v1", 100_000,
            {"n_envs": "2", "n_steps": "512", "batch_size": "512", "cg_damping": "0.001", "gae_lambda": "0.98",
@@ -108,27 +111,53 @@ def _hyper(config: Config, quick: bool) -> dict[str, str]:
     return hyper
 
 
-def train(address: str, seeds: list[int], quick: bool) -> list[dict[str, Any]]:
-    """Start every run (seed by seed, longest first), wait for all; one record per run."""
+def finished_runs(results_json: Path) -> list[dict[str, Any]]:
+    """The succeeded runs recorded in an earlier results.json (none when it has no learning_breadth section)."""
+    if not results_json.is_file():
+        return []
+    section = json.loads(results_json.read_text()).get("sections", {}).get("learning_breadth")
+    if not section or section.get("quick"):
+        return []
+    return [r for r in section.get("data", {}).get("runs", []) if r.get("state") == "SUCCEEDED"]
+
+
+def _same_run(record: dict[str, Any], config: Config, seed: int, hyper: dict[str, str]) -> bool:
+    """True when an earlier run trained exactly this configuration and seed (records name what they sent)."""
+    return (record.get("key") == config.key and record.get("seed") == seed
+            and record.get("timesteps") == config.timesteps and record.get("hyperparameters") == hyper)
+
+
+def train(address: str, seeds: list[int], quick: bool, kept: list[dict[str, Any]] | None = None
+          ) -> list[dict[str, Any]]:
+    """Start every run not in `kept` (seed by seed, longest first), wait for all; one record per run."""
     from rl_service_proto.v1 import training_pb2 as pb
 
     stub = training_stub(address)
     runs: list[dict[str, Any]] = []
+    reused: list[dict[str, Any]] = []
     for seed in seeds:
         for config in sorted(CONFIGS, key=lambda c: -c.timesteps):
             timesteps = QUICK_TIMESTEPS if quick else config.timesteps
+            hyper = _hyper(config, quick)
+            earlier = next((r for r in kept or [] if _same_run(r, config, seed, hyper)), None)
+            if earlier is not None:
+                reused.append({**earlier, "reused": True})
+                continue
             run_id = stub.StartTraining(pb.StartTrainingRequest(
                 experiment_id="benchmark-learning-breadth", algorithm=config.algorithm, env_id=config.env_id,
-                total_timesteps=timesteps, seed=seed, hyperparameters=_hyper(config, quick),
+                total_timesteps=timesteps, seed=seed, hyperparameters=hyper,
                 checkpoint_interval=max(100, timesteps // 2)), timeout=60).run_id
-            runs.append({"key": config.key, "seed": seed, "timesteps": timesteps, "run_id": run_id})
-    final = wait_for_runs(stub, [r["run_id"] for r in runs], poll=0.5 if quick else 5.0)
+            runs.append({"key": config.key, "seed": seed, "timesteps": timesteps, "run_id": run_id,
+                         "hyperparameters": hyper})
+    if reused:
+        print(f"    reusing {len(reused)} finished runs; training {len(runs)}", flush=True)
+    final = wait_for_runs(stub, [r["run_id"] for r in runs], poll=0.5 if quick else 5.0) if runs else {}
     for run in runs:
         status = final[run["run_id"]]
         run.update(state=pb.RunState.Name(status.state), error=status.error,
                    wall_seconds=status.finished_at - status.started_at, timesteps_done=status.timesteps_done,
                    last=_evaluation(status, "last_evaluation"), best=_evaluation(status, "best_evaluation"))
-    return runs
+    return sorted(reused + runs, key=lambda r: (r["key"], r["seed"]))
 
 
 def _evaluation(status: Any, name: str) -> dict[str, float] | None:
@@ -169,14 +198,17 @@ def report(runs: list[dict[str, Any]], quick: bool) -> Section:
                            config.source, "; ".join(config.unmatched) or "-"])
     failed = [f"{r['key']} seed {r['seed']}: {r['state']} {r.get('error', '')}" for r in runs
               if r.get("state") != "SUCCEEDED"]
+    reused = [f"{r['key']} seed {r['seed']}" for r in runs if r.get("reused")]
     return Section(
         name="learning_breadth", title="Learning breadth: SAC, TD3, DDPG, TQC, QR-DQN, TRPO, MaskablePPO, normalize",
         intro=(__doc__ or "").split("\n\n")[1], tables=[table, hyper],
-        notes=[f"Sources: {ZOO_FILES}.", *(["Runs that did not succeed: " + "; ".join(failed)] if failed else [])],
+        notes=[f"Sources: {ZOO_FILES}.", *(["Runs that did not succeed: " + "; ".join(failed)] if failed else []),
+               *([f"Reused from the previous results (--keep-finished: same configuration and seed): "
+                  f"{len(reused)} of {len(runs)} runs."] if reused else [])],
         data={"runs": runs, "summary": summary})
 
 
-def run(quick: bool, seeds: list[int]) -> Section:
+def run(quick: bool, seeds: list[int], kept: list[dict[str, Any]] | None = None) -> Section:
     """A server in a subprocess (two runs at a time, the suite's masked env loaded), every run, the report."""
     seeds = seeds[:1] if quick else seeds
     # 27 runs are queued at once (9 configurations x 3 seeds), two training at a time.
@@ -186,11 +218,12 @@ def run(quick: bool, seeds: list[int]) -> Section:
         server = start_server_process(Path(tmp) / "server", "--max-concurrent-runs", "2", env=env)
         try:
             started = time.perf_counter()
-            runs = train(server.address, seeds, quick)
+            runs = train(server.address, seeds, quick, kept)
             print(f"    {len(runs)} runs in {time.perf_counter() - started:.0f} s", flush=True)
             for r in runs:
                 print(f"    {r['key']} seed {r['seed']}: {r['state']} {r['timesteps_done']} steps in "
-                      f"{r['wall_seconds']:.1f} s, last {r['last']}", flush=True)
+                      f"{r['wall_seconds']:.1f} s, last {r['last']}{' (reused)' if r.get('reused') else ''}",
+                      flush=True)
         finally:
             server.stop()
     return report(runs, quick)

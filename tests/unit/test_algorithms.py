@@ -18,6 +18,7 @@ from rl_service.core.algorithms.normalize import NormalizeOptions
 from rl_service.core.algorithms.registry import (
     ACTIVATIONS,
     ALGORITHMS,
+    POLICY_KEYS,
     SERVICE_KEYS,
     AlgorithmSpec,
     get_algorithm,
@@ -93,8 +94,12 @@ def test_registry_is_not_empty_and_keys_are_lower_case() -> None:
 def test_schema_defaults_match_sb3_signature(key: str) -> None:
     spec = ALGORITHMS[key]
     sb3 = _init_defaults(spec.cls)
+    policy = _init_defaults(spec.cls.policy_aliases["MlpPolicy"]) if key != "reinforce" else {}
     for name, default in spec.schema.defaults().items():
         if name in SERVICE_KEYS:
+            continue
+        if name in POLICY_KEYS:  # the policy class's keyword, passed in policy_kwargs
+            assert default == policy[name], f"{key}.{name}: schema default {default!r}, policy's {policy[name]!r}"
             continue
         assert name in sb3, f"{key}: {name} is not a keyword argument of {spec.cls.__name__}"
         expected = DOCUMENTED_OVERRIDES.get((key, name), sb3[name])
@@ -112,7 +117,17 @@ def test_service_keys_are_not_constructor_kwargs(key: str) -> None:
     spec = ALGORITHMS[key]
     kwargs = spec.constructor_kwargs(spec.schema.defaults())
     assert not (set(kwargs) & SERVICE_KEYS)
-    assert set(kwargs) == (set(spec.schema.names) - SERVICE_KEYS) | {"policy_kwargs"}
+    assert set(kwargs) == (set(spec.schema.names) - SERVICE_KEYS - POLICY_KEYS) | {"policy_kwargs"}
+    assert set(kwargs["policy_kwargs"]) == {"net_arch", "activation_fn"} | (POLICY_KEYS & set(spec.schema.names))
+
+
+def test_top_quantiles_must_leave_some_quantiles() -> None:
+    spec = ALGORITHMS["tqc"]
+    values = {**spec.schema.defaults(), **spec.schema.parse({"n_quantiles": "3", "top_quantiles_to_drop_per_net": "3"})}
+    with pytest.raises(InvalidHyperparameter) as info:
+        spec.validate(values)
+    assert info.value.field == "hyperparameters.top_quantiles_to_drop_per_net"
+    assert "n_quantiles = 3" in str(info.value)
 
 
 @pytest.mark.parametrize("key", KEYS)
@@ -138,7 +153,8 @@ def test_constructor_kwargs_build_a_model(key: str, env_for: Any) -> None:
     env = env_for(key)
     values = _tiny_values(key, net_arch="16,8", activation_fn="relu", gamma="0.9")
     kwargs = spec.constructor_kwargs(values)
-    assert kwargs["policy_kwargs"] == {"net_arch": [16, 8], "activation_fn": torch.nn.ReLU}
+    policy_options = {name: values[name] for name in POLICY_KEYS & set(values)}  # at their defaults here
+    assert kwargs["policy_kwargs"] == {"net_arch": [16, 8], "activation_fn": torch.nn.ReLU, **policy_options}
     model = spec.cls("MlpPolicy", env, device="cpu", seed=0, verbose=0, **kwargs)
     assert model.gamma == 0.9
     assert model.device.type == "cpu"
@@ -166,7 +182,9 @@ def test_constructor_kwargs_with_schema_defaults_build_a_model(key: str, env_for
     kwargs = spec.constructor_kwargs(spec.schema.defaults())
     # Tanh and 64,64 for the actor-critic policies, as in stable-baselines3; the off-policy ones as above.
     layers, activation = LIBRARY_NETWORKS.get(key, ([64, 64], torch.nn.Tanh))
-    assert kwargs["policy_kwargs"] == {"net_arch": layers, "activation_fn": activation}
+    defaults = spec.schema.defaults()
+    policy_options = {name: defaults[name] for name in POLICY_KEYS & set(defaults)}
+    assert kwargs["policy_kwargs"] == {"net_arch": layers, "activation_fn": activation, **policy_options}
     model = spec.cls("MlpPolicy", env_for(key), device="cpu", verbose=0, **kwargs)
     assert model.learning_rate == spec.schema.defaults()["learning_rate"]
 

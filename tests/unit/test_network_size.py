@@ -141,3 +141,24 @@ def test_new_algorithms_count_what_the_library_builds(algorithm: str) -> None:
     else:  # the live actor and critics, not their target copies
         live = _numel(model.policy.actor) + _numel(model.policy.critic)
     assert run_network_parameters(algorithm, env.observation_space, env.action_space, (32, 16)) == live
+
+
+@pytest.mark.parametrize(("algorithm", "options"), [
+    ("QRDQN", {"n_quantiles": 10}),
+    ("TQC", {"n_quantiles": 5, "n_critics": 3}),
+])
+def test_quantile_options_are_counted_as_built(algorithm: str, options: dict[str, int]) -> None:
+    # rl-baselines3-zoo trains QR-DQN on CartPole with 10 quantiles, not sb3-contrib's 200.
+    spec = get_algorithm(algorithm)
+    env = gym.make("CartPole-v1" if algorithm == "QRDQN" else "Pendulum-v1")
+    values = {**spec.schema.defaults(), **spec.schema.parse({k: str(v) for k, v in options.items()}),
+              "net_arch": (32, 16), "buffer_size": 10}
+    model = spec.cls("MlpPolicy", env, device="cpu", **spec.constructor_kwargs(values, env.action_space))
+    if algorithm == "QRDQN":
+        live = _numel(model.quantile_net)
+        assert model.policy.n_quantiles == 10
+    else:
+        live = _numel(model.policy.actor) + _numel(model.policy.critic)
+        assert model.policy.critic.n_critics == 3
+    assert run_network_parameters(algorithm, env.observation_space, env.action_space, (32, 16), values) == live
+    assert live != run_network_parameters(algorithm, env.observation_space, env.action_space, (32, 16))

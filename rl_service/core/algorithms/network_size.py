@@ -9,14 +9,14 @@ MLPs and heads), and the service's own REINFORCE and named-policy networks (core
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import gymnasium as gym
 
 from rl_service.core.errors import InvalidHyperparameter, UnsupportedSpace
 
-# Algorithms whose network is one Q-network (its target is a copy): outputs per action.
+# Algorithms whose network is one Q-network (its target is a copy): outputs per action by default.
 Q_NETWORK_OUTPUTS = {"DQN": 1, "QRDQN": 200}  # QR-DQN: n_quantiles per action (sb3-contrib default: 200)
 SINGLE_POLICY = frozenset({"REINFORCE"})  # one policy network, no critic
 # Off-policy actor-critics: (critics, outputs per critic); each critic reads observation features and the action.
@@ -50,14 +50,22 @@ def action_outputs(space: gym.Space[Any]) -> int:
 
 
 def run_network_parameters(algorithm: str, observation_space: gym.Space[Any], action_space: gym.Space[Any],
-                           net_arch: Sequence[int]) -> int:
-    """Parameters of a run's policy: actor and critic for actor-critic algorithms (any algorithm not listed)."""
+                           net_arch: Sequence[int], policy_options: Mapping[str, Any] | None = None) -> int:
+    """Parameters of a run's policy: actor and critic for actor-critic algorithms (any algorithm not listed).
+
+    policy_options: the run's n_quantiles and n_critics where its algorithm has them (else the defaults above).
+    """
+    options = policy_options or {}
     features, actions = features_size(observation_space), action_outputs(action_space)
     name = algorithm.upper()
     if name in Q_NETWORK_OUTPUTS:
-        return mlp_parameters(features, net_arch, actions * Q_NETWORK_OUTPUTS[name])
+        per_action = int(options.get("n_quantiles") or Q_NETWORK_OUTPUTS[name]) if name == "QRDQN" else 1
+        return mlp_parameters(features, net_arch, actions * per_action)
     if name in OFF_POLICY_CRITICS:
         critics, outputs = OFF_POLICY_CRITICS[name]
+        if name == "TQC":
+            critics = int(options.get("n_critics") or critics)
+            outputs = int(options.get("n_quantiles") or outputs)
         heads = 2 * actions if name in SQUASHED_GAUSSIAN else actions
         actor = mlp_parameters(features, net_arch, heads)
         return actor + critics * mlp_parameters(features + actions, net_arch, outputs)
@@ -69,13 +77,13 @@ def run_network_parameters(algorithm: str, observation_space: gym.Space[Any], ac
 
 
 def check_run_network(algorithm: str, observation_space: gym.Space[Any], action_space: gym.Space[Any],
-                      net_arch: Sequence[int], cap: int) -> None:
+                      net_arch: Sequence[int], cap: int, policy_options: Mapping[str, Any] | None = None) -> None:
     """Refuse a run whose policy would pass MAX_NETWORK_PARAMETERS, naming net_arch (or env_id when even one
     hidden unit is too many)."""
-    count = run_network_parameters(algorithm, observation_space, action_space, net_arch)
+    count = run_network_parameters(algorithm, observation_space, action_space, net_arch, policy_options)
     if count <= cap:
         return
-    smallest = run_network_parameters(algorithm, observation_space, action_space, MINIMAL_ARCH)
+    smallest = run_network_parameters(algorithm, observation_space, action_space, MINIMAL_ARCH, policy_options)
     if smallest > cap:
         raise UnsupportedSpace(
             f"env_id: this environment's spaces ({features_size(observation_space)} observation features, "

@@ -27,6 +27,7 @@ from rl_service.core.algorithms.schemas import (
     DDPG_SCHEMA,
     DQN_SCHEMA,
     MASKABLE_PPO_SCHEMA,
+    POLICY_KEYS,
     PPO_SCHEMA,
     QRDQN_SCHEMA,
     REINFORCE_SCHEMA,
@@ -38,7 +39,7 @@ from rl_service.core.algorithms.schemas import (
 )
 from rl_service.core.errors import InvalidHyperparameter, UnknownAlgorithm, UnsupportedSpace, quoted
 
-__all__ = ["ACTIVATIONS", "ALGORITHMS", "SERVICE_KEYS", "AlgorithmSpec", "get_algorithm", "to_sb3_value"]
+__all__ = ["ACTIVATIONS", "ALGORITHMS", "POLICY_KEYS", "SERVICE_KEYS", "AlgorithmSpec", "get_algorithm", "to_sb3_value"]
 
 ACTIVATIONS: dict[str, type[torch.nn.Module]] = {"tanh": torch.nn.Tanh, "relu": torch.nn.ReLU}
 
@@ -70,13 +71,18 @@ class AlgorithmSpec:
         """
         kwargs: dict[str, Any] = {}
         for key, value in values.items():
-            if key in SERVICE_KEYS:
+            if key in SERVICE_KEYS or key in POLICY_KEYS:
                 continue
             kwargs[key] = to_sb3_value(value)
         net_arch = values.get("net_arch")
         activation = str(values.get("activation_fn") or "tanh")
         layers = list(net_arch) if isinstance(net_arch, tuple) else [64, 64]
-        kwargs["policy_kwargs"] = {"net_arch": layers, "activation_fn": ACTIVATIONS[activation]}
+        policy_kwargs: dict[str, Any] = {"net_arch": layers, "activation_fn": ACTIVATIONS[activation]}
+        for key in sorted(POLICY_KEYS & values.keys()):
+            if key == "log_std_init" and not isinstance(action_space, gym.spaces.Box | None):
+                continue  # a discrete policy has no log-std to initialise
+            policy_kwargs[key] = values[key]
+        kwargs["policy_kwargs"] = policy_kwargs
         noise = values.get("action_noise")
         if noise not in (None, "none") and isinstance(action_space, gym.spaces.Box):
             std = float(values.get("action_noise_std") or 0.0)  # type: ignore[arg-type]
@@ -147,6 +153,15 @@ def _check_off_policy(values: Mapping[str, HyperValue]) -> None:
             field="hyperparameters.gradient_steps")
 
 
+def _check_quantile_critics(values: Mapping[str, HyperValue]) -> None:
+    _check_off_policy(values)
+    dropped, kept = values["top_quantiles_to_drop_per_net"], values["n_quantiles"]
+    if dropped >= kept:  # type: ignore[operator]
+        raise InvalidHyperparameter(
+            f"hyperparameters['top_quantiles_to_drop_per_net']: {dropped} would drop every one of a critic's "
+            f"n_quantiles = {kept}; use fewer than n_quantiles", field="hyperparameters.top_quantiles_to_drop_per_net")
+
+
 def _check_minibatches(values: Mapping[str, HyperValue]) -> None:
     _check_on_policy(values)
     rollout = int(values["n_envs"]) * int(values["n_steps"])  # type: ignore[arg-type]
@@ -183,7 +198,7 @@ ALGORITHMS: dict[str, AlgorithmSpec] = {
     "sac": AlgorithmSpec("SAC", SAC, SAC_SCHEMA, _BOX, _check_off_policy),
     "td3": AlgorithmSpec("TD3", TD3, TD3_SCHEMA, _BOX, _check_off_policy),
     "ddpg": AlgorithmSpec("DDPG", DDPG, DDPG_SCHEMA, _BOX, _check_off_policy),
-    "tqc": AlgorithmSpec("TQC", TQC, TQC_SCHEMA, _BOX, _check_off_policy, _CONTRIB),
+    "tqc": AlgorithmSpec("TQC", TQC, TQC_SCHEMA, _BOX, _check_quantile_critics, _CONTRIB),
     "qrdqn": AlgorithmSpec("QRDQN", QRDQN, QRDQN_SCHEMA, (gym.spaces.Discrete,), _check_off_policy, _CONTRIB),
     "trpo": AlgorithmSpec("TRPO", TRPO, TRPO_SCHEMA, _ALL_ACTIONS, _check_minibatches, _CONTRIB),
     "maskableppo": AlgorithmSpec("MaskablePPO", MaskablePPO, MASKABLE_PPO_SCHEMA, _DISCRETE_ACTIONS,

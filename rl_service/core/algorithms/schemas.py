@@ -38,6 +38,11 @@ SERVICE = (
 # Keys consumed by the service itself rather than passed to the algorithm's constructor.
 SERVICE_KEYS = frozenset({"n_envs", "net_arch", "activation_fn", "normalize", "eval_freq", "n_eval_episodes",
                           "stop_at_reward", "action_noise", "action_noise_std"})
+# Keys that shape the policy network: they travel in the constructor's policy_kwargs (rl-baselines3-zoo writes
+# them there too, e.g. qrdqn.yml's `policy_kwargs: "dict(net_arch=[256, 256], n_quantiles=10)"`).
+POLICY_KEYS = frozenset({"n_quantiles", "n_critics", "log_std_init"})
+MAX_QUANTILES = 1000
+MAX_CRITICS = 10
 
 # Keys the on-policy actor-critics share (PPO, A2C, TRPO, MaskablePPO), with stable-baselines3's defaults.
 ON_POLICY = (
@@ -48,6 +53,8 @@ ON_POLICY = (
     Param("max_grad_norm", "float", 0.5, 0.0, 1e6, low_exclusive=True, help="gradient clipping norm"),
     Param("use_sde", "bool", False, help="generalised state-dependent exploration (Box actions only)"),
     Param("sde_sample_freq", "int", -1, -1, 1_000_000, help="resample the SDE noise every n steps (-1: per rollout)"),
+    # stable-baselines3's ActorCriticPolicy default; used by Box action spaces only.
+    Param("log_std_init", "float", 0.0, -20.0, 20.0, help="initial log standard deviation of Box actions"),
 )
 
 _PPO_KEYS = (
@@ -66,7 +73,8 @@ _PPO_KEYS = (
 PPO_SCHEMA = merge(COMMON, SERVICE, ON_POLICY, _PPO_KEYS)
 
 # sb3-contrib's MaskablePPO: PPO's keys without state-dependent exploration (it acts on discrete spaces only).
-MASKABLE_PPO_SCHEMA = merge(COMMON, SERVICE, [p for p in ON_POLICY if p.name not in ("use_sde", "sde_sample_freq")],
+MASKABLE_PPO_SCHEMA = merge(COMMON, SERVICE,
+                            [p for p in ON_POLICY if p.name not in ("use_sde", "sde_sample_freq", "log_std_init")],
                             _PPO_KEYS)
 
 A2C_SCHEMA = merge(
@@ -138,6 +146,7 @@ QRDQN_SCHEMA = merge(
         Param("exploration_final_eps", "float", 0.01, 0.0, 1.0, help="final epsilon"),
         Param("max_grad_norm", "float", None, 0.0, 1e6, low_exclusive=True, optional=True,
               help="gradient clipping norm (none: no clipping)"),
+        Param("n_quantiles", "int", 200, 1, MAX_QUANTILES, help="quantiles per action in the Q-network"),
     ),
 )
 
@@ -161,6 +170,8 @@ _ENTROPY = (
     Param("use_sde", "bool", False, help="generalised state-dependent exploration"),
     Param("sde_sample_freq", "int", -1, -1, 1_000_000, help="resample the SDE noise every n steps (-1: per rollout)"),
     Param("use_sde_at_warmup", "bool", False, help="SDE rather than uniform actions before learning starts"),
+    # stable-baselines3's SAC actor default; used with use_sde only.
+    Param("log_std_init", "float", -3.0, -20.0, 20.0, help="initial log standard deviation of the SDE noise"),
 )
 
 SAC_SCHEMA = merge(COMMON, SERVICE, OFF_POLICY, _CONTINUOUS, _ENTROPY,
@@ -168,7 +179,11 @@ SAC_SCHEMA = merge(COMMON, SERVICE, OFF_POLICY, _CONTINUOUS, _ENTROPY,
 
 TQC_SCHEMA = merge(
     SAC_SCHEMA.params,
-    (Param("top_quantiles_to_drop_per_net", "int", 2, 0, 1000, help="quantiles dropped per critic"),),
+    (
+        Param("top_quantiles_to_drop_per_net", "int", 2, 0, MAX_QUANTILES, help="quantiles dropped per critic"),
+        Param("n_quantiles", "int", 25, 1, MAX_QUANTILES, help="quantiles each critic outputs"),
+        Param("n_critics", "int", 2, 1, MAX_CRITICS, help="critic networks"),
+    ),
 )
 
 TD3_SCHEMA = merge(

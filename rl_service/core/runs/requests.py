@@ -78,7 +78,7 @@ def validate_request(request: TrainingRequest, limits: RequestLimits,
             "and evaluate it against your simulation", field="hyperparameters.eval_freq")
     check_run_network(spec.name, spaces.observation_space, spaces.action_space,
                       values.get("net_arch") or DEFAULT_NET_ARCH,  # type: ignore[arg-type]
-                      limits.max_network_parameters)
+                      limits.max_network_parameters, policy_options=values)
     effective = {key: format_value(value) for key, value in sorted(values.items())}
     return ValidatedRequest(experiment_id, spec, effective, interval, seed)
 
