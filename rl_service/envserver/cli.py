@@ -16,6 +16,7 @@ import signal
 import sys
 import threading
 from collections.abc import Sequence
+from functools import partial
 
 from rl_service.envserver.reference_server import (
     DEFAULT_MAX_MESSAGE_BYTES,
@@ -23,6 +24,7 @@ from rl_service.envserver.reference_server import (
     server_version,
     start_env_server,
 )
+from rl_service.envserver.step_cost import MAX_STEP_COST_US, make_costly
 from rl_service.infra.external_env.codec import MAX_NUM_ENVS
 from rl_service.infra.external_env.env_batch import EnvBatch, action_masks_method
 from rl_service.infra.settings import split_modules
@@ -51,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tls-key-file", metavar="PEM", help="the private key of --tls-cert-file")
     parser.add_argument("--raw-observations", action="store_true",
                         help="send observations as little-endian bytes (fastest for large observations)")
+    parser.add_argument("--step-cost-us", type=float, default=0.0, metavar="US",
+                        help="busy work per env step, in microseconds, standing in for an expensive simulator "
+                             f"(benchmarks; 0 to {MAX_STEP_COST_US:g})")
     parser.add_argument("--max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES,
                         help="largest gRPC message sent or accepted")
     parser.add_argument("--gym-packages", default=os.environ.get("GYM_PACKAGES", ""), metavar="MODULES",
@@ -67,6 +72,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--num-envs must be in 1..{MAX_NUM_ENVS}")
     if args.unix is not None and (args.host is not None or args.port is not None):
         parser.error("--unix cannot be combined with --host or --port")
+    if not 0.0 <= args.step_cost_us <= MAX_STEP_COST_US:
+        parser.error(f"--step-cost-us must be in 0..{MAX_STEP_COST_US:g}")
     if args.port is not None and not 0 <= args.port <= 65535:
         parser.error("--port must be in 0..65535")
     if args.unix is not None and args.tls_cert_file is not None:
@@ -83,7 +90,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                   file=sys.stderr)
             return 2
     try:
-        batch = EnvBatch.from_gym_id(args.env, args.num_envs, version=server_version())
+        batch = EnvBatch.from_gym_id(args.env, args.num_envs, version=server_version(),
+                                     make=partial(make_costly, cost_us=args.step_cost_us))
     except Exception as exc:  # unknown id, missing optional dependency, ...
         print(f"env-server: cannot create {args.env!r}: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2

@@ -305,7 +305,7 @@ class EnvironmentSpec(_message.Message):
     version: _builtins.str
     """the simulation's own version, free-form"""
     protocol_version: _builtins.int
-    """1 (0 is read as 1)"""
+    """1 (0 is read as 1); 2: the simulation also steps a subset of its envs (StepRequest.env_ids)."""
     @_builtins.property
     def observation_space(self) -> Global___Space: ...
     @_builtins.property
@@ -410,20 +410,30 @@ class StepRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     ACTIONS_FIELD_NUMBER: _builtins.int
+    ENV_IDS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def actions(self) -> Global___Tensor:
-        """num_envs actions. The client sends int64 for Discrete, MultiDiscrete, MultiBinary and integer Box dtypes,
-        float64 for float64 Box, float32 otherwise.
+        """One action per stepped env (num_envs, or len(env_ids)). The client sends int64 for Discrete, MultiDiscrete,
+        MultiBinary and integer Box dtypes, float64 for float64 Box, float32 otherwise.
+        """
+
+    @_builtins.property
+    def env_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Protocol version 2: the envs to step, distinct, each in [0, num_envs), in the order of `actions`; the other
+        envs are left as they are. Every batch of the StepResponse then holds these envs only, in this order. Empty:
+        every env, in env order (protocol version 1). A trainer keeping two groups of envs in flight steps each
+        group with its own request.
         """
 
     def __init__(
         self,
         *,
         actions: Global___Tensor | None = ...,
+        env_ids: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["actions", b"actions"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["actions", b"actions"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actions", b"actions", "env_ids", b"env_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -441,7 +451,7 @@ class StepResponse(_message.Message):
     ACTION_MASKS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def observations(self) -> Global___Tensor:
-        """num_envs observations. Auto-reset: for an env whose episode ended in this step, the first observation of its
+        """num_envs observations (with env_ids: one per stepped env, in env_ids order; every field below likewise). Auto-reset: for an env whose episode ended in this step, the first observation of its
         next episode.
         """
 

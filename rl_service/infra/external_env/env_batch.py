@@ -71,9 +71,10 @@ class EnvBatch:
         self.last_action_masks: np.ndarray | None = None  # of the observations the last reset or step returned
 
     @classmethod
-    def from_gym_id(cls, env_id: str, num_envs: int, version: str = "") -> EnvBatch:
-        """num_envs instances of a registered Gymnasium id."""
-        return cls([lambda: gym.make(env_id) for _ in range(num_envs)], name=env_id, version=version)
+    def from_gym_id(cls, env_id: str, num_envs: int, version: str = "",
+                    make: Callable[[str], gym.Env[Any, Any]] = gym.make) -> EnvBatch:
+        """num_envs instances of a registered Gymnasium id, each built by `make` (e.g. with a step cost)."""
+        return cls([lambda: make(env_id) for _ in range(num_envs)], name=env_id, version=version)
 
     @property
     def num_envs(self) -> int:
