@@ -7,6 +7,7 @@ FakeExternalEnvAdapter an in-process stand-in for tests.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,6 +30,12 @@ class StepResult:
     final_observations: dict[int, np.ndarray] = field(default_factory=dict)
     # True when the connection was lost and restored: every episode was cut (truncated) and restarted.
     reconnected: bool = False
+    # The legal actions of `observations` (one row per returned env); None: every action is legal.
+    action_masks: np.ndarray | None = None
+
+
+# Steps a trainer may have sent and not yet received: two groups of envs in flight (double-buffered sampling).
+MAX_STEPS_IN_FLIGHT = 2
 
 
 class ExternalEnvAdapter(ABC):
@@ -46,6 +53,9 @@ class ExternalEnvAdapter(ABC):
       answer carried none: every action is legal);
     - bound every call in time and raise EnvironmentUnavailable naming the address and the cause when the
       simulation cannot be reached or does not answer, never block forever;
+    - with env_ids (protocol version 2, supports_env_subsets): step only those envs, every array of the
+      StepResult holding them alone, in env_ids order;
+    - answer send_step/receive_step in the order sent, with up to MAX_STEPS_IN_FLIGHT steps outstanding;
     - be usable from one thread at a time; close is idempotent.
     """
 
@@ -64,8 +74,28 @@ class ExternalEnvAdapter(ABC):
         """Start new episodes in every env (env i seeded with seed + i); the first observations."""
 
     @abstractmethod
-    def step(self, actions: np.ndarray) -> StepResult:
-        """Step every env with its action (auto-resetting the ones that end)."""
+    def step(self, actions: np.ndarray, env_ids: Sequence[int] | None = None) -> StepResult:
+        """Step every env (or the envs in env_ids) with its action, auto-resetting the ones that end."""
+
+    @property
+    def supports_env_subsets(self) -> bool:
+        """Whether step takes env_ids (the simulation speaks protocol version 2)."""
+        return False
+
+    def send_step(self, actions: np.ndarray, env_ids: Sequence[int] | None = None) -> None:
+        """Start a step without waiting for its answer (receive_step returns it). This default steps at once;
+        an adapter that can overlap the simulation with the caller's work overrides both methods."""
+        pending: deque[StepResult] = self.__dict__.setdefault("_sent_steps", deque())
+        if len(pending) >= MAX_STEPS_IN_FLIGHT:
+            raise RuntimeError(f"at most {MAX_STEPS_IN_FLIGHT} steps may be in flight")
+        pending.append(self.step(actions, env_ids))
+
+    def receive_step(self) -> StepResult:
+        """The answer to the oldest step sent and not yet received."""
+        pending: deque[StepResult] = self.__dict__.setdefault("_sent_steps", deque())
+        if not pending:
+            raise RuntimeError("receive_step without a step in flight")
+        return pending.popleft()
 
     @abstractmethod
     def close(self) -> None:
@@ -107,8 +137,10 @@ class FakeExternalEnvAdapter(ExternalEnvAdapter):
         self.resets.append(seed)
         return self._batch.reset(seed)
 
-    def step(self, actions: np.ndarray) -> StepResult:
+    def step(self, actions: np.ndarray, env_ids: Sequence[int] | None = None) -> StepResult:
         """Step every env; raises what fail_step returns for this step's number (from 1)."""
+        if env_ids is not None:
+            raise NotImplementedError("env subsets")  # protocol version 2: to follow
         self.steps += 1
         if self._fail_step is not None and (error := self._fail_step(self.steps)) is not None:
             raise error

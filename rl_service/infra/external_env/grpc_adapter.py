@@ -13,7 +13,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -227,8 +227,10 @@ class GrpcExternalEnvAdapter(ExternalEnvAdapter):
         self._last_observations = observations
         return observations
 
-    def step(self, actions: np.ndarray) -> StepResult:
+    def step(self, actions: np.ndarray, env_ids: Sequence[int] | None = None) -> StepResult:
         """Step every env in one message; after a restored connection, every episode is reported truncated."""
+        if env_ids is not None:
+            raise NotImplementedError("env subsets")  # protocol version 2: to follow
         spec = self._spec
         request = pb.StepRequest(actions=self._actions.encode(self._check_actions(actions)))
         try:
