@@ -34,13 +34,24 @@ class Undecodable:
 class DecodeGuard(grpc.ServerInterceptor):  # type: ignore[misc]
     """Wraps each method handler so undecodable requests end INVALID_ARGUMENT (see the module docstring)."""
 
+    def __init__(self) -> None:
+        # method -> (the handler wrapped, its guarded twin). Built once per method, not per call: the interceptors
+        # outside this one cache their wrappers by the handler they receive, so a new object per call would make
+        # them rebuild theirs on every call too.
+        self._guarded: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+
     def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
                           handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
         """The next handler, its deserializer guarded (None and handlers without a deserializer pass through)."""
         handler = continuation(handler_call_details)
         if handler is None or handler.request_deserializer is None:
             return handler
-        return guard_handler(handler)
+        method = handler_call_details.method
+        cached = self._guarded.get(method)
+        if cached is None or cached[0] is not handler:
+            cached = (handler, guard_handler(handler))
+            self._guarded[method] = cached  # a race builds the same wrapper twice: harmless
+        return cached[1]
 
 
 def guard_handler(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:

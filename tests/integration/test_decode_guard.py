@@ -135,3 +135,21 @@ def test_the_guard_needs_no_servicer_cooperation(bare_server: grpc.Channel, kind
         error = _refused(bare_server.stream_stream("/test.Bare/Bidi"), iter([good, bad]))
     assert error.code() == INVALID
     assert field_violations(error) == ["run_id"]
+
+
+def test_each_method_is_guarded_once_not_per_call() -> None:
+    # The metrics and auth interceptors outside the guard cache their wrappers by the handler they receive: a new
+    # guarded handler per call would make every interceptor rebuild its wrapper on every call.
+    registered = grpc.unary_unary_rpc_method_handler(lambda request, context: request,
+                                                     request_deserializer=pb.RunRequest.FromString,
+                                                     response_serializer=pb.RunRequest.SerializeToString)
+
+    class Details:
+        method = TRAINING + "GetTrainingStatus"
+
+    guard = DecodeGuard()
+    first = guard.intercept_service(lambda details: registered, Details())
+    assert first is not registered
+    assert guard.intercept_service(lambda details: registered, Details()) is first
+    replaced = registered._replace(unary_unary=lambda request, context: None)
+    assert guard.intercept_service(lambda details: replaced, Details()) is not first  # a new handler: re-guarded
