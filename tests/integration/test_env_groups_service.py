@@ -11,6 +11,7 @@ import gymnasium as gym
 import numpy as np
 import pytest
 
+from rl_service.envserver.compliance import run_checks
 from rl_service.envserver.reference_server import EnvServerHandle, ReferenceEnvironmentServicer, start_env_server
 from rl_service.infra.external_env.address import parse_address
 from rl_service.infra.external_env.codec import encode_batch
@@ -149,3 +150,22 @@ def test_the_reference_server_refuses_bad_env_ids(reference: EnvServerHandle, ac
         after = [env.unwrapped.state for env in reference.servicer.batch.envs]
         assert all(np.array_equal(b, a) for b, a in zip(before, after, strict=True)), "nothing half-stepped"
         step_subset(stub, [0], [0])  # still usable: no Reset needed
+
+
+class IgnoresEnvIds(ReferenceEnvironmentServicer):
+    """Claims protocol version 2 but steps every env whatever env_ids says."""
+
+    def step(self, request: env_pb.StepRequest) -> env_pb.StepResponse:
+        actions = np.zeros(self.batch.num_envs, dtype=np.int64)
+        return super().step(env_pb.StepRequest(actions=encode_batch(actions, self.batch.action_space)))
+
+
+def test_the_compliance_suite_catches_a_simulation_that_ignores_env_ids() -> None:
+    handle = start_env_server(IgnoresEnvIds(EnvBatch.from_gym_id("CartPole-v1", 4)))
+    try:
+        outcomes = {name: outcome for name, outcome, _ in run_checks(handle.address)}
+    finally:
+        handle.stop()
+    subset_checks = {name for name in outcomes if "subset" in name or "env_ids" in name}
+    assert len(subset_checks) == 4 and all(outcomes[name] == "failed" for name in subset_checks), outcomes
+    assert outcomes["test_step_answers_every_env"] == "passed"
