@@ -254,7 +254,8 @@ def _env_actions(model: OnPolicyAlgorithm, actions: np.ndarray) -> np.ndarray:
     if isinstance(model.action_space, spaces.Box):
         if model.policy.squash_output:
             return np.asarray(model.policy.unscale_action(actions))
-        return np.clip(actions, model.action_space.low, model.action_space.high)
+        clipped: np.ndarray = np.clip(actions, model.action_space.low, model.action_space.high)
+        return clipped
     return actions
 
 

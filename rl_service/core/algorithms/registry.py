@@ -69,7 +69,7 @@ class AlgorithmSpec:
     def check_env_groups(self, values: Mapping[str, HyperValue]) -> None:
         """env_groups > 1 needs an algorithm that supports it and n_envs that split evenly into the groups."""
         groups = self.check_env_groups_supported(values)
-        n_envs = int(values.get("n_envs") or 1)  # type: ignore[call-overload]
+        n_envs = int(values.get("n_envs") or 1)  # type: ignore[arg-type]
         if n_envs % groups:
             raise InvalidHyperparameter(
                 f"hyperparameters['env_groups']: n_envs = {n_envs} does not split evenly into {groups} groups",
@@ -78,7 +78,7 @@ class AlgorithmSpec:
     def check_env_groups_supported(self, values: Mapping[str, HyperValue]) -> int:
         """The number of env groups asked; InvalidHyperparameter, listing those that can, for more than one group
         with an algorithm that steps in lockstep only."""
-        groups = int(values.get("env_groups") or 1)  # type: ignore[call-overload]
+        groups = int(values.get("env_groups") or 1)  # type: ignore[arg-type]
         if groups > 1 and not self.env_groups:
             names = ", ".join(spec.name for spec in ALGORITHMS.values() if spec.env_groups)
             raise InvalidHyperparameter(

@@ -118,7 +118,7 @@ def _refuse_groups_in_process(spec: AlgorithmSpec, env_id: str, values: Mapping[
 def _check_simulation_groups(env_id: str, values: Mapping[str, HyperValue], spaces: EnvSpaces) -> None:
     """env_groups > 1 against a simulation (algorithm and n_envs checked by validate): observations not normalised,
     a simulation stepping env subsets."""
-    groups = int(values.get("env_groups") or 1)  # type: ignore[call-overload]
+    groups = int(values.get("env_groups") or 1)  # type: ignore[arg-type]
     if groups == 1:
         return
     options = values.get("normalize")
