@@ -175,7 +175,7 @@ class Simulation {
       num_envs: this.numEnvs,
       name: ENV_NAME,
       version: VERSION,
-      protocol_version: 1,
+      protocol_version: 2, // Step also takes env_ids (a subset of the envs)
     };
   }
 
@@ -207,20 +207,37 @@ class Simulation {
     return { observations: this.tensor(obs) };
   }
 
-  // Decodes and checks the actions; refuses (INVALID_ARGUMENT) without touching any env.
-  actions(request) {
+  // The envs a Step names (protocol version 2): distinct, each in [0, numEnvs); every env when empty. Refuses
+  // (INVALID_ARGUMENT, naming env_ids) without touching any env.
+  envIds(request) {
+    const ids = (request.env_ids || []).map(Number);
+    if (ids.length === 0) return Array.from({ length: this.numEnvs }, (_, i) => i);
+    const seen = new Set();
+    for (const id of ids) {
+      if (!Number.isInteger(id) || id < 0 || id >= this.numEnvs) {
+        throw invalid(`env_ids: ${id} is outside [0, ${this.numEnvs})`);
+      }
+      if (seen.has(id)) throw invalid(`env_ids: env ${id} is named twice`);
+      seen.add(id);
+    }
+    return ids;
+  }
+
+  // Decodes and checks one action per stepped env; refuses (INVALID_ARGUMENT) without touching any env.
+  actions(request, count, subset) {
     const tensor = request.actions;
     if (!tensor || !tensor.payload) {
-      throw invalid(`actions: missing; send ${this.numEnvs} actions as an int64 tensor`);
+      throw invalid(`actions: missing; send ${count} actions as an int64 tensor`);
     }
     if (tensor.payload !== 'int64') {
       throw invalid(`actions: expected an int64 payload for a Discrete(${NUM_ACTIONS}) action space, got ${tensor.payload}`);
     }
     const values = (tensor.int64 && tensor.int64.values) || [];
-    if (values.length !== this.numEnvs) {
-      throw invalid(`actions: expected ${this.numEnvs} values (one per env), got ${values.length}`);
+    if (values.length !== count) {
+      throw invalid(subset ? `env_ids: ${count} envs named, and ${values.length} actions sent; send one per env`
+        : `actions: expected ${count} values (one per env), got ${values.length}`);
     }
-    const actions = new Int32Array(this.numEnvs);
+    const actions = new Int32Array(count);
     for (let i = 0; i < values.length; i++) {
       const a = Number(values[i]);
       if (!(a === 0 || a === 1)) throw invalid(`actions[${i}] = ${values[i]}: must be in [0, ${NUM_ACTIONS})`);
@@ -229,8 +246,10 @@ class Simulation {
     return actions;
   }
 
+  // Steps every env, or the envs in env_ids (answered in that order; the others are left as they are).
   step(request) {
-    const actions = this.actions(request);
+    const ids = this.envIds(request);
+    const actions = this.actions(request, ids.length, (request.env_ids || []).length > 0);
     if (this.needsReset) {
       throw new ProtocolError(
         grpc.status.FAILED_PRECONDITION,
@@ -238,24 +257,24 @@ class Simulation {
       );
     }
     this.needsReset = true; // until every env has stepped
-    const n = this.numEnvs;
+    const n = ids.length;
     const obs = new Array(n * OBS_SIZE);
     const finals = [];
     const rewards = new Array(n);
     const terminated = new Array(n);
     const truncated = new Array(n);
     try {
-      for (let i = 0; i < n; i++) {
-        const env = this.envs[i];
-        const [reward, term, trunc] = env.step(actions[i]);
-        rewards[i] = reward;
-        terminated[i] = term;
-        truncated[i] = trunc;
+      for (let row = 0; row < n; row++) {
+        const env = this.envs[ids[row]];
+        const [reward, term, trunc] = env.step(actions[row]);
+        rewards[row] = reward;
+        terminated[row] = term;
+        truncated[row] = trunc;
         if (term || trunc) {
           for (let k = 0; k < OBS_SIZE; k++) finals.push(env.state[k]); // the ended episode's last observation
           env.reset(null); // auto-reset, no seed
         }
-        for (let k = 0; k < OBS_SIZE; k++) obs[i * OBS_SIZE + k] = env.state[k];
+        for (let k = 0; k < OBS_SIZE; k++) obs[row * OBS_SIZE + k] = env.state[k];
       }
     } catch (err) {
       throw new ProtocolError(grpc.status.INTERNAL, `Step failed: ${err.message}`);

@@ -41,6 +41,8 @@ class EnvSpaces:
     action_space: gym.Space[Any]
     # External simulations only: how many envs the simulation steps together (it decides, not n_envs).
     num_envs: int | None = None
+    # External simulations only: whether it steps a subset of its envs (protocol version 2), as env_groups needs.
+    env_subsets: bool = False
 
 
 class ExternalEnvironments(Protocol):

@@ -117,6 +117,10 @@ class EnvironmentUnavailable(ServiceError):
     """An external environment cannot be reached, or stopped answering in time (FAILED_PRECONDITION)."""
 
 
+class EnvironmentLacksFeature(EnvironmentUnavailable):
+    """The simulation does not offer what a request needs, e.g. subset steps for env_groups (FAILED_PRECONDITION)."""
+
+
 class EnvironmentProtocolError(EnvironmentUnavailable):
     """An external environment answered outside the protocol: a bad spec, wrong counts or shapes, NaN or Inf."""
 

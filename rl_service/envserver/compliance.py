@@ -13,7 +13,8 @@ or from a shell: `python -m rl_service.envserver.compliance grpc://127.0.0.1:500
 passes). A unix domain socket is named as gRPC names it: `unix:///absolute/path.sock` or `unix:relative.sock`.
 Each check starts with its own Reset, so the checks are independent of one another and of their order.
 Without pytest installed the class still runs through `run_checks`. Action masks are optional: every answer's
-are checked when sent, and a simulation that sends none passes (the mask checks are skipped).
+are checked when sent, and a simulation that sends none passes (the mask checks are skipped). So are env subsets
+(protocol version 2, compliance_subsets.py): a version 1 simulation passes with those checks skipped.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import gymnasium as gym
 import numpy as np
 
 from rl_service.envserver.compliance_masks import ActionMaskChecks, ComplianceSkip
+from rl_service.envserver.compliance_subsets import EnvSubsetChecks
 from rl_service.infra.external_env.codec import (
     EnvSpec,
     MalformedData,
@@ -54,7 +56,7 @@ class Transition:
     action_masks: np.ndarray | None = None  # (num_envs, n) bool for `observations`; None: none sent
 
 
-class EnvironmentServiceCompliance(ActionMaskChecks):
+class EnvironmentServiceCompliance(ActionMaskChecks, EnvSubsetChecks):
     """The protocol's checks; a subclass sets `address` (and `__test__ = True` for pytest to collect it)."""
 
     __test__ = False

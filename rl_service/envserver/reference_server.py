@@ -24,7 +24,13 @@ from grpc_reflection.v1alpha import reflection
 
 from rl_service.infra.external_env.address import MAX_SOCKET_PATH_BYTES, unix_target
 from rl_service.infra.external_env.codec import BatchCodec, MalformedData, encode_action_masks, spec_to_proto
-from rl_service.infra.external_env.env_batch import EnvBatch, ResetNeeded
+from rl_service.infra.external_env.env_batch import (
+    SUBSETS_PROTOCOL_VERSION,
+    BadEnvIds,
+    EnvBatch,
+    ResetNeeded,
+    check_env_ids,
+)
 from rl_service.infra.tls import ServerTls
 from rl_service_proto.v1 import environment_pb2 as pb
 from rl_service_proto.v1 import environment_pb2_grpc as pb_grpc
@@ -49,6 +55,7 @@ class ReferenceEnvironmentServicer(pb_grpc.EnvironmentServiceServicer):  # type:
         self.batch = batch
         self._raw = raw_observations
         self._spec = spec_to_proto(batch.spec)
+        self._spec.protocol_version = SUBSETS_PROTOCOL_VERSION  # Step takes env_ids
         self._observations = BatchCodec(batch.observation_space)
         self._actions = BatchCodec(batch.action_space)
         self._lock = threading.Lock()
@@ -108,16 +115,24 @@ class ReferenceEnvironmentServicer(pb_grpc.EnvironmentServiceServicer):  # type:
         return pb.ResetResponse(observations=self._encode(observations), action_masks=encode_action_masks(masks))
 
     def step(self, request: pb.StepRequest) -> pb.StepResponse:
-        """Step every env; ended envs auto-reset and report their final observation."""
+        """Step every env (or those in env_ids, answered in that order); ended envs auto-reset and report their
+        final observation."""
         batch = self.batch
+        env_ids = list(request.env_ids)
         try:
-            actions = self._actions.decode(request.actions, batch.num_envs, "actions", typed_only=True)
-        except MalformedData as exc:
+            if env_ids:  # protocol version 2: distinct, in range; the count is checked against the actions below
+                check_env_ids(env_ids, batch.num_envs, len(env_ids))
+            actions = self._actions.decode(request.actions, len(env_ids) or batch.num_envs, "actions",
+                                           typed_only=True)
+        except BadEnvIds as exc:
             raise RpcAbort(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None  # state unchanged
+        except MalformedData as exc:
+            message = f"env_ids: {len(env_ids)} envs named, and {exc}" if env_ids else str(exc)
+            raise RpcAbort(grpc.StatusCode.INVALID_ARGUMENT, message) from None  # state unchanged
         _check_box_actions(actions, batch)
         with self._lock:
             try:
-                result = batch.step(actions)
+                result = batch.step(actions, env_ids or None)
             except ResetNeeded as exc:
                 raise RpcAbort(grpc.StatusCode.FAILED_PRECONDITION, str(exc)) from None
             except Exception as exc:

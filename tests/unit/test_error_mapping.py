@@ -41,6 +41,7 @@ INTENDED = {
     errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
     errors.EnvironmentUnavailable: grpc.StatusCode.FAILED_PRECONDITION,
     errors.EnvironmentProtocolError: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.EnvironmentLacksFeature: grpc.StatusCode.FAILED_PRECONDITION,
     errors.PolicyNotFound: grpc.StatusCode.NOT_FOUND,
     errors.CheckpointNotFound: grpc.StatusCode.NOT_FOUND,
     errors.VersionConflict: grpc.StatusCode.ABORTED,

@@ -134,7 +134,7 @@ def test_spec_round_trip() -> None:
 @pytest.mark.parametrize(("changes", "field"), [
     ({"num_envs": 0}, "num_envs"),
     ({"num_envs": 5000}, "num_envs"),
-    ({"protocol_version": 2}, "protocol_version"),
+    ({"protocol_version": 3}, "protocol_version"),
     ({"observation_space": None}, "observation_space"),
     ({"action_space": pb.Space()}, "action_space"),
     ({"action_space": pb.Space(discrete=pb.DiscreteSpace(n=0))}, "action_space"),

@@ -57,11 +57,34 @@ class AlgorithmSpec:
     source: str = "stable-baselines3"
     # True when it acts only among the legal actions an environment's action_masks() lists (sb3-contrib's way).
     needs_action_masks: bool = False
+    # True when it can keep two groups of a simulation's envs in flight (env_groups; core/algorithms/env_groups.py).
+    env_groups: bool = False
 
     def validate(self, values: Mapping[str, HyperValue]) -> None:
         """Every cross-field check: the algorithm's own, then the evaluation keys every algorithm shares."""
         self.check(values)
         _check_evaluation(values)
+        self.check_env_groups(values)
+
+    def check_env_groups(self, values: Mapping[str, HyperValue]) -> None:
+        """env_groups > 1 needs an algorithm that supports it and n_envs that split evenly into the groups."""
+        groups = self.check_env_groups_supported(values)
+        n_envs = int(values.get("n_envs") or 1)  # type: ignore[arg-type]
+        if n_envs % groups:
+            raise InvalidHyperparameter(
+                f"hyperparameters['env_groups']: n_envs = {n_envs} does not split evenly into {groups} groups",
+                field="hyperparameters.env_groups")
+
+    def check_env_groups_supported(self, values: Mapping[str, HyperValue]) -> int:
+        """The number of env groups asked; InvalidHyperparameter, listing those that can, for more than one group
+        with an algorithm that steps in lockstep only."""
+        groups = int(values.get("env_groups") or 1)  # type: ignore[arg-type]
+        if groups > 1 and not self.env_groups:
+            names = ", ".join(spec.name for spec in ALGORITHMS.values() if spec.env_groups)
+            raise InvalidHyperparameter(
+                f"hyperparameters['env_groups']: {self.name} steps its envs in lockstep; {groups} groups in flight "
+                f"are supported by {names} only", field="hyperparameters.env_groups")
+        return groups
 
     def constructor_kwargs(self, values: Mapping[str, HyperValue],
                            action_space: gym.Space[Any] | None = None) -> dict[str, Any]:
@@ -192,17 +215,17 @@ _BOX = (gym.spaces.Box,)
 _CONTRIB = "sb3-contrib"
 
 ALGORITHMS: dict[str, AlgorithmSpec] = {
-    "ppo": AlgorithmSpec("PPO", PPO, PPO_SCHEMA, _ALL_ACTIONS, _check_minibatches),
-    "a2c": AlgorithmSpec("A2C", A2C, A2C_SCHEMA, _ALL_ACTIONS, _check_on_policy),
+    "ppo": AlgorithmSpec("PPO", PPO, PPO_SCHEMA, _ALL_ACTIONS, _check_minibatches, env_groups=True),
+    "a2c": AlgorithmSpec("A2C", A2C, A2C_SCHEMA, _ALL_ACTIONS, _check_on_policy, env_groups=True),
     "dqn": AlgorithmSpec("DQN", DQN, DQN_SCHEMA, (gym.spaces.Discrete,), _check_off_policy),
     "sac": AlgorithmSpec("SAC", SAC, SAC_SCHEMA, _BOX, _check_off_policy),
     "td3": AlgorithmSpec("TD3", TD3, TD3_SCHEMA, _BOX, _check_off_policy),
     "ddpg": AlgorithmSpec("DDPG", DDPG, DDPG_SCHEMA, _BOX, _check_off_policy),
     "tqc": AlgorithmSpec("TQC", TQC, TQC_SCHEMA, _BOX, _check_quantile_critics, _CONTRIB),
     "qrdqn": AlgorithmSpec("QRDQN", QRDQN, QRDQN_SCHEMA, (gym.spaces.Discrete,), _check_off_policy, _CONTRIB),
-    "trpo": AlgorithmSpec("TRPO", TRPO, TRPO_SCHEMA, _ALL_ACTIONS, _check_minibatches, _CONTRIB),
+    "trpo": AlgorithmSpec("TRPO", TRPO, TRPO_SCHEMA, _ALL_ACTIONS, _check_minibatches, _CONTRIB, env_groups=True),
     "maskableppo": AlgorithmSpec("MaskablePPO", MaskablePPO, MASKABLE_PPO_SCHEMA, _DISCRETE_ACTIONS,
-                                 _check_minibatches, _CONTRIB, needs_action_masks=True),
+                                 _check_minibatches, _CONTRIB, needs_action_masks=True, env_groups=True),
     "reinforce": AlgorithmSpec("REINFORCE", Reinforce, REINFORCE_SCHEMA, (gym.spaces.Discrete, gym.spaces.Box),
                                source="rl_service"),
 }

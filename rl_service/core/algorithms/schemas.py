@@ -33,11 +33,13 @@ SERVICE = (
     Param("n_eval_episodes", "int", 5, 1, MAX_EVAL_EPISODES, help="deterministic episodes per evaluation"),
     Param("stop_at_reward", "float", None, optional=True,
           help="end the run SUCCEEDED once an evaluation's mean reward reaches this (none: never)"),
+    Param("env_groups", "int", 1, 1, 2,
+          help="groups of envs in flight against a simulation: 1 lockstep, 2 double-buffered (on-policy only)"),
 )
 
 # Keys consumed by the service itself rather than passed to the algorithm's constructor.
 SERVICE_KEYS = frozenset({"n_envs", "net_arch", "activation_fn", "normalize", "eval_freq", "n_eval_episodes",
-                          "stop_at_reward", "action_noise", "action_noise_std"})
+                          "stop_at_reward", "action_noise", "action_noise_std", "env_groups"})
 # Keys that shape the policy network: they travel in the constructor's policy_kwargs (rl-baselines3-zoo writes
 # them there too, e.g. qrdqn.yml's `policy_kwargs: "dict(net_arch=[256, 256], n_quantiles=10)"`).
 POLICY_KEYS = frozenset({"n_quantiles", "n_critics", "log_std_init"})

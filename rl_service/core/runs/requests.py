@@ -8,9 +8,10 @@ from dataclasses import dataclass
 from rl_service.core.algorithms.hyperparams import HyperValue, format_value
 from rl_service.core.algorithms.masking import masks_missing, registered_env_has_masks
 from rl_service.core.algorithms.network_size import check_run_network
+from rl_service.core.algorithms.normalize import NormalizeOptions
 from rl_service.core.algorithms.registry import AlgorithmSpec, get_algorithm
-from rl_service.core.envs import ExternalEnvironments, env_spaces, is_external_env
-from rl_service.core.errors import InvalidHyperparameter, InvalidRequest, quoted
+from rl_service.core.envs import EnvSpaces, ExternalEnvironments, env_spaces, is_external_env
+from rl_service.core.errors import EnvironmentLacksFeature, InvalidHyperparameter, InvalidRequest, quoted
 from rl_service.core.runs.records import RunRecord, RunState, TrainingRequest
 from rl_service.core.seeds import seed_or_random
 
@@ -60,6 +61,7 @@ def validate_request(request: TrainingRequest, limits: RequestLimits,
     values = spec.schema.parse(request.hyperparameters)
     external = is_external_env(request.env_id)
     if not external:  # a simulation's n_envs is known only from its spec
+        _refuse_groups_in_process(spec, request.env_id, values)
         spec.validate(values)
     spaces = env_spaces(request.env_id, external_envs)
     if external and spaces.num_envs is not None:
@@ -76,6 +78,8 @@ def validate_request(request: TrainingRequest, limits: RequestLimits,
             "hyperparameters['eval_freq']: evaluations need a separate environment instance, and a simulation "
             "serves one client at a time; evaluate registered Gymnasium environments only, or export the policy "
             "and evaluate it against your simulation", field="hyperparameters.eval_freq")
+    if external:
+        _check_simulation_groups(request.env_id, values, spaces)
     check_run_network(spec.name, spaces.observation_space, spaces.action_space,
                       values.get("net_arch") or DEFAULT_NET_ARCH,  # type: ignore[arg-type]
                       limits.max_network_parameters, policy_options=values)
@@ -100,6 +104,36 @@ def _simulation_n_envs(request: TrainingRequest, values: dict[str, HyperValue], 
             f"hyperparameters['n_envs']: the simulation at {quoted(request.env_id)} hosts {hosted} envs; omit "
             f"n_envs or set it to {hosted}", field="hyperparameters.n_envs")
     return {**values, "n_envs": hosted}
+
+
+def _refuse_groups_in_process(spec: AlgorithmSpec, env_id: str, values: Mapping[str, HyperValue]) -> None:
+    """env_groups > 1 with a registered Gymnasium env: refused (after the algorithm's own refusal, if any)."""
+    if spec.check_env_groups_supported(values) > 1:
+        raise InvalidHyperparameter(
+            f"hyperparameters['env_groups']: {quoted(env_id)} runs in the worker's own process, where stepping envs "
+            "cannot overlap the policy's forward pass; env_groups > 1 is for external simulations (grpc://, "
+            "unix:)", field="hyperparameters.env_groups")
+
+
+def _check_simulation_groups(env_id: str, values: Mapping[str, HyperValue], spaces: EnvSpaces) -> None:
+    """env_groups > 1 against a simulation (algorithm and n_envs checked by validate): observations not normalised,
+    a simulation stepping env subsets."""
+    groups = int(values.get("env_groups") or 1)  # type: ignore[arg-type]
+    if groups == 1:
+        return
+    options = values.get("normalize")
+    if isinstance(options, NormalizeOptions) and options.norm_obs:
+        raise InvalidHyperparameter(
+            "hyperparameters['env_groups']: with groups in flight a group acts before the others' observations "
+            "of the same step exist, and observation normalisation needs them all; use normalize "
+            '{"norm_obs": false} (rewards only) or env_groups 1', field="hyperparameters.env_groups")
+    if not spaces.env_subsets:
+        # The request is well-formed; the simulation it names lacks a feature (upgrading it makes the same request
+        # succeed): FAILED_PRECONDITION rather than INVALID_ARGUMENT.
+        raise EnvironmentLacksFeature(
+            f"hyperparameters['env_groups']: the simulation at {quoted(env_id)} steps all its envs at once "
+            f"(environment protocol version 1); {groups} groups need one that steps a subset (protocol version 2, "
+            "StepRequest.env_ids)", field="hyperparameters.env_groups")
 
 
 def resume_budget(record: RunRecord, total_timesteps: int | None, max_total_timesteps: int) -> int:

@@ -24,12 +24,13 @@ import torch
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.logger import KVWriter, Logger, TensorBoardOutputFormat
 
+from rl_service.core.algorithms.env_groups import use_env_groups
 from rl_service.core.algorithms.hyperparams import HyperValue
 from rl_service.core.algorithms.masking import require_masks
 from rl_service.core.algorithms.normalize import OFF, NormalizeOptions
 from rl_service.core.algorithms.registry import ALGORITHMS
 from rl_service.core.envs import ExternalEnvironments, is_external_env, make_vec_env
-from rl_service.core.errors import EnvironmentUnavailable
+from rl_service.core.errors import EnvironmentLacksFeature, EnvironmentUnavailable, quoted
 from rl_service.core.models.checkpoints import BEST_MODEL_NAME, checkpoint_timesteps
 from rl_service.core.models.normalization import NormalizeStats
 from rl_service.core.models.ports import ModelStore
@@ -126,6 +127,7 @@ class _Trainer:
                 model = spec.cls("MlpPolicy", env, seed=seed, device="cpu", verbose=0,
                                  **spec.constructor_kwargs(values, env.action_space))
             model.set_logger(logger)
+            _use_env_groups(model, _int_value(values, "env_groups", 1), job.env_id)
             self.model = model
             eval_freq = _int_value(values, "eval_freq", 0)
             if eval_freq > 0:
@@ -256,6 +258,18 @@ class _Trainer:
         """history.json: one entry per finished episode (reward, length, seconds since start, timesteps)."""
         self.store.write_json(self.store.run_dir(self.job.run_id) / "history.json",
                                   {"run_id": self.job.run_id, "episodes": self.history})
+
+
+def _use_env_groups(model: Any, groups: int, env_id: str) -> None:
+    """Keep `groups` groups of the simulation's envs in flight; EnvironmentLacksFeature when it cannot (the
+    simulation behind the address may have changed since StartTraining checked it)."""
+    if groups == 1:
+        return
+    try:
+        use_env_groups(model, groups)
+    except ValueError as exc:
+        raise EnvironmentLacksFeature(f"hyperparameters['env_groups']: {groups} groups against {quoted(env_id)}: "
+                                      f"{exc}", field="hyperparameters.env_groups") from None
 
 
 def _int_value(values: Mapping[str, HyperValue], key: str, default: int) -> int:

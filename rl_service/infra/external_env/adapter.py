@@ -21,7 +21,11 @@ from rl_service.infra.external_env.env_batch import EnvBatch
 
 @dataclass(frozen=True)
 class StepResult:
-    """One step of every env; `final_observations` maps an env that ended to its episode's last observation."""
+    """One step of every env (or of the env_ids asked: one row each, in their order).
+
+    `final_observations` maps the row of an env that ended (its env index in a full step) to its episode's last
+    observation.
+    """
 
     observations: np.ndarray
     rewards: np.ndarray
@@ -56,6 +60,8 @@ class ExternalEnvAdapter(ABC):
     - with env_ids (protocol version 2, supports_env_subsets): step only those envs, every array of the
       StepResult holding them alone, in env_ids order;
     - answer send_step/receive_step in the order sent, with up to MAX_STEPS_IN_FLIGHT steps outstanding;
+    - after restoring a lost connection (every env reset), report each env truncated (reconnected=True) in the
+      next answer that holds it, so a trainer stepping groups never pairs an old observation with a new episode;
     - be usable from one thread at a time; close is idempotent.
     """
 
@@ -110,17 +116,23 @@ class FakeExternalEnvAdapter(ExternalEnvAdapter):
     """In-process Gymnasium envs behind the adapter contract, for tests; counts calls, can fail on demand."""
 
     def __init__(self, env_fns: Sequence[Callable[[], gym.Env[Any, Any]]], name: str = "fake",
-                 fail_step: Callable[[int], Exception | None] | None = None) -> None:
+                 fail_step: Callable[[int], Exception | None] | None = None, env_subsets: bool = True) -> None:
         self._batch = EnvBatch(env_fns, name=name)
         self._fail_step = fail_step
+        self._env_subsets = env_subsets  # False: behave as a protocol version 1 simulation
         self.resets: list[int | None] = []
         self.steps = 0
         self.closed = False
 
     @classmethod
-    def from_gym_id(cls, env_id: str, num_envs: int) -> FakeExternalEnvAdapter:
+    def from_gym_id(cls, env_id: str, num_envs: int, env_subsets: bool = True) -> FakeExternalEnvAdapter:
         """num_envs instances of a registered Gymnasium id."""
-        return cls([lambda: gym.make(env_id) for _ in range(num_envs)], name=env_id)
+        return cls([lambda: gym.make(env_id) for _ in range(num_envs)], name=env_id, env_subsets=env_subsets)
+
+    @property
+    def supports_env_subsets(self) -> bool:
+        """Whether step takes env_ids (as a protocol version 2 simulation does)."""
+        return self._env_subsets
 
     @property
     def spec(self) -> EnvSpec:
@@ -138,15 +150,19 @@ class FakeExternalEnvAdapter(ExternalEnvAdapter):
         return self._batch.reset(seed)
 
     def step(self, actions: np.ndarray, env_ids: Sequence[int] | None = None) -> StepResult:
-        """Step every env; raises what fail_step returns for this step's number (from 1)."""
-        if env_ids is not None:
-            raise NotImplementedError("env subsets")  # protocol version 2: to follow
+        """Step every env (or those in env_ids); raises what fail_step returns for this step's number (from 1).
+
+        With env_ids, final_observations is keyed by row (position in env_ids), as every other array of the result.
+        """
+        if env_ids is not None and not self._env_subsets:
+            raise NotImplementedError(f"{self.address} speaks protocol version 1: it steps every env at once")
         self.steps += 1
         if self._fail_step is not None and (error := self._fail_step(self.steps)) is not None:
             raise error
-        result = self._batch.step(np.asarray(actions))
-        finals = {int(i): result.final_observations[j] for j, i in enumerate(result.ended)}
-        return StepResult(result.observations, result.rewards, result.terminated, result.truncated, finals)
+        result = self._batch.step(np.asarray(actions), env_ids)
+        finals = {int(row): result.final_observations[j] for j, row in enumerate(result.ended)}
+        return StepResult(result.observations, result.rewards, result.terminated, result.truncated, finals,
+                          action_masks=result.action_masks)
 
     def action_masks(self) -> np.ndarray | None:
         """The masks the envs' action_masks() gave after the last reset or step (None without the method)."""

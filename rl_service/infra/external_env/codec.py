@@ -160,9 +160,9 @@ def spec_to_proto(spec: EnvSpec) -> pb.EnvironmentSpec:
 
 def spec_from_proto(message: pb.EnvironmentSpec) -> EnvSpec:
     """A GetSpec answer, checked; MalformedData names the field at fault."""
-    if message.protocol_version not in (0, PROTOCOL_VERSION):
+    if message.protocol_version not in (0, PROTOCOL_VERSION, 2):  # 2: Step also takes env_ids (issue 17)
         raise MalformedData(f"protocol_version: {message.protocol_version} is not supported; this client speaks "
-                            f"version {PROTOCOL_VERSION}", "protocol_version")
+                            f"versions {PROTOCOL_VERSION} and 2", "protocol_version")
     if not 1 <= message.num_envs <= MAX_NUM_ENVS:
         raise MalformedData(f"num_envs: must be in [1, {MAX_NUM_ENVS}], got {message.num_envs}", "num_envs")
     if not message.HasField("observation_space"):

@@ -19,7 +19,7 @@ from rl_service.infra.external_env.address import (
     SocketDirectory,
     parse_address,
 )
-from rl_service.infra.external_env.grpc_adapter import ConnectionOptions, GrpcExternalEnvAdapter, fetch_spec
+from rl_service.infra.external_env.grpc_adapter import ConnectionOptions, GrpcExternalEnvAdapter
 from rl_service.infra.external_env.vec_env import ExternalVecEnv
 from rl_service.infra.settings import Settings
 from rl_service.infra.tls import read_ca_bundle, system_ca_bundle
@@ -55,9 +55,15 @@ class GrpcExternalEnvironments:
         return parsed
 
     def spaces(self, address: str) -> EnvSpaces:
-        """The simulation's spaces and number of envs (GetSpec within ENV_CONNECT_TIMEOUT_SECONDS)."""
-        spec = fetch_spec(self.check(address), self.options)
-        return EnvSpaces(spec.observation_space, spec.action_space, spec.num_envs)
+        """The simulation's spaces, number of envs and whether it steps env subsets (GetSpec within
+        ENV_CONNECT_TIMEOUT_SECONDS, not retried)."""
+        adapter = GrpcExternalEnvAdapter(self.check(address), self.options)
+        try:
+            spec = adapter.spec
+            return EnvSpaces(spec.observation_space, spec.action_space, spec.num_envs,
+                             env_subsets=adapter.supports_env_subsets)
+        finally:
+            adapter.close()
 
     def adapter(self, address: str, retry_connect: bool = True) -> GrpcExternalEnvAdapter:
         """A connected adapter (retrying the first connection when asked)."""

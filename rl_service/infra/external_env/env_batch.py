@@ -21,19 +21,41 @@ class ResetNeeded(RuntimeError):
 
 @dataclass(frozen=True)
 class BatchStep:
-    """One step of every env, in the protocol's layout."""
+    """One step of every env (or of the envs asked, in their order), in the protocol's layout; one row per env."""
 
-    observations: np.ndarray  # (num_envs, *shape): an ended env's next first observation
-    rewards: np.ndarray  # (num_envs,) float32
-    terminated: np.ndarray  # (num_envs,) bool
-    truncated: np.ndarray  # (num_envs,) bool
-    final_observations: np.ndarray  # (ended envs, *shape), in env order
-    action_masks: np.ndarray | None = None  # (num_envs, n) bool for `observations`; None: the envs have none
+    observations: np.ndarray  # (stepped envs, *shape): an ended env's next first observation
+    rewards: np.ndarray  # (stepped envs,) float32
+    terminated: np.ndarray  # (stepped envs,) bool
+    truncated: np.ndarray  # (stepped envs,) bool
+    final_observations: np.ndarray  # (ended envs, *shape), in row order
+    action_masks: np.ndarray | None = None  # (stepped envs, n) bool for `observations`; None: the envs have none
 
     @property
     def ended(self) -> np.ndarray:
-        """Indices of the envs whose episode ended in this step."""
+        """Rows (positions among the stepped envs) whose episode ended in this step."""
         return np.flatnonzero(self.terminated | self.truncated)
+
+
+# The protocol version whose StepRequest may name env_ids (a subset of the envs to step).
+SUBSETS_PROTOCOL_VERSION = 2
+
+
+class BadEnvIds(ValueError):
+    """StepRequest.env_ids names an env twice, one outside [0, num_envs), or not one per action."""
+
+
+def check_env_ids(env_ids: Sequence[int], num_envs: int, actions: int) -> list[int]:
+    """env_ids as a list, checked: distinct, each in [0, num_envs), as many as actions (BadEnvIds otherwise)."""
+    ids = [int(i) for i in env_ids]
+    if len(ids) != actions:
+        raise BadEnvIds(f"env_ids: {len(ids)} ids for {actions} actions; give one id per action")
+    outside = [i for i in ids if not 0 <= i < num_envs]
+    if outside:
+        raise BadEnvIds(f"env_ids: {outside[0]} is outside [0, {num_envs})")
+    if len(set(ids)) != len(ids):
+        repeated = next(i for i in ids if ids.count(i) > 1)
+        raise BadEnvIds(f"env_ids: env {repeated} is named twice; each env may be stepped once per request")
+    return ids
 
 
 MASKS_METHOD = "action_masks"  # sb3-contrib's name for an env's legal-action flags
@@ -106,47 +128,58 @@ class EnvBatch:
         self.needs_reset = False
         return observations
 
-    def step(self, actions: np.ndarray) -> BatchStep:
-        """Step every env with its action; an env that ends is reset at once (its final observation kept)."""
+    def step(self, actions: np.ndarray, env_ids: Sequence[int] | None = None) -> BatchStep:
+        """Step every env (or those in env_ids, in that order; the others are left as they are) with its action;
+        an env that ends is reset at once (its final observation kept). Every array holds the stepped envs."""
         if self.needs_reset:
             raise ResetNeeded("Reset is required before Step (at start, and after a step that failed)")
-        n = self.num_envs
+        stepped = range(self.num_envs) if env_ids is None else check_env_ids(env_ids, self.num_envs, len(actions))
+        n = len(stepped)
         observations = np.empty((n, *self._obs_shape), dtype=self._obs_dtype)
         rewards = np.empty(n, dtype=np.float32)
         terminated = np.zeros(n, dtype=bool)
         truncated = np.zeros(n, dtype=bool)
         finals = []
         self.needs_reset = True  # an exception below leaves the envs half-stepped
-        for i, env in enumerate(self.envs):
-            obs, reward, term, trunc, _ = env.step(actions[i])
-            rewards[i] = reward
-            terminated[i] = term
-            truncated[i] = trunc
+        for row, i in enumerate(stepped):
+            env = self.envs[i]
+            obs, reward, term, trunc, _ = env.step(actions[row])
+            rewards[row] = reward
+            terminated[row] = term
+            truncated[row] = trunc
             if term or trunc:
                 finals.append(obs)
                 obs, _ = env.reset()
-            observations[i] = obs
+            observations[row] = obs
         # Read after the auto-resets: an ended env's mask is that of its next episode's first observation.
-        self.last_action_masks = self._read_masks()
+        masks = self._read_masks(stepped)
+        if env_ids is None or masks is None or self.last_action_masks is None:
+            self.last_action_masks = masks
+        else:  # a new array (callers may hold the old one); the envs not stepped keep their masks
+            updated = self.last_action_masks.copy()
+            updated[list(stepped)] = masks
+            self.last_action_masks = updated
         self.needs_reset = False
         final_observations = np.empty((len(finals), *self._obs_shape), dtype=self._obs_dtype)
         for j, obs in enumerate(finals):
             final_observations[j] = obs
-        return BatchStep(observations, rewards, terminated, truncated, final_observations, self.last_action_masks)
+        return BatchStep(observations, rewards, terminated, truncated, final_observations, masks)
 
-    def _read_masks(self) -> np.ndarray | None:
-        """Every env's action_masks() as (num_envs, n) bool; ValueError for a wrong shape or no legal action."""
+    def _read_masks(self, env_ids: Sequence[int] | None = None) -> np.ndarray | None:
+        """The action_masks() of every env (or of env_ids, in order) as (envs, n) bool; ValueError for a wrong shape
+        or no legal action."""
         if self._mask_methods is None:
             return None
         n = int(self.action_space.n)  # type: ignore[attr-defined]
-        masks = np.empty((self.num_envs, n), dtype=bool)
-        for i, method in enumerate(self._mask_methods):
-            mask = np.asarray(method())
+        ids = range(self.num_envs) if env_ids is None else env_ids
+        masks = np.empty((len(ids), n), dtype=bool)
+        for row, i in enumerate(ids):
+            mask = np.asarray(self._mask_methods[i]())
             if mask.shape != (n,) or mask.dtype.kind not in "biu":
                 raise ValueError(f"env {i}: action_masks() returned {mask.dtype.name} of shape {mask.shape}; "
                                  f"expected {n} bools")
-            masks[i] = mask.astype(bool)
-            if not masks[i].any():
+            masks[row] = mask.astype(bool)
+            if not masks[row].any():
                 raise ValueError(f"env {i}: action_masks() leaves no legal action")
         return masks
 
