@@ -2,8 +2,8 @@
 `python -m benchmarks render` to rewrite RESULTS.md from results/results.json (e.g. after editing the findings).
 
 Sections: overhead, external_env, act, experience, learning, footprint, chaos, policy_learning, ray,
-learning_breadth, fuzz (see each module's docstring). The full run writes benchmarks/RESULTS.md and
-benchmarks/results/results.json (a section run alone replaces only its own part);
+learning_breadth, fuzz, http, simulation_speed (see each module's docstring). The full run writes
+benchmarks/RESULTS.md and benchmarks/results/results.json (a section run alone replaces only its own part);
 --quick uses tiny budgets, asserts no goal, and writes to --output (default: a new temporary directory) so it never
 touches the committed results.
 """
@@ -20,7 +20,7 @@ from pathlib import Path
 from benchmarks.common import Section, ServerProcess, start_server_process, write_results
 
 SECTIONS = ("overhead", "external_env", "act", "experience", "learning", "footprint", "chaos",
-            "policy_learning", "ray", "learning_breadth", "fuzz", "http")
+            "policy_learning", "ray", "learning_breadth", "fuzz", "http", "simulation_speed")
 DEFAULT_OUTPUT = Path(__file__).resolve().parent
 
 
@@ -105,6 +105,10 @@ def run_section(name: str, ctx: Context) -> Section:
         from benchmarks import http_api
 
         return http_api.run(ctx.server(), ctx.quick, ctx.repeats)
+    if name == "simulation_speed":
+        from benchmarks import simulation_speed
+
+        return simulation_speed.run(ctx.quick, ctx.repeats)
     raise ValueError(f"unknown section {name!r}; choose from {', '.join(SECTIONS)}")
 
 

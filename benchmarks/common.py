@@ -156,7 +156,7 @@ def write_results(output: Path, sections: list[Section], facts: dict[str, Any], 
 
 
 SECTION_ORDER = ["overhead", "external_env", "act", "experience", "learning", "footprint", "chaos", "policy_learning",
-                 "learning_breadth", "ray", "fuzz", "http"]
+                 "learning_breadth", "ray", "fuzz", "http", "simulation_speed"]
 
 
 def render_markdown(sections: dict[str, Any], findings: Path | None = None) -> str:

@@ -23,9 +23,14 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from rl_service.infra.external_env.address import MAX_SOCKET_PATH_BYTES, unix_target
-from rl_service.infra.external_env.codec import BatchCodec, MalformedData, encode_action_masks, spec_to_proto
+from rl_service.infra.external_env.codec import (
+    ENV_SUBSETS_VERSION,
+    BatchCodec,
+    MalformedData,
+    encode_action_masks,
+    spec_to_proto,
+)
 from rl_service.infra.external_env.env_batch import (
-    SUBSETS_PROTOCOL_VERSION,
     BadEnvIds,
     EnvBatch,
     ResetNeeded,
@@ -55,7 +60,7 @@ class ReferenceEnvironmentServicer(pb_grpc.EnvironmentServiceServicer):  # type:
         self.batch = batch
         self._raw = raw_observations
         self._spec = spec_to_proto(batch.spec)
-        self._spec.protocol_version = SUBSETS_PROTOCOL_VERSION  # Step takes env_ids
+        self._spec.protocol_version = ENV_SUBSETS_VERSION  # Step takes env_ids
         self._observations = BatchCodec(batch.observation_space)
         self._actions = BatchCodec(batch.action_space)
         self._lock = threading.Lock()

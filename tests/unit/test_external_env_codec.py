@@ -131,6 +131,13 @@ def test_spec_round_trip() -> None:
     assert spec_from_proto(spec_message(protocol_version=0)).num_envs == 8, "0 (unset) reads as version 1"
 
 
+@pytest.mark.parametrize(("sent", "read", "subsets"), [(0, 1, False), (1, 1, False), (2, 2, True)])
+def test_protocol_version_tells_whether_subsets_are_stepped(sent: int, read: int, subsets: bool) -> None:
+    spec = spec_from_proto(spec_message(protocol_version=sent))
+    assert spec.protocol_version == read and spec.supports_env_subsets == subsets
+    assert spec_to_proto(spec).protocol_version == read, "a server announces the version its spec holds"
+
+
 @pytest.mark.parametrize(("changes", "field"), [
     ({"num_envs": 0}, "num_envs"),
     ({"num_envs": 5000}, "num_envs"),

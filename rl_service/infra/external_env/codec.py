@@ -16,7 +16,10 @@ import numpy as np
 
 from rl_service_proto.v1 import environment_pb2 as pb
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 1  # what a simulation announces by default (EnvSpec.protocol_version)
+# The newest version this client speaks: 2 adds StepRequest.env_ids (stepping a subset of the envs).
+MAX_PROTOCOL_VERSION = 2
+ENV_SUBSETS_VERSION = 2
 MAX_NUM_ENVS = 1024
 MAX_ELEMENTS = 10_000_000  # values in one observation or action; a larger spec is refused
 MAX_DIMS = 8
@@ -43,9 +46,15 @@ class EnvSpec:
     num_envs: int
     name: str = ""
     version: str = ""
+    protocol_version: int = PROTOCOL_VERSION  # 1, or 2: steps a subset of its envs (StepRequest.env_ids)
+
+    @property
+    def supports_env_subsets(self) -> bool:
+        """Whether the simulation steps a subset of its envs (protocol version 2)."""
+        return self.protocol_version >= ENV_SUBSETS_VERSION
 
     def compatible_with(self, other: EnvSpec) -> bool:
-        """Same spaces and number of envs (name and version may differ)."""
+        """Same spaces and number of envs (name, version and protocol version may differ)."""
         return (self.num_envs == other.num_envs and self.observation_space == other.observation_space
                 and self.action_space == other.action_space)
 
@@ -155,14 +164,14 @@ def spec_to_proto(spec: EnvSpec) -> pb.EnvironmentSpec:
     """An EnvSpec as the GetSpec answer."""
     return pb.EnvironmentSpec(observation_space=space_to_proto(spec.observation_space),
                               action_space=space_to_proto(spec.action_space), num_envs=spec.num_envs,
-                              name=spec.name, version=spec.version, protocol_version=PROTOCOL_VERSION)
+                              name=spec.name, version=spec.version, protocol_version=spec.protocol_version)
 
 
 def spec_from_proto(message: pb.EnvironmentSpec) -> EnvSpec:
     """A GetSpec answer, checked; MalformedData names the field at fault."""
-    if message.protocol_version not in (0, PROTOCOL_VERSION, 2):  # 2: Step also takes env_ids (issue 17)
+    if message.protocol_version > MAX_PROTOCOL_VERSION:
         raise MalformedData(f"protocol_version: {message.protocol_version} is not supported; this client speaks "
-                            f"versions {PROTOCOL_VERSION} and 2", "protocol_version")
+                            f"versions 1 to {MAX_PROTOCOL_VERSION}", "protocol_version")
     if not 1 <= message.num_envs <= MAX_NUM_ENVS:
         raise MalformedData(f"num_envs: must be in [1, {MAX_NUM_ENVS}], got {message.num_envs}", "num_envs")
     if not message.HasField("observation_space"):
@@ -171,7 +180,8 @@ def spec_from_proto(message: pb.EnvironmentSpec) -> EnvSpec:
         raise MalformedData("action_space: not set", "action_space")
     return EnvSpec(observation_space=space_from_proto(message.observation_space, "observation_space"),
                    action_space=space_from_proto(message.action_space, "action_space"),
-                   num_envs=message.num_envs, name=message.name[:200], version=message.version[:200])
+                   num_envs=message.num_envs, name=message.name[:200], version=message.version[:200],
+                   protocol_version=max(message.protocol_version, 1))
 
 
 # ----------------------------------------------------------------------------------------------- batches

@@ -36,10 +36,6 @@ class BatchStep:
         return np.flatnonzero(self.terminated | self.truncated)
 
 
-# The protocol version whose StepRequest may name env_ids (a subset of the envs to step).
-SUBSETS_PROTOCOL_VERSION = 2
-
-
 class BadEnvIds(ValueError):
     """StepRequest.env_ids names an env twice, one outside [0, num_envs), or not one per action."""
 

@@ -1,28 +1,28 @@
 """GrpcExternalEnvAdapter: the client of a simulation's EnvironmentService.
 
-Every call has a deadline. By default reset/step travel on one bidirectional Session stream (a watchdog cancels
-an exchange past its deadline); a simulation that answers UNIMPLEMENTED to Session is driven with the unary calls.
-A lost connection (UNAVAILABLE) is retried with exponential backoff: reconnect, check the spec is unchanged,
-Reset, and report the interrupted step as truncated for every env (the episodes could not go on). Anything else
-the simulation does wrong ends the run with an error naming the address, the call and the cause. Optional action
-masks in Reset and Step answers are checked like the rest and kept for action_masks().
+Every call has a deadline. By default reset/step travel on one bidirectional Session stream (grpc_session.py; a
+watchdog cancels it past an answer's deadline); a simulation that answers UNIMPLEMENTED to Session is driven with
+the unary calls. Up to MAX_STEPS_IN_FLIGHT steps may be sent before their answers are read (send_step /
+receive_step); on the stream they are pipelined, answered in order. A simulation speaking protocol version 2 steps a
+subset of its envs (env_ids). A lost connection (UNAVAILABLE) is retried with exponential backoff: reconnect, check
+the spec is unchanged, Reset, and report every step in flight as truncated for each of its envs (the episodes could
+not go on). Anything else the simulation does wrong ends the run with an error naming the address, the call and
+the cause. Optional action masks in Reset and Step answers are checked like the rest and kept for action_masks().
 """
 
 from __future__ import annotations
 
-import queue
-import threading
 import time
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import grpc
 import gymnasium as gym
 import numpy as np
 
 from rl_service.core.errors import EnvironmentProtocolError, EnvironmentUnavailable
-from rl_service.infra.external_env.adapter import ExternalEnvAdapter, StepResult
+from rl_service.infra.external_env.adapter import MAX_STEPS_IN_FLIGHT, ExternalEnvAdapter, StepResult
 from rl_service.infra.external_env.address import ExternalAddress
 from rl_service.infra.external_env.codec import (
     BatchCodec,
@@ -31,137 +31,32 @@ from rl_service.infra.external_env.codec import (
     decode_action_masks,
     decode_bools,
     decode_floats,
-    spec_from_proto,
+)
+from rl_service.infra.external_env.grpc_session import (
+    RETRYABLE,
+    ConnectionOptions,
+    Lost,
+    SessionStream,
+    StreamUnimplemented,
+    fetch_spec,
+    get_spec,
+    open_channel,
 )
 from rl_service.infra.logging_setup import get_logger
 from rl_service_proto.v1 import environment_pb2 as pb
 from rl_service_proto.v1 import environment_pb2_grpc as pb_grpc
 
-_END = object()  # ends the Session request iterator
-_RETRYABLE = (grpc.StatusCode.UNAVAILABLE,)
+__all__ = ["ConnectionOptions", "GrpcExternalEnvAdapter", "SessionStream", "fetch_spec", "open_channel"]
 
 
-@dataclass(frozen=True)
-class ConnectionOptions:
-    """How the adapter talks to a simulation (from the ENV_* settings)."""
+@dataclass
+class _Sent:
+    """A step sent and not yet received: its request, its envs, and (unary calls, reconnects) its outcome."""
 
-    step_timeout: float = 10.0  # deadline of each Reset and Step (ENV_STEP_TIMEOUT_SECONDS)
-    connect_timeout: float = 5.0  # deadline of GetSpec, at StartTraining and on reconnects
-    retries: int = 5  # reconnect attempts after a lost connection (ENV_CONNECT_RETRIES)
-    backoff: float = 1.0  # first wait before reconnecting, doubled per attempt (ENV_RETRY_BACKOFF_SECONDS)
-    max_backoff: float = 30.0
-    max_message_bytes: int = 16 * 1024 * 1024
-    use_stream: bool = True  # the Session stream (false: unary Reset/Step)
-    # PEM roots that grpcs:// simulations' certificates must chain to (EXTERNAL_ENV_CA_FILE, or the system's bundle,
-    # read once at start-up); None: the roots gRPC ships. Bytes, not a path, so a worker never reads a file.
-    tls_roots: bytes | None = field(default=None, repr=False)
-
-    def backoff_for(self, attempt: int) -> float:
-        """Seconds to wait before reconnect attempt `attempt` (from 1)."""
-        return float(min(self.backoff * 2 ** (attempt - 1), self.max_backoff))
-
-
-class _Lost(Exception):
-    """The connection is gone (retryable); `cause` says how."""
-
-    def __init__(self, call: str, cause: str) -> None:
-        super().__init__(f"{call}: {cause}")
-        self.call = call
-        self.cause = cause
-
-
-def open_channel(address: ExternalAddress, options: ConnectionOptions) -> grpc.Channel:
-    """A channel with the message size caps: TLS for grpcs:// (the certificate verified for the address's host),
-    plaintext for grpc:// and unix:."""
-    channel_options = [
-        ("grpc.max_receive_message_length", options.max_message_bytes),
-        ("grpc.max_send_message_length", options.max_message_bytes),
-    ]
-    if address.tls:
-        credentials = grpc.ssl_channel_credentials(root_certificates=options.tls_roots)
-        return grpc.secure_channel(address.target, credentials, options=channel_options)
-    return grpc.insecure_channel(address.target, options=channel_options)
-
-
-def fetch_spec(address: ExternalAddress, options: ConnectionOptions) -> EnvSpec:
-    """Ask a simulation for its spec once, within connect_timeout; EnvironmentUnavailable if it cannot answer."""
-    channel = open_channel(address, options)
-    try:
-        return _get_spec(pb_grpc.EnvironmentServiceStub(channel), address, options)
-    except _Lost as lost:
-        raise EnvironmentUnavailable(f"env {address} is not reachable: {lost.cause}", field="env_id") from None
-    finally:
-        channel.close()
-
-
-def _get_spec(stub: pb_grpc.EnvironmentServiceStub, address: ExternalAddress, options: ConnectionOptions) -> EnvSpec:
-    try:
-        message = stub.GetSpec(pb.GetSpecRequest(), timeout=options.connect_timeout)
-    except grpc.RpcError as exc:
-        code, details = exc.code(), exc.details()
-        if code in _RETRYABLE:
-            raise _Lost("GetSpec", f"{code.name}: {details}{_tls_hint(address, details)}") from None
-        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-            raise _Lost("GetSpec", f"no answer to GetSpec within {options.connect_timeout:g}s "
-                                   "(ENV_CONNECT_TIMEOUT_SECONDS)") from None
-        raise EnvironmentUnavailable(f"env {address}: GetSpec failed: {code.name}: {details}",
-                                     field="env_id") from None
-    try:
-        return spec_from_proto(message)
-    except MalformedData as exc:
-        raise EnvironmentProtocolError(f"env {address} sent a malformed spec: {exc}", field="env_id") from None
-
-
-def _tls_hint(address: ExternalAddress, details: str | None) -> str:
-    """What to check when a grpcs:// simulation's certificate did not verify."""
-    if address.tls and "CERTIFICATE_VERIFY_FAILED" in (details or ""):
-        return (" (the simulation's certificate does not verify against EXTERNAL_ENV_CA_FILE, or the system's roots "
-                "when it is unset, for the host in the address)")
-    return ""
-
-
-class SessionStream:
-    """The Session stream: one response per request; a watchdog cancels an exchange past its deadline."""
-
-    def __init__(self, stub: pb_grpc.EnvironmentServiceStub, timeout: float) -> None:
-        self._requests: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        request_iterator: Iterator[pb.SessionRequest] = iter(self._requests.get, _END)
-        self._responses: Any = stub.Session(request_iterator)
-        self._timeout = timeout
-        self._pending: tuple[int, float] | None = None
-        self._sequence = 0
-        self.exchanges = 0
-        self.timed_out = False
-        self._closed = threading.Event()
-        self._watchdog = threading.Thread(target=self._watch, name="env-session-watchdog", daemon=True)
-        self._watchdog.start()
-
-    def exchange(self, request: pb.SessionRequest) -> pb.SessionResponse:
-        """Send one request, wait for its response (RpcError or StopIteration when the stream ends)."""
-        self._sequence += 1
-        self._pending = (self._sequence, time.monotonic() + self._timeout)
-        self._requests.put(request)
-        try:
-            response: pb.SessionResponse = next(self._responses)
-        finally:
-            self._pending = None
-        self.exchanges += 1
-        return response
-
-    def _watch(self) -> None:
-        tick = min(max(self._timeout / 20, 0.005), 0.1)
-        while not self._closed.wait(tick):
-            pending = self._pending
-            if pending is not None and time.monotonic() > pending[1] and self._pending is pending:
-                self.timed_out = True
-                self._responses.cancel()
-                return
-
-    def close(self) -> None:
-        """Half-close the stream and cancel it; stop the watchdog."""
-        self._closed.set()
-        self._requests.put(_END)
-        self._responses.cancel()
+    request: pb.StepRequest
+    env_ids: np.ndarray | None  # None: every env
+    outcome: pb.StepResponse | Exception | None = None  # a unary call's answer or failure
+    result: StepResult | None = None  # already decided (a reconnect cut it)
 
 
 class GrpcExternalEnvAdapter(ExternalEnvAdapter):
@@ -176,15 +71,18 @@ class GrpcExternalEnvAdapter(ExternalEnvAdapter):
         self._stub: pb_grpc.EnvironmentServiceStub | None = None
         self._session: SessionStream | None = None
         self._use_stream = options.use_stream
+        self._in_flight: deque[_Sent] = deque()
+        # Every env's last observation and mask (our own copies, updated row by row by subset steps): the final
+        # observations of a reconnect, and action_masks().
         self._last_observations: np.ndarray | None = None
-        self._action_masks: np.ndarray | None = None  # of _last_observations; None: every action legal
+        self._action_masks: np.ndarray | None = None  # None: every action legal
         self.reconnects = 0
         self._closed = False
         self._known_spec: EnvSpec | None = None
         try:
             try:
                 spec = self._connect()
-            except _Lost as lost:
+            except Lost as lost:
                 if not retry_connect:
                     raise EnvironmentUnavailable(f"env {address} is not reachable: {lost.cause}",
                                                  field="env_id") from None
@@ -218,57 +116,219 @@ class GrpcExternalEnvAdapter(ExternalEnvAdapter):
         """Whether reset/step travel on the Session stream (false after an UNIMPLEMENTED fallback)."""
         return self._use_stream
 
+    @property
+    def supports_env_subsets(self) -> bool:
+        """Whether the simulation speaks protocol version 2 (step takes env_ids)."""
+        return self._spec.supports_env_subsets
+
+    @property
+    def steps_in_flight(self) -> int:
+        """Steps sent and not yet received."""
+        return len(self._in_flight)
+
     def reset(self, seed: int | None = None) -> np.ndarray:
         """Reset every env; a lost connection is retried (reconnect, then the same Reset)."""
+        if self._in_flight:
+            raise RuntimeError(f"reset with {len(self._in_flight)} step(s) in flight; receive them first")
         try:
             observations = self._reset_once(seed)
-        except _Lost as lost:
+        except Lost as lost:
             observations = self._reconnect_with_retries(lost, reset=True, seed=seed)[1]
-        self._last_observations = observations
+        self._last_observations = observations.copy()
         return observations
 
     def step(self, actions: np.ndarray, env_ids: Sequence[int] | None = None) -> StepResult:
-        """Step every env in one message; after a restored connection, every episode is reported truncated."""
-        if env_ids is not None:
-            raise NotImplementedError("env subsets")  # protocol version 2: to follow
-        spec = self._spec
-        request = pb.StepRequest(actions=self._actions.encode(self._check_actions(actions)))
+        """Step every env (or those in env_ids) in one message; after a restored connection, every episode stepped
+        is reported truncated."""
+        if self._in_flight:
+            raise RuntimeError(f"step with {len(self._in_flight)} step(s) in flight; use receive_step")
+        self.send_step(actions, env_ids)
+        return self.receive_step()
+
+    def send_step(self, actions: np.ndarray, env_ids: Sequence[int] | None = None) -> None:
+        """Send a step without waiting for its answer; receive_step returns the answers in the order sent."""
+        self._require_open()
+        if len(self._in_flight) >= MAX_STEPS_IN_FLIGHT:
+            raise RuntimeError(f"at most {MAX_STEPS_IN_FLIGHT} steps may be in flight")
+        ids = self._check_env_ids(env_ids)
+        count = self._spec.num_envs if ids is None else len(ids)
+        request = pb.StepRequest(actions=self._actions.encode(self._check_actions(actions, count)))
+        if ids is not None:
+            request.env_ids.extend(ids.tolist())
+        sent = _Sent(request, ids)
+        if self._use_stream:
+            self._stream().send(pb.SessionRequest(step=request))
+        else:
+            sent.outcome = self._unary_step(request)
+        self._in_flight.append(sent)
+
+    def receive_step(self) -> StepResult:
+        """The answer to the oldest step sent and not yet received (raises what it failed with)."""
+        if not self._in_flight:
+            raise RuntimeError("receive_step without a step in flight")
+        head = self._in_flight[0]
+        if head.result is not None:
+            self._in_flight.popleft()
+            return head.result
         try:
-            response = self._call("Step", request)
-        except _Lost as lost:
-            previous = self._last_observations
-            observations = self._reconnect_with_retries(lost, reset=True)[1]
-            self._last_observations = observations
-            n = spec.num_envs
-            finals = {i: previous[i] for i in range(n)} if previous is not None else {i: observations[i]
-                                                                                   for i in range(n)}
-            return StepResult(observations, np.zeros(n, dtype=np.float32), np.zeros(n, dtype=bool),
-                              np.ones(n, dtype=bool), finals, reconnected=True)
-        assert isinstance(response, pb.StepResponse)
-        result = self._decode_step(response)
-        self._last_observations = result.observations
-        return result
+            response = self._await(head)
+        except Lost as lost:
+            return self._recover(lost)
+        except BaseException:
+            self._in_flight.clear()  # the stream is gone, and the answers of the later steps with it
+            raise
+        self._in_flight.popleft()
+        try:
+            return self._decode_step(response, head.env_ids)
+        except BaseException:
+            self._end_session()  # a simulation that answers malformed steps is not stepped on
+            self._in_flight.clear()
+            raise
 
     def action_masks(self) -> np.ndarray | None:
-        """The masks of the last Reset or Step answer, (num_envs, n) bool; None when it carried none."""
+        """The masks of every env's last observation, (num_envs, n) bool; None when the answers carried none."""
         return self._action_masks
 
     def close(self) -> None:
         """End the stream and close the channel (idempotent)."""
         if not self._closed:
             self._closed = True
+            self._in_flight.clear()
             self._close_channel()
 
-    # ------------------------------------------------------------------------------------ internals
+    # ------------------------------------------------------------------------------------ steps
+
+    def _check_env_ids(self, env_ids: Sequence[int] | None) -> np.ndarray | None:
+        """env_ids as an int64 array; ValueError naming env_ids unless distinct, in range and supported."""
+        if env_ids is None:
+            return None
+        spec = self._spec
+        if not spec.supports_env_subsets:
+            raise ValueError(f"env_ids: env {self.address} speaks protocol version {spec.protocol_version}; stepping "
+                             "a subset of its envs needs version 2")
+        ids = np.asarray(env_ids)
+        if ids.ndim != 1 or ids.size == 0 or ids.dtype.kind not in "iu":
+            raise ValueError(f"env_ids: expected a non-empty list of env indices, got {ids.dtype.name} of shape "
+                             f"{ids.shape}")
+        if ids.min() < 0 or ids.max() >= spec.num_envs or len(np.unique(ids)) != ids.size:
+            raise ValueError(f"env_ids: must be distinct indices in [0, {spec.num_envs}), got {ids[:16].tolist()}")
+        return ids.astype(np.int64)
+
+    def _check_actions(self, actions: np.ndarray, count: int) -> np.ndarray:
+        array = np.asarray(actions)
+        if array.size != count * self._actions.size:
+            raise ValueError(f"{array.size} action values for {count} envs of {self._spec.action_space}")
+        space = self._spec.action_space
+        if isinstance(space, gym.spaces.Box):  # the protocol promises Box actions within low/high
+            array = np.clip(array.reshape((count, *self._actions.shape)), space.low, space.high)
+        return array
+
+    def _await(self, sent: _Sent) -> pb.StepResponse:
+        """The answer to `sent` (the oldest step in flight): from the stream, or the unary call's outcome."""
+        if sent.outcome is None:
+            try:
+                response = self._receive_stream("Step")
+            except StreamUnimplemented:
+                self._use_stream = False
+                self._log.info("the simulation does not implement Session; using unary Reset and Step")
+                for waiting in self._in_flight:  # none of them reached the simulation: send them again, in order
+                    waiting.outcome = self._unary_step(waiting.request)
+            else:
+                assert isinstance(response, pb.StepResponse)
+                return response
+        outcome = sent.outcome
+        if isinstance(outcome, Exception):
+            raise outcome
+        assert isinstance(outcome, pb.StepResponse)
+        return outcome
+
+    def _unary_step(self, request: pb.StepRequest) -> pb.StepResponse | Exception:
+        """One unary Step; its failure is returned, to be raised when its answer is received."""
+        try:
+            response = self._call("Step", request)
+        except (Lost, EnvironmentUnavailable, EnvironmentProtocolError) as exc:
+            return exc
+        assert isinstance(response, pb.StepResponse)
+        return response
+
+    def _recover(self, lost: Lost) -> StepResult:
+        """Reconnect and Reset; every step in flight is answered as cut short: truncated, no reward."""
+        previous = self._last_observations
+        entries = list(self._in_flight)
+        self._in_flight.clear()
+        self._end_session()
+        observations = self._reconnect_with_retries(lost, reset=True)[1]
+        n = self._spec.num_envs
+        results = [self._cut(observations, previous, sent.env_ids) for sent in entries]
+        self._last_observations = observations.copy()
+        for sent, result in zip(entries[1:], results[1:], strict=True):
+            sent.result = result
+            self._in_flight.append(sent)
+        self._log.warning("steps in flight reported truncated after the reconnect", steps=len(entries), num_envs=n)
+        return results[0]
+
+    def _cut(self, observations: np.ndarray, previous: np.ndarray | None, ids: np.ndarray | None) -> StepResult:
+        """A step's answer after a reconnect: each of its envs truncated, its final observation the last known."""
+        rows = np.arange(self._spec.num_envs) if ids is None else ids
+        count = len(rows)
+        before = observations if previous is None else previous
+        masks = None if self._action_masks is None else self._action_masks[rows]
+        return StepResult(observations[rows], np.zeros(count, dtype=np.float32), np.zeros(count, dtype=bool),
+                          np.ones(count, dtype=bool), {j: before[int(i)] for j, i in enumerate(rows)},
+                          reconnected=True, action_masks=masks)
+
+    def _decode_step(self, response: pb.StepResponse, ids: np.ndarray | None) -> StepResult:
+        spec = self._spec
+        count = spec.num_envs if ids is None else len(ids)
+        try:
+            observations = self._observations.decode(response.observations, count, "observations")
+            rewards = decode_floats(response.rewards, count, "rewards")
+            terminated = decode_bools(response.terminated, count, "terminated")
+            truncated = decode_bools(response.truncated, count, "truncated")
+            done = terminated | truncated
+            ended = np.flatnonzero(done) if done.any() else ()
+            finals = self._observations.decode(response.final_observations, len(ended), "final_observations")
+            # For an env that ended: the mask of its next episode's first observation, as `observations` holds.
+            masks = decode_action_masks(response.action_masks, spec.action_space, count)
+        except MalformedData as exc:
+            raise self._malformed("Step", exc) from None
+        self._remember(observations, masks, ids)
+        # Keys index this answer's arrays: env ids for a full step, positions in env_ids for a subset.
+        return StepResult(observations, rewards, terminated, truncated,
+                          {int(i): finals[j] for j, i in enumerate(ended)} if len(ended) else {},
+                          action_masks=masks)
+
+    def _remember(self, observations: np.ndarray, masks: np.ndarray | None, ids: np.ndarray | None) -> None:
+        """Keep every env's last observation and mask, the rows of a subset step replaced."""
+        if ids is None:
+            self._last_observations = observations.copy()
+            self._action_masks = masks
+            return
+        if self._last_observations is not None:
+            self._last_observations[ids] = observations
+        if masks is None and self._action_masks is None:
+            return
+        if self._action_masks is None:  # the first answer with masks: the other envs' actions are all legal
+            assert masks is not None
+            self._action_masks = np.ones((self._spec.num_envs, masks.shape[1]), dtype=bool)
+        else:
+            self._action_masks = self._action_masks.copy()  # a caller may hold the previous array
+        self._action_masks[ids] = True if masks is None else masks
+
+    def _malformed(self, call: str, exc: MalformedData) -> EnvironmentProtocolError:
+        return EnvironmentProtocolError(
+            f"env {self.address} answered {call} with a malformed field '{exc.field}': {exc}", field="env_id")
+
+    # ------------------------------------------------------------------------------------ connection
 
     def _connect(self) -> EnvSpec:
-        """A fresh channel and GetSpec; _Lost when the simulation cannot be reached."""
+        """A fresh channel and GetSpec; Lost when the simulation cannot be reached."""
         self._close_channel()
         self._channel = open_channel(self._target, self._options)
         self._stub = pb_grpc.EnvironmentServiceStub(self._channel)
-        return _get_spec(self._stub, self._target, self._options)
+        return get_spec(self._stub, self._target, self._options)
 
-    def _reconnect_with_retries(self, lost: _Lost, reset: bool, seed: int | None = None
+    def _reconnect_with_retries(self, lost: Lost, reset: bool, seed: int | None = None
                                 ) -> tuple[EnvSpec, np.ndarray]:
         """Reconnect with backoff (and Reset); EnvironmentUnavailable once ENV_CONNECT_RETRIES attempts failed."""
         options = self._options
@@ -279,13 +339,9 @@ class GrpcExternalEnvAdapter(ExternalEnvAdapter):
             time.sleep(options.backoff_for(attempt))
             try:
                 spec = self._connect()
-                known = self._known_spec
-                if known is not None and not spec.compatible_with(known):
-                    raise EnvironmentProtocolError(
-                        f"env {self.address} came back with a different spec ({spec.describe()}) than the run "
-                        f"started with ({known.describe()})", field="env_id")
+                self._check_same(spec)
                 observations = self._reset_once(seed) if reset else np.empty(0)
-            except _Lost as again:
+            except Lost as again:
                 last = again
                 self._log.warning("reconnect attempt failed", attempt=attempt, cause=again.cause)
                 continue
@@ -297,6 +353,17 @@ class GrpcExternalEnvAdapter(ExternalEnvAdapter):
                    f"{last.cause}") if options.retries else "not retried (ENV_CONNECT_RETRIES=0)"
         raise EnvironmentUnavailable(
             f"env {self.address}: connection lost during {lost.call} ({lost.cause}); {retried}", field="env_id")
+
+    def _check_same(self, spec: EnvSpec) -> None:
+        """A simulation that came back must host the same envs, and still step subsets if it did."""
+        known = self._known_spec
+        if known is None:
+            return
+        if not spec.compatible_with(known) or (known.supports_env_subsets and not spec.supports_env_subsets):
+            raise EnvironmentProtocolError(
+                f"env {self.address} came back with a different spec ({spec.describe()}, protocol version "
+                f"{spec.protocol_version}) than the run started with ({known.describe()}, protocol version "
+                f"{known.protocol_version})", field="env_id")
 
     def _reset_once(self, seed: int | None) -> np.ndarray:
         request = pb.ResetRequest() if seed is None else pb.ResetRequest(seed=seed)
@@ -311,15 +378,23 @@ class GrpcExternalEnvAdapter(ExternalEnvAdapter):
         self._action_masks = masks
         return observations
 
-    def _call(self, name: str, request: pb.ResetRequest | pb.StepRequest) -> pb.ResetResponse | pb.StepResponse:
-        """One Reset or Step on the stream (or unary); raises _Lost, or EnvironmentUnavailable for the rest."""
+    def _require_open(self) -> None:
         if self._closed or self._stub is None:
             state = "closed" if self._closed else "not connected (the connection was lost)"
             raise EnvironmentUnavailable(f"env {self.address}: the adapter is {state}", field="env_id")
+
+    def _call(self, name: str, request: pb.ResetRequest | pb.StepRequest) -> pb.ResetResponse | pb.StepResponse:
+        """One Reset or Step on the stream (or unary), nothing else in flight; raises Lost, or
+        EnvironmentUnavailable for the rest."""
+        self._require_open()
+        assert self._stub is not None
         if self._use_stream:
+            message = pb.SessionRequest(reset=request) if isinstance(request, pb.ResetRequest) \
+                else pb.SessionRequest(step=request)
+            self._stream().send(message)
             try:
-                return self._call_stream(name, request)
-            except _StreamUnimplemented:
+                return self._receive_stream(name)
+            except StreamUnimplemented:
                 self._use_stream = False
                 self._log.info("the simulation does not implement Session; using unary Reset and Step")
         method = self._stub.Reset if name == "Reset" else self._stub.Step
@@ -329,20 +404,23 @@ class GrpcExternalEnvAdapter(ExternalEnvAdapter):
             raise self._failure(name, exc, timed_out=False) from None
         return response
 
-    def _call_stream(self, name: str, request: pb.ResetRequest | pb.StepRequest
-                     ) -> pb.ResetResponse | pb.StepResponse:
+    def _stream(self) -> SessionStream:
+        self._require_open()
         assert self._stub is not None
         if self._session is None:
             self._session = SessionStream(self._stub, self._options.step_timeout)
+        return self._session
+
+    def _receive_stream(self, name: str) -> pb.ResetResponse | pb.StepResponse:
+        """The next answer on the stream, expected to answer `name`."""
         session = self._session
-        message = pb.SessionRequest(reset=request) if isinstance(request, pb.ResetRequest) \
-            else pb.SessionRequest(step=request)
+        assert session is not None
         try:
-            response = session.exchange(message)
+            response = session.receive()
         except grpc.RpcError as exc:
             self._end_session()
             if exc.code() == grpc.StatusCode.UNIMPLEMENTED and session.exchanges == 0:
-                raise _StreamUnimplemented() from None
+                raise StreamUnimplemented() from None
             raise self._failure(name, exc, timed_out=session.timed_out) from None
         except StopIteration:
             self._end_session()
@@ -364,42 +442,9 @@ class GrpcExternalEnvAdapter(ExternalEnvAdapter):
             return EnvironmentUnavailable(
                 f"env {self.address}: {name} did not answer within {self._options.step_timeout:g}s "
                 "(ENV_STEP_TIMEOUT_SECONDS); the simulation is too slow or stuck", field="env_id")
-        if code in _RETRYABLE or code == grpc.StatusCode.CANCELLED:
-            return _Lost(name, f"{code.name}: {details}")
+        if code in RETRYABLE or code == grpc.StatusCode.CANCELLED:
+            return Lost(name, f"{code.name}: {details}")
         return EnvironmentUnavailable(f"env {self.address}: {name} failed: {code.name}: {details}", field="env_id")
-
-    def _decode_step(self, response: pb.StepResponse) -> StepResult:
-        spec = self._spec
-        n = spec.num_envs
-        try:
-            observations = self._observations.decode(response.observations, n, "observations")
-            rewards = decode_floats(response.rewards, n, "rewards")
-            terminated = decode_bools(response.terminated, n, "terminated")
-            truncated = decode_bools(response.truncated, n, "truncated")
-            done = terminated | truncated
-            ended = np.flatnonzero(done) if done.any() else ()
-            finals = self._observations.decode(response.final_observations, len(ended), "final_observations")
-            # For an env that ended: the mask of its next episode's first observation, as `observations` holds.
-            masks = decode_action_masks(response.action_masks, spec.action_space, n)
-        except MalformedData as exc:
-            raise self._malformed("Step", exc) from None
-        self._action_masks = masks
-        return StepResult(observations, rewards, terminated, truncated,
-                          {int(i): finals[j] for j, i in enumerate(ended)} if len(ended) else {})
-
-    def _malformed(self, call: str, exc: MalformedData) -> EnvironmentProtocolError:
-        return EnvironmentProtocolError(
-            f"env {self.address} answered {call} with a malformed field '{exc.field}': {exc}", field="env_id")
-
-    def _check_actions(self, actions: np.ndarray) -> np.ndarray:
-        array = np.asarray(actions)
-        spec = self._spec
-        if array.size != spec.num_envs * self._actions.size:
-            raise ValueError(f"{array.size} action values for {spec.num_envs} envs of {spec.action_space}")
-        space = spec.action_space
-        if isinstance(space, gym.spaces.Box):  # the protocol promises Box actions within low/high
-            array = np.clip(array.reshape((spec.num_envs, *self._actions.shape)), space.low, space.high)
-        return array
 
     def _end_session(self) -> None:
         if self._session is not None:
@@ -412,7 +457,3 @@ class GrpcExternalEnvAdapter(ExternalEnvAdapter):
             self._channel.close()
             self._channel = None
             self._stub = None
-
-
-class _StreamUnimplemented(Exception):
-    """The simulation does not implement Session."""

@@ -1,0 +1,82 @@
+"""benchmarks/simulation_speed.py: its report (ratios, goals, break-even, missing env groups) from fixed figures, and
+one real harness run through a reference env-server (one rollout)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import pytest
+
+from benchmarks import simulation_speed as sim
+from rl_service.envserver.reference_server import serve_gym
+from rl_service.infra.external_env.connector import GrpcExternalEnvironments
+
+
+def figures(steps_per_s: float, collection_steps_per_s: float = 1000.0) -> dict[str, float]:
+    return {"steps": 1000, "total_s": 1000 / steps_per_s, "collection_s": 1000 / collection_steps_per_s,
+            "train_s": 1000 / steps_per_s - 1000 / collection_steps_per_s, "steps_per_s": steps_per_s,
+            "collection_steps_per_s": collection_steps_per_s}
+
+
+def results(rates: Mapping[str, Mapping[str, float]]) -> dict[str, dict[str, list[dict[str, float] | None]]]:
+    """Two repeats per variant and cost; None rates stand for a variant that could not run."""
+    return {cost: {variant: [None if (r := row.get(variant)) is None else figures(r * k) for k in (0.9, 1.1)]
+                   for variant in sim.VARIANTS}
+            for cost, row in rates.items()}
+
+
+def test_report_ratios_goals_and_break_even() -> None:
+    rates = {"0": {"dummy": 1000, "subproc": 700, "lockstep_tcp": 850, "lockstep_unix": 800, "groups_tcp": 600,
+                   "groups_unix": 600},
+             "100": {"dummy": 500, "subproc": 480, "lockstep_tcp": 400, "lockstep_unix": 410, "groups_tcp": 550,
+                     "groups_unix": 450},
+             "400": {"dummy": 200, "subproc": 260, "lockstep_tcp": 180, "lockstep_unix": 190, "groups_tcp": 240,
+                     "groups_unix": 250}}
+    section = sim.report(results(rates), {"cost_us": 0, "steps_per_s": 800.0, "harness_steps_per_s": 850.0},
+                         1000, 2, quick=False)
+    summary = {row["goal"]: row for row in section.data["summary"]}
+    lockstep = summary["C = 0: remote lockstep (TCP) >= 0.8x in-process DummyVecEnv"]
+    assert lockstep["measured"] == "0.85x" and lockstep["met"] is True
+    at_100 = summary["C = 100 us: two groups (tcp) >= 1.0x DummyVecEnv and >= SubprocVecEnv"]
+    assert at_100["measured"] == "1.10x of dummy, 1.15x of subproc" and at_100["met"] is True
+    assert summary["C = 100 us: two groups (unix) >= 1.0x DummyVecEnv and >= SubprocVecEnv"]["met"] is False
+    assert summary["C = 400 us: two groups (tcp) >= 1.0x DummyVecEnv and >= SubprocVecEnv"]["met"] is False, \
+        "1.2x of dummy but below subproc"
+    notes = "\n".join(section.notes)
+    # groups_tcp: 0.6x at 0 us, 1.1x at 100 us: 1.0x reached at 0 + 0.4 / 0.5 * 100 = 80 us
+    assert "groups_tcp: about C = 80 us per env step" in notes
+    assert "lockstep_tcp: not reached up to C = 400 us (0.90x there)" in notes
+    assert "subproc: about C = 135 us" in notes  # 0.96x at 100 us, 1.3x at 400 us
+    steps_table = section.tables[0]
+    assert steps_table.header == ["variant", "C = 0 us", "C = 100 us", "C = 400 us"]
+    assert steps_table.rows[0] == ["dummy", "1,000 (1.00x)", "500 (1.00x)", "200 (1.00x)"]
+    assert section.tables[-1].rows[-1] == ["service / harness", "0.94x"]
+
+
+def test_report_without_env_groups_says_so_and_assesses_nothing_for_them() -> None:
+    rates = {"0": {"dummy": 1000, "subproc": 700, "lockstep_tcp": 700, "lockstep_unix": 700},
+             "100": {"dummy": 500, "subproc": 480, "lockstep_tcp": 400, "lockstep_unix": 410}}
+    section = sim.report(results(rates), {}, 1000, 2, quick=False)
+    rows = {row["goal"]: row for row in section.data["summary"]}
+    assert rows["C = 0: remote lockstep (TCP) >= 0.8x in-process DummyVecEnv"]["met"] is False
+    for transport in ("tcp", "unix"):
+        row = rows[f"C = 100 us: two groups ({transport}) >= 1.0x DummyVecEnv and >= SubprocVecEnv"]
+        assert row == {"goal": row["goal"], "measured": sim.NOT_AVAILABLE, "met": None}
+    assert section.tables[0].rows[4] == ["groups_tcp", sim.NOT_AVAILABLE, sim.NOT_AVAILABLE]
+    assert "Break-even, groups_unix: n/a (env_groups not available)." in section.notes
+    assert all(row["met"] is None for row in sim.report(results(rates), {}, 1000, 1, quick=True).data["summary"])
+
+
+@pytest.mark.timeout(120)
+def test_the_harness_trains_through_a_simulation_and_times_collection_apart() -> None:
+    handle = serve_gym("CartPole-v1", sim.N_ENVS)
+    try:
+        model = sim.build_model(handle.address, GrpcExternalEnvironments())
+        assert model.n_steps == 32 and model.batch_size == 256 and model.n_epochs == 20 and model.gamma == 0.98
+        figures = sim.train_once(model, 256)
+    finally:
+        handle.stop()
+    assert figures["steps"] == 256 and handle.servicer.steps_served == 32, "one message per vector step"
+    assert 0 < figures["collection_s"] < figures["total_s"]
+    assert np.isclose(figures["collection_s"] + figures["train_s"], figures["total_s"])
