@@ -16,7 +16,12 @@ import pytest
 
 from rl_service.core.errors import EnvironmentProtocolError, EnvironmentUnavailable
 from rl_service.envserver.faults import FaultyEnvironmentServicer
-from rl_service.envserver.reference_server import EnvServerHandle, serve_gym, start_env_server
+from rl_service.envserver.reference_server import (
+    EnvServerHandle,
+    ReferenceEnvironmentServicer,
+    serve_gym,
+    start_env_server,
+)
 from rl_service.infra.external_env.address import parse_address
 from rl_service.infra.external_env.codec import BatchCodec, encode_action_masks, spec_to_proto
 from rl_service.infra.external_env.env_batch import EnvBatch
@@ -166,8 +171,17 @@ def test_bad_env_ids_are_refused_before_sending(servers: Callable[..., EnvServer
     adapter.close()
 
 
+class Version1Servicer(ReferenceEnvironmentServicer):
+    """The reference server announcing protocol version 1 (it steps whole batches only)."""
+
+    def GetSpec(self, request: pb.GetSpecRequest, context: grpc.ServicerContext) -> pb.EnvironmentSpec:
+        spec = super().GetSpec(request, context)
+        spec.protocol_version = 1
+        return spec
+
+
 def test_a_version_1_simulation_steps_no_subsets(servers: Callable[..., EnvServerHandle]) -> None:
-    handle = serve_gym("CartPole-v1", N)
+    handle = start_env_server(Version1Servicer(EnvBatch.from_gym_id("CartPole-v1", N)))
     try:
         adapter = adapter_for(handle)
         assert not adapter.supports_env_subsets and adapter.spec.protocol_version == 1
@@ -299,6 +313,35 @@ def test_a_reconnect_cuts_every_step_in_flight(servers: Callable[..., EnvServerH
         np.testing.assert_array_equal(np.stack([result.final_observations[j] for j in range(2)]), before[ids])
     after = adapter.step(np.zeros(2, dtype=np.int64), env_ids=[1, 0])
     assert not after.reconnected
+    adapter.close()
+
+
+@pytest.mark.parametrize("use_stream", [True, False])
+def test_a_reconnect_also_cuts_the_envs_of_the_group_not_in_flight(servers: Callable[..., EnvServerHandle],
+                                                                   use_stream: bool) -> None:
+    # Two groups: envs 0 and 1 in flight when the connection is lost, 2 and 3 waiting for their actions. The
+    # reconnect's Reset restarts all four, so the waiting group's next answer must end its episodes too, or the
+    # trainer would pair its last observation with a new episode's step.
+    port = free_port()
+    first = servers(SubsetServicer(), port=port)
+    options = ConnectionOptions(step_timeout=2, connect_timeout=1, retries=5, backoff=0.1, use_stream=use_stream)
+    adapter = adapter_for(first, options)
+    adapter.reset(seed=3)
+    before = adapter.step(np.zeros(N, dtype=np.int64)).observations
+    first.stop()
+    timer = threading.Timer(0.15, lambda: servers(SubsetServicer(), port=port))
+    timer.start()
+    try:
+        adapter.send_step(np.zeros(2, dtype=np.int64), env_ids=[0, 1])
+        in_flight = adapter.receive_step()
+    finally:
+        timer.join()
+    assert in_flight.reconnected and in_flight.truncated.all()
+    waiting = adapter.step(np.ones(2, dtype=np.int64), env_ids=[3, 2])
+    assert waiting.truncated.all() and not waiting.terminated.any() and not waiting.rewards.any()
+    np.testing.assert_array_equal(np.stack([waiting.final_observations[j] for j in range(2)]), before[[3, 2]])
+    later = adapter.step(np.zeros(N, dtype=np.int64))  # each env's cut was reported once
+    assert not later.reconnected and not later.truncated.any()
     adapter.close()
 
 

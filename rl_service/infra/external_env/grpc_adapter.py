@@ -76,6 +76,10 @@ class GrpcExternalEnvAdapter(ExternalEnvAdapter):
         # observations of a reconnect, and action_masks().
         self._last_observations: np.ndarray | None = None
         self._action_masks: np.ndarray | None = None  # None: every action legal
+        # Envs a reconnect reset while no step of theirs was in flight (another group's was): their next answer
+        # must still report the cut episode, ending at the observation the trainer last saw (_cut_from).
+        self._restarted: np.ndarray | None = None
+        self._cut_from: np.ndarray | None = None
         self.reconnects = 0
         self._closed = False
         self._known_spec: EnvSpec | None = None
@@ -135,6 +139,7 @@ class GrpcExternalEnvAdapter(ExternalEnvAdapter):
         except Lost as lost:
             observations = self._reconnect_with_retries(lost, reset=True, seed=seed)[1]
         self._last_observations = observations.copy()
+        self._restarted = self._cut_from = None  # every episode starts here, as the caller knows
         return observations
 
     def step(self, actions: np.ndarray, env_ids: Sequence[int] | None = None) -> StepResult:
@@ -260,6 +265,11 @@ class GrpcExternalEnvAdapter(ExternalEnvAdapter):
         observations = self._reconnect_with_retries(lost, reset=True)[1]
         n = self._spec.num_envs
         results = [self._cut(observations, previous, sent.env_ids) for sent in entries]
+        restarted = np.ones(n, dtype=bool)
+        for sent in entries:
+            restarted[slice(None) if sent.env_ids is None else sent.env_ids] = False
+        self._restarted = restarted if restarted.any() else None
+        self._cut_from = None if previous is None else previous.copy()
         self._last_observations = observations.copy()
         for sent, result in zip(entries[1:], results[1:], strict=True):
             sent.result = result
@@ -294,9 +304,25 @@ class GrpcExternalEnvAdapter(ExternalEnvAdapter):
             raise self._malformed("Step", exc) from None
         self._remember(observations, masks, ids)
         # Keys index this answer's arrays: env ids for a full step, positions in env_ids for a subset.
-        return StepResult(observations, rewards, terminated, truncated,
-                          {int(i): finals[j] for j, i in enumerate(ended)} if len(ended) else {},
-                          action_masks=masks)
+        final_observations = {int(i): finals[j] for j, i in enumerate(ended)} if len(ended) else {}
+        if self._restarted is not None:
+            self._report_restarts(ids, rewards, terminated, truncated, final_observations)
+        return StepResult(observations, rewards, terminated, truncated, final_observations, action_masks=masks)
+
+    def _report_restarts(self, ids: np.ndarray | None, rewards: np.ndarray, terminated: np.ndarray,
+                         truncated: np.ndarray, final_observations: dict[int, np.ndarray]) -> None:
+        """Mark this answer's envs that a reconnect reset since their last answer: truncated, no reward, the
+        episode ending at the observation the trainer last had (the step ran on a new episode's first state)."""
+        assert self._restarted is not None
+        rows = np.arange(self._spec.num_envs) if ids is None else ids
+        for position in np.flatnonzero(self._restarted[rows]):
+            env = int(rows[position])
+            rewards[position], terminated[position], truncated[position] = 0.0, False, True
+            if self._cut_from is not None:
+                final_observations[int(position)] = self._cut_from[env]
+            self._restarted[env] = False
+        if not self._restarted.any():
+            self._restarted = self._cut_from = None
 
     def _remember(self, observations: np.ndarray, masks: np.ndarray | None, ids: np.ndarray | None) -> None:
         """Keep every env's last observation and mask, the rows of a subset step replaced."""
