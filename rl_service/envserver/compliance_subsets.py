@@ -122,3 +122,27 @@ class EnvSubsetChecks:
             assert "env_ids" in (error.details() or ""), f"{what}: the message should name env_ids"
         # Refusals change nothing: the next Step needs no Reset.
         self.step_subset(actions[:1], [0])
+
+    def test_pipelined_session_requests_are_answered_in_order(self) -> None:
+        # A trainer keeping two groups in flight sends the second group's Step before reading the first's answer.
+        self.require_subsets(envs=2, reproducible=True)
+        actions = self.random_actions()
+        self.reset(_SEED)
+        expected = [self.step_subset(actions[[1]], [1])[0], self.step_subset(actions[[0]], [0])[0]]
+        requests = [pb.SessionRequest(reset=pb.ResetRequest(seed=_SEED))]
+        for env in (1, 0):
+            step = self.step_request(actions[[env]])
+            step.env_ids.append(env)
+            requests.append(pb.SessionRequest(step=step))
+        try:  # the whole iterator is sent without waiting for answers: every request is in flight at once
+            responses = list(self.stub.Session(iter(requests), timeout=self.timeout))
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+                self.skip("the Session stream is optional, and this simulation does not serve it")
+            raise
+        assert len(responses) == 3, f"3 requests pipelined on the Session stream got {len(responses)} answers"
+        assert responses[0].WhichOneof("response") == "reset", "the first answer must be the Reset's"
+        for index, (response, wanted) in enumerate(zip(responses[1:], expected, strict=True)):
+            assert response.WhichOneof("response") == "step", f"answer {index + 2} must be a Step's"
+            got = decode_batch(response.step.observations, self.spec.observation_space, 1, "observations")
+            np.testing.assert_array_equal(got, wanted, err_msg="pipelined Steps must be answered in the order sent")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import gymnasium as gym
@@ -169,3 +170,55 @@ def test_the_compliance_suite_catches_a_simulation_that_ignores_env_ids() -> Non
     subset_checks = {name for name in outcomes if "subset" in name or "env_ids" in name}
     assert len(subset_checks) == 4 and all(outcomes[name] == "failed" for name in subset_checks), outcomes
     assert outcomes["test_step_answers_every_env"] == "passed"
+
+
+def _rollouts_through_grpc(address: str, groups: int) -> tuple[list[dict[str, np.ndarray]], dict[str, Any]]:
+    """Three PPO rollouts against a simulation over real gRPC (the adapter's pipelined steps when groups = 2)."""
+    import torch as th
+    from stable_baselines3 import PPO
+    from stable_baselines3.common.callbacks import BaseCallback
+    from stable_baselines3.common.vec_env import VecMonitor
+
+    from rl_service.core.algorithms.env_groups import use_env_groups
+    from rl_service.infra.external_env.vec_env import ExternalVecEnv
+
+    class Buffers(BaseCallback):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rollouts: list[dict[str, np.ndarray]] = []
+
+        def _on_step(self) -> bool:
+            return True
+
+        def _on_rollout_end(self) -> None:
+            buffer = self.model.rollout_buffer
+            self.rollouts.append({name: np.array(getattr(buffer, name), copy=True)
+                                  for name in ("observations", "actions", "rewards", "episode_starts", "values",
+                                               "log_probs", "advantages", "returns")})
+
+    th.set_num_threads(1)
+    adapter = GrpcExternalEnvAdapter(parse_address(address), ConnectionOptions())
+    env = VecMonitor(ExternalVecEnv(adapter))
+    env.seed(11)
+    model = PPO("MlpPolicy", env, seed=5, device="cpu", n_steps=32, batch_size=64, n_epochs=2)
+    use_env_groups(model, groups)
+    recorder = Buffers()
+    try:
+        model.learn(total_timesteps=3 * 4 * 32, callback=recorder)
+    finally:
+        env.close()
+    return recorder.rollouts, model.policy.state_dict()
+
+
+def test_two_groups_over_grpc_give_lockstep_s_rollouts(reference: EnvServerHandle) -> None:
+    # The exactness tests in tests/unit/test_env_groups.py use the in-process fake; this one goes through the real
+    # client: two steps pipelined on the Session stream, subset answers decoded, against the reference server.
+    lockstep, lockstep_weights = _rollouts_through_grpc(reference.address, 1)
+    grouped, grouped_weights = _rollouts_through_grpc(reference.address, 2)
+    assert len(lockstep) == len(grouped) == 3
+    for index, (ours, theirs) in enumerate(zip(grouped, lockstep, strict=True)):
+        for name, expected in theirs.items():
+            np.testing.assert_array_equal(ours[name], expected, err_msg=f"rollout {index}: {name}")
+    assert lockstep[0]["episode_starts"][1:].any(), "episodes ended within the rollouts"
+    for name, weights in lockstep_weights.items():
+        assert np.array_equal(grouped_weights[name].numpy(), weights.numpy()), name
