@@ -46,7 +46,8 @@ kwargs = {}
 for key, value in spec["kwargs"].items():
     kwargs[key] = LinearSchedule(value[1], 0.0, 1.0) if isinstance(value, list) and value[0] == "lin" else value
 kwargs["policy_kwargs"] = {"net_arch": spec["net_arch"],
-                           "activation_fn": {"tanh": torch.nn.Tanh, "relu": torch.nn.ReLU}[spec["activation"]]}
+                           "activation_fn": {"tanh": torch.nn.Tanh, "relu": torch.nn.ReLU}[spec["activation"]],
+                           **spec["policy_kwargs"]}
 t1 = time.perf_counter()
 env = make_vec_env(spec["env_id"], n_envs=spec["n_envs"], seed=spec["seed"])
 model = {"PPO": PPO, "A2C": A2C, "DQN": DQN}[spec["algorithm"]]("MlpPolicy", env, seed=spec["seed"], device="cpu",
@@ -63,17 +64,21 @@ def bare_spec(algorithm: str, env_id: str, hyper: dict[str, str], timesteps: int
     """The script's arguments: the same values the service's schema parses the strings into."""
     from rl_service.core.algorithms.hyperparams import LinearSchedule
     from rl_service.core.algorithms.registry import get_algorithm
-    from rl_service.core.algorithms.schemas import SERVICE_KEYS
+    from rl_service.core.algorithms.schemas import POLICY_KEYS, SERVICE_KEYS
 
     spec = get_algorithm(algorithm)
     values = spec.schema.parse(hyper)
     kwargs: dict[str, Any] = {}
+    policy: dict[str, Any] = {}
     for key, value in values.items():
         if key in SERVICE_KEYS:  # the service's own keys (n_envs, net_arch, normalize, eval_freq, ...)
             continue
+        if key in POLICY_KEYS:  # the policy's keywords (log_std_init, n_quantiles, ...), as the service passes them
+            policy[key] = value
+            continue
         kwargs[key] = ["lin", value.start] if isinstance(value, LinearSchedule) else value
     return {"algorithm": spec.name, "env_id": env_id, "n_envs": int(values["n_envs"]), "seed": seed,
-            "timesteps": timesteps, "kwargs": kwargs, "net_arch": list(values["net_arch"]),
+            "timesteps": timesteps, "kwargs": kwargs, "policy_kwargs": policy, "net_arch": list(values["net_arch"]),
             "activation": str(values["activation_fn"]), "save": save}
 
 
