@@ -49,4 +49,4 @@ class RendezvousEnv(gym.Env[np.ndarray, np.int64]):
 
 
 if RENDEZVOUS_ENV_ID not in gym.registry:
-    gym.register(RENDEZVOUS_ENV_ID, entry_point=RendezvousEnv)
+    gym.register(RENDEZVOUS_ENV_ID, entry_point=RendezvousEnv)  # type: ignore[arg-type]
