@@ -7,9 +7,10 @@ seeded with seed + i, auto-resets, final observations of the ended envs in row o
 the first Reset and after a failed step (kept here, for the whole batch, as EnvBatch keeps it).
 
 A worker runs one request at a time; start_reset/start_step wait until every worker they concern is idle, then
-send and return a Pending at once, so requests on different workers run at the same time. One thread per worker
-receives its answers; the last part of a request to arrive merges it and frees its workers, so the batch's state
-moves on whether or not anyone collects the result.
+send and return a Pending at once, so requests on different workers run at the same time. A worker's answer is
+received by whichever thread needs it first (result() of its request, or a request waiting for that worker), with
+no thread of its own: on two cores every hand-over between threads costs more than the step it carries. The last
+part of a request to arrive merges it, updates the batch's state and frees its workers.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from rl_service.envserver.step_cost import make_costly
 from rl_service.infra.external_env.codec import AnySpace, EnvSpec
 from rl_service.infra.external_env.env_batch import BatchStep, ResetNeeded, action_masks_method, check_env_ids
 
+MAX_PLANS = 256  # step plans (which rows go to which worker) kept per distinct env_ids
 START_TIMEOUT_SECONDS = 120.0  # a worker builds its envs within this (imports included)
 CLOSE_TIMEOUT_SECONDS = 5.0  # then it is killed
 # EnvBatch's words, so a refusal reads the same with one process or several.
@@ -45,7 +47,8 @@ class WorkerGone(RuntimeError):
 class Pending:
     """One Reset or Step sent to some workers; result() waits for their answers, merged."""
 
-    def __init__(self, kind: int, env_ids: np.ndarray, parts: dict[int, np.ndarray]) -> None:
+    def __init__(self, batch: ProcessBatch, kind: int, env_ids: np.ndarray, parts: dict[int, np.ndarray]) -> None:
+        self._batch = batch
         self.kind = kind
         self.env_ids = env_ids  # the env of each row of the request
         self.parts = parts  # worker -> the rows of the request it answers, in order
@@ -56,10 +59,11 @@ class Pending:
         self._value: Any = None
         self._error: Exception | None = None
 
-    def result(self, timeout: float | None = None) -> Any:
+    def result(self) -> Any:
         """The merged answer: observations and masks for a Reset, a BatchStep for a Step; raises what failed."""
-        if not self._done.wait(timeout):
-            raise TimeoutError("no answer yet")
+        for w in self.parts:
+            self._batch._collect(w)
+        self._done.wait()  # another thread may be merging it
         if self._error is not None:
             raise self._error
         return self._value
@@ -92,6 +96,8 @@ class ProcessBatch:
         self.last_action_masks: np.ndarray | None = None
         self._cond = threading.Condition()
         self._in_flight: list[Pending | None] = [None] * processes
+        self._receiving = [threading.Lock() for _ in range(processes)]  # one reader of a worker's pipe at a time
+        self._plans: dict[tuple[int, ...] | None, tuple[np.ndarray, dict[int, np.ndarray], dict[int, bytes]]] = {}
         self._gone: str | None = None
         self._closing = False
         context = multiprocessing.get_context("spawn")  # a fresh interpreter: nothing of the gRPC threads is forked
@@ -113,10 +119,6 @@ class ProcessBatch:
                 conn.close()  # the workers that started see the end of their pipe and exit
             self._stop_processes()
             raise
-        self._receivers = [threading.Thread(target=self._receive, args=(w,), name=f"env-worker-{w}-answers",
-                                            daemon=True) for w in range(processes)]
-        for thread in self._receivers:
-            thread.start()
 
     # ------------------------------------------------------------------------------------ EnvBatch's interface
 
@@ -159,19 +161,31 @@ class ProcessBatch:
         """Send a Reset to every worker once all are idle; None if `abandon` was set meanwhile."""
         parts = {w: np.flatnonzero(self.worker_of == w) for w in range(self.processes)}
         messages = {w: wire.reset_request(seed) for w in parts}
-        return self._send(Pending(wire.RESET, np.arange(self.num_envs), parts), messages, abandon)
+        return self._send(Pending(self, wire.RESET, np.arange(self.num_envs), parts), messages, abandon)
 
     def start_step(self, actions: np.ndarray, env_ids: Sequence[int] | None = None,
                    abandon: threading.Event | None = None) -> Pending | None:
         """Send each concerned worker its envs' actions once those workers are idle; None if `abandon` was set
         meanwhile. ResetNeeded (nothing sent) while a Reset is due."""
-        ids = np.arange(self.num_envs) if env_ids is None else np.array(
-            check_env_ids(env_ids, self.num_envs, len(actions)), dtype=np.int64)
-        owners = self.worker_of[ids]
-        parts = {int(w): np.flatnonzero(owners == w) for w in np.unique(owners)}
-        messages = {w: wire.step_request(self.layout, self.local_id[ids[rows]], actions[rows])
+        ids, parts, prefixes = self._plan(None if env_ids is None else tuple(
+            check_env_ids(env_ids, self.num_envs, len(actions))))
+        messages = {w: prefixes[w] + wire.action_bytes(self.layout, actions if len(parts) == 1 else actions[rows])
                     for w, rows in parts.items()}
-        return self._send(Pending(wire.STEP, ids, parts), messages, abandon)
+        return self._send(Pending(self, wire.STEP, ids, parts), messages, abandon)
+
+    def _plan(self, env_ids: tuple[int, ...] | None
+              ) -> tuple[np.ndarray, dict[int, np.ndarray], dict[int, bytes]]:
+        """The envs of each row, each worker's rows, and the start of its STEP message (kept: a trainer repeats
+        the same env_ids every step)."""
+        plan = self._plans.get(env_ids)
+        if plan is None:
+            ids = np.arange(self.num_envs) if env_ids is None else np.array(env_ids, dtype=np.int64)
+            owners = self.worker_of[ids]
+            parts = {int(w): np.flatnonzero(owners == w) for w in np.unique(owners)}
+            plan = ids, parts, {w: wire.step_prefix(self.local_id[ids[rows]]) for w, rows in parts.items()}
+            if len(self._plans) < MAX_PLANS:
+                self._plans[env_ids] = plan
+        return plan
 
     def wake(self) -> None:
         """Wake the callers waiting for idle workers (to notice that their `abandon` was set)."""
@@ -179,44 +193,53 @@ class ProcessBatch:
             self._cond.notify_all()
 
     def _send(self, pending: Pending, messages: dict[int, bytes], abandon: threading.Event | None) -> Pending | None:
-        with self._cond:
-            while True:
+        while True:
+            with self._cond:
                 if self._gone is not None:
                     raise WorkerGone(self._gone)
                 if abandon is not None and abandon.is_set():
                     return None
-                if all(self._in_flight[w] is None for w in messages):
-                    break
-                self._cond.wait()
-            if pending.kind == wire.RESET:
-                self.needs_reset = True  # until every env has reset
-            elif self.needs_reset:
-                raise ResetNeeded(RESET_NEEDED)
-            for w, message in messages.items():
-                self._in_flight[w] = pending
-                with contextlib.suppress(OSError):  # the worker is gone; its receiver thread reports it
-                    self._conns[w].send_bytes(message)
-        return pending
+                busy = [(w, p) for w in messages if (p := self._in_flight[w]) is not None]
+                if not busy:
+                    self._dispatch(pending, messages)
+                    return pending
+                unanswered = [w for w, p in busy if w not in p.answers]
+                if not unanswered:
+                    self._cond.wait()  # answered; another thread is merging: it notifies
+                    continue
+            for w in unanswered:  # receive what an earlier request left there (its caller may be gone)
+                self._collect(w)
+
+    def _dispatch(self, pending: Pending, messages: dict[int, bytes]) -> None:
+        """Send (under the lock, every worker concerned being idle)."""
+        if pending.kind == wire.RESET:
+            self.needs_reset = True  # until every env has reset
+        elif self.needs_reset:
+            raise ResetNeeded(RESET_NEEDED)
+        for w, message in messages.items():
+            self._in_flight[w] = pending
+            with contextlib.suppress(OSError):  # the worker is gone: receiving its answer reports it
+                self._conns[w].send_bytes(message)
 
     # ------------------------------------------------------------------------------------ answers
 
-    def _receive(self, w: int) -> None:
-        """Worker w's answers: each completes its part of the request in flight there."""
-        conn = self._conns[w]
-        while True:
+    def _collect(self, w: int) -> None:
+        """Receive worker w's answer to the request in flight there, unless there is none or it came already."""
+        with self._receiving[w]:
+            with self._cond:
+                pending = self._in_flight[w]
+            if pending is None or w in pending.answers:
+                return
             try:
-                data = conn.recv_bytes()
+                data = self._conns[w].recv_bytes()
             except (EOFError, OSError):
                 self._lost(w)
                 return
             with self._cond:
-                pending = self._in_flight[w]
-                if pending is None:
-                    continue  # the answer to a request already failed by a lost worker
                 pending.answers[w] = data
                 complete = len(pending.answers) == len(pending.parts)
-            if complete:
-                self._complete(pending)
+        if complete:
+            self._complete(pending)
 
     def _complete(self, pending: Pending) -> None:
         """Merge a request's answers, update the batch's state, free its workers, then wake its caller."""
@@ -261,6 +284,8 @@ class ProcessBatch:
     def _merge_steps(self, pending: Pending, order: list[int]) -> BatchStep:
         n, layout = pending.rows, self.layout
         steps = {w: wire.read_step_answer(layout, pending.answers[w], len(pending.parts[w])) for w in order}
+        if len(steps) == 1:
+            return steps[order[0]]  # one worker: its rows are the request's, in order
         observations = np.empty((n, *layout.observation_shape), dtype=layout.observation_dtype.newbyteorder("="))
         rewards = np.empty(n, dtype=np.float32)
         terminated = np.empty(n, dtype=bool)
@@ -332,8 +357,6 @@ class ProcessBatch:
             with contextlib.suppress(OSError):  # already gone
                 conn.send_bytes(wire.close_request())
         self._stop_processes()
-        for thread in self._receivers:
-            thread.join(CLOSE_TIMEOUT_SECONDS)
         for conn in self._conns:
             conn.close()
 

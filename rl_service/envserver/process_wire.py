@@ -105,7 +105,17 @@ def reset_request(seed: int | None) -> bytes:
 
 def step_request(layout: Layout, local_ids: np.ndarray, actions: np.ndarray) -> bytes:
     """Step the worker's envs `local_ids` (in that order) with one action each."""
-    return _STEP.pack(STEP, len(local_ids)) + _bytes(local_ids, _IDS) + _bytes(actions, layout.action_dtype)
+    return step_prefix(local_ids) + action_bytes(layout, actions)
+
+
+def step_prefix(local_ids: np.ndarray) -> bytes:
+    """The start of a STEP request for these envs, the actions' bytes to follow (the same for every step)."""
+    return _STEP.pack(STEP, len(local_ids)) + _bytes(local_ids, _IDS)
+
+
+def action_bytes(layout: Layout, actions: np.ndarray) -> bytes:
+    """The end of a STEP request: the actions."""
+    return _bytes(actions, layout.action_dtype)
 
 
 def close_request() -> bytes:
