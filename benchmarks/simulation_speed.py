@@ -21,8 +21,9 @@ env-server, the final status's steps/s) shows the harness is representative. Col
 on_rollout_start to on_rollout_end) is reported apart from the rest (train()). The goal lines at C >= 100 take the
 best two-groups variant at that cost, and name it.
 
-Budget: 20,000 timesteps per run (50,000 before the `--processes 2` variants; with nine variants, four costs and
-three repeats, the section takes about 30 minutes on two cores at 20,000); `--quick`: 256 timesteps, C = 0 only.
+Budget: 20,000 timesteps per run, down from 50,000 when the `--processes 2` variants came: nine variants, four costs
+and three repeats make 108 runs, estimated at about 25 minutes on two cores (6,000-step runs took about 3 s each
+at C = 100, SubprocVecEnv's start adding about 6 s). `--quick`: 256 timesteps, C = 0 only.
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -78,13 +79,20 @@ def outcome(call: Callable[[], Any]) -> Any:
 
 def same(pair: tuple[Served, Served], call: Callable[[pb_grpc.EnvironmentServiceStub], Any]) -> Any:
     """Make the same call on both servers; assert the same answer (or the same refusal) and return it."""
-    one, several = (outcome(lambda served=served: call(served.stub)) for served in pair)
+    one, several = (outcome(partial(call, served.stub)) for served in pair)
     assert one == several
     return one
 
 
 def step_request(actions: np.ndarray, space: Any, env_ids: list[int] | None = None) -> pb.StepRequest:
     return pb.StepRequest(actions=encode_batch(actions, space), env_ids=env_ids or [])
+
+
+def unary_step(actions: np.ndarray, space: Any, env_ids: list[int] | None = None
+               ) -> Callable[[pb_grpc.EnvironmentServiceStub], pb.StepResponse]:
+    """A Step call, to make on both servers."""
+    request = step_request(actions, space, env_ids)
+    return lambda stub: stub.Step(request, timeout=30)
 
 
 def random_plan(rng: np.random.Generator, num_envs: int, steps: int) -> list[list[int] | None]:
@@ -104,25 +112,24 @@ def random_plan(rng: np.random.Generator, num_envs: int, steps: int) -> list[lis
 def test_unary_answers_are_those_of_one_process(pair: tuple[Served, Served]) -> None:
     batch = pair[1].handle.servicer.batch
     space, n = batch.action_space, batch.num_envs
-    refused = same(pair, lambda s: s.Step(step_request(np.zeros(n, dtype=np.int64), space), timeout=30))
+    refused = same(pair, unary_step(np.zeros(n, dtype=np.int64), space))
     assert refused[0] == grpc.StatusCode.FAILED_PRECONDITION
     same(pair, lambda s: s.Reset(pb.ResetRequest(seed=11), timeout=30))
     rng = np.random.default_rng(3)
     ended = masks = 0
     for env_ids in random_plan(rng, n, 120):
         actions = rng.integers(0, space.n, size=n if env_ids is None else len(env_ids))
-        answer = same(pair, lambda s, a=actions, e=env_ids: s.Step(step_request(a, space, e), timeout=30))
+        answer = same(pair, unary_step(actions, space, env_ids))
         ended += sum(answer.terminated) + sum(answer.truncated)
         masks += len(answer.action_masks.legal)
     assert ended > 5, "episodes ended, so final observations were compared"
     assert (masks > 0) == (batch.serves_action_masks is True)
     for bad in ([0, 0], [n], [1]):  # twice, out of range, fewer ids than actions
-        refusal = same(pair, lambda s, e=bad: s.Step(step_request(np.zeros(2, dtype=np.int64), space, e),
-                                                     timeout=30))
+        refusal = same(pair, unary_step(np.zeros(2, dtype=np.int64), space, bad))
         assert refusal[0] == grpc.StatusCode.INVALID_ARGUMENT
-    same(pair, lambda s: s.Step(step_request(np.ones(n, dtype=np.int64), space), timeout=30))  # nothing changed
+    same(pair, unary_step(np.ones(n, dtype=np.int64), space))  # nothing changed
     same(pair, lambda s: s.Reset(pb.ResetRequest(seed=2**40), timeout=30))
-    same(pair, lambda s: s.Step(step_request(np.ones(n, dtype=np.int64), space, list(range(n))[::-1]), timeout=30))
+    same(pair, unary_step(np.ones(n, dtype=np.int64), space, list(range(n))[::-1]))
 
 
 def session(stub: pb_grpc.EnvironmentServiceStub, requests: list[pb.SessionRequest]) -> tuple[list[Any], Any]:
@@ -159,7 +166,7 @@ def test_pipelined_session_answers_are_those_of_one_process_and_a_refusal_ends_i
     assert one == several and len(one[0]) == 2
     assert one[1] == (grpc.StatusCode.INVALID_ARGUMENT, "env_ids: env 3 is named twice; each env may be stepped "
                                                         "once per request")
-    same(pair, lambda s: s.Step(step_request(np.ones(8, dtype=np.int64), space), timeout=30))
+    same(pair, unary_step(np.ones(8, dtype=np.int64), space))
 
 
 @pytest.mark.parametrize("pair", [(CRASH_ENV_ID, 4, 2)], indirect=True)
@@ -167,13 +174,13 @@ def test_env_failures_and_their_refusals_are_those_of_one_process(pair: tuple[Se
     space = pair[1].handle.servicer.batch.action_space
     same(pair, lambda s: s.Reset(pb.ResetRequest(seed=1), timeout=30))
     for _ in range(100):  # 300 steps per env, then every env raises
-        same(pair, lambda s: s.Step(step_request(np.ones(3, dtype=np.int64), space, [3, 0, 1]), timeout=30))
+        same(pair, unary_step(np.ones(3, dtype=np.int64), space, [3, 0, 1]))
     for _ in range(200):
-        same(pair, lambda s: s.Step(step_request(np.ones(2, dtype=np.int64), space, [2, 3]), timeout=30))
-    failed = same(pair, lambda s: s.Step(step_request(np.ones(4, dtype=np.int64), space, [2, 1, 0, 3]), timeout=30))
+        same(pair, unary_step(np.ones(2, dtype=np.int64), space, [2, 3]))
+    failed = same(pair, unary_step(np.ones(4, dtype=np.int64), space, [2, 1, 0, 3]))
     assert failed == (grpc.StatusCode.INTERNAL, "step failed: RuntimeError: CrashAfterEnv: deliberate crash after "
                                                 "300 steps; Reset is required")
-    refused = same(pair, lambda s: s.Step(step_request(np.ones(1, dtype=np.int64), space, [3]), timeout=30))
+    refused = same(pair, unary_step(np.ones(1, dtype=np.int64), space, [3]))
     assert refused[0] == grpc.StatusCode.FAILED_PRECONDITION, "a Reset is due for every env, whichever worker failed"
     same(pair, lambda s: s.Reset(pb.ResetRequest(seed=1), timeout=30))
     requests = [pb.SessionRequest(step=step_request(np.ones(2, dtype=np.int64), space, ids))
@@ -220,6 +227,8 @@ class _TwoProcessServer:
     env_id = "CartPole-v1"
     num_envs = 4
     on_unix_socket = False
+    address = ""
+    socket_dir: Path
     handles: list[EnvServerHandle]
 
     @pytest.fixture(autouse=True, scope="class")
