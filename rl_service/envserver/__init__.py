@@ -4,6 +4,8 @@
 console command is wired to `rl_service.envserver.main(argv)` (argv without the program name, returns the exit
 code). It is the template a simulation in another language follows (see docs/environment-protocol.md), and what
 the tests and benchmarks train against. `rl_service.envserver.compliance` checks any server against the contract.
+`--processes P` spreads the envs over worker processes (process_batch.py, process_worker.py, process_wire.py) and
+reads the Session stream ahead (read_ahead.py), with the answers of one process.
 Imports no torch: it starts in about a second.
 """
 

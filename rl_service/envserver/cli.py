@@ -3,8 +3,9 @@
 The first line on stdout is "serving <env> (<n> envs) on <address>", the address being grpc://<host>:<port> (so a
 parent process that asked for port 0 can read the port), grpcs://<host>:<port> with --tls-cert-file and
 --tls-key-file (TLS only), or, with --unix, unix:///<absolute path>. SIGTERM or SIGINT stops it (and removes the
-socket file). --gym-packages (default: the GYM_PACKAGES variable, as the training service reads it) names modules
-imported first, so the Gymnasium environments they register can be served.
+socket file). --processes P spreads the envs over P worker processes (env i in process i * P // num_envs), which
+end with the server, however it ends. --gym-packages (default: the GYM_PACKAGES variable, as the training service
+reads it) names modules imported first, so the Gymnasium environments they register can be served.
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ import threading
 from collections.abc import Sequence
 from functools import partial
 
+from rl_service.envserver.process_batch import ProcessBatch
 from rl_service.envserver.reference_server import (
     DEFAULT_MAX_MESSAGE_BYTES,
+    AnyBatch,
     ReferenceEnvironmentServicer,
     server_version,
     start_env_server,
@@ -56,6 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--step-cost-us", type=float, default=0.0, metavar="US",
                         help="busy work per env step, in microseconds, standing in for an expensive simulator "
                              f"(benchmarks; 0 to {MAX_STEP_COST_US:g})")
+    parser.add_argument("--processes", type=int, default=1, metavar="P",
+                        help="spread the envs over P worker processes (1..--num-envs; default 1: all in this "
+                             "process): env i lives in process i * P // num_envs, contiguous blocks whose sizes "
+                             "differ by at most one when P does not divide --num-envs; requests on different "
+                             "processes run at the same time")
     parser.add_argument("--max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES,
                         help="largest gRPC message sent or accepted")
     parser.add_argument("--gym-packages", default=os.environ.get("GYM_PACKAGES", ""), metavar="MODULES",
@@ -70,6 +78,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not 1 <= args.num_envs <= MAX_NUM_ENVS:
         parser.error(f"--num-envs must be in 1..{MAX_NUM_ENVS}")
+    if not 1 <= args.processes <= args.num_envs:
+        parser.error(f"--processes must be in 1..{args.num_envs} (at most one process per env, --num-envs)")
     if args.unix is not None and (args.host is not None or args.port is not None):
         parser.error("--unix cannot be combined with --host or --port")
     if not 0.0 <= args.step_cost_us <= MAX_STEP_COST_US:
@@ -82,20 +92,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         tls = load_server_tls(args.tls_cert_file, args.tls_key_file, names=_TLS_FLAGS)
     except TlsFileError as exc:
         parser.error(str(exc))
-    for module in split_modules(args.gym_packages):
+    modules = split_modules(args.gym_packages)
+    for module in modules:
         try:
             importlib.import_module(module)
         except Exception as exc:  # not installed, or failing on import
             print(f"env-server: --gym-packages: cannot import {module!r}: {type(exc).__name__}: {exc}",
                   file=sys.stderr)
             return 2
+    batch: AnyBatch
     try:
-        batch = EnvBatch.from_gym_id(args.env, args.num_envs, version=server_version(),
-                                     make=partial(make_costly, cost_us=args.step_cost_us))
-    except Exception as exc:  # unknown id, missing optional dependency, ...
+        if args.processes == 1:
+            batch = EnvBatch.from_gym_id(args.env, args.num_envs, version=server_version(),
+                                         make=partial(make_costly, cost_us=args.step_cost_us))
+        else:
+            batch = ProcessBatch(args.env, args.num_envs, args.processes, args.step_cost_us, modules,
+                                 version=server_version())
+    except Exception as exc:  # unknown id, missing optional dependency, a worker that cannot start...
         print(f"env-server: cannot create {args.env!r}: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
-    if not batch.serves_action_masks and action_masks_method(batch.envs[0]) is not None:
+    has_masks_method = (batch.has_masks_method if isinstance(batch, ProcessBatch) else
+                        action_masks_method(batch.envs[0]) is not None)
+    if not batch.serves_action_masks and has_masks_method:
         print(f"env-server: {args.env} has action_masks() but its action space is {batch.action_space}; masks "
               "travel for Discrete action spaces only, so none are sent", file=sys.stderr)
     try:

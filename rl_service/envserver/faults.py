@@ -9,7 +9,8 @@ from typing import Literal
 
 import grpc
 
-from rl_service.envserver.reference_server import ReferenceEnvironmentServicer, RpcAbort
+from rl_service.envserver.read_ahead import RpcAbort
+from rl_service.envserver.reference_server import ReferenceEnvironmentServicer
 from rl_service.infra.external_env.env_batch import EnvBatch
 from rl_service_proto.v1 import environment_pb2 as pb
 

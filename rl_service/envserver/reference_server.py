@@ -4,6 +4,11 @@ Read it as the template for a simulation in another language: GetSpec answers a 
 decode, check, act under one lock, encode; the Session stream runs the same two handlers per message; every
 failure maps to the status code docs/environment-protocol.md names. A hosted env with `action_masks()` (and a
 Discrete action space) has its masks sent in every Reset and Step answer.
+
+Served over a ProcessBatch (env-server --processes P > 1), the Session stream reads ahead: a thread checks and
+dispatches each request as it arrives (waiting only for the workers it concerns to be idle), so two pipelined
+group steps on different workers run at once; the answers are still yielded in request order, and a refused
+request ends the stream after the answers before it, as one at a time would.
 """
 
 from __future__ import annotations
@@ -12,9 +17,9 @@ import os
 import socket
 import stat
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent import futures
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -22,6 +27,8 @@ import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from rl_service.envserver.process_batch import ProcessBatch, StepFailed, WorkerGone
+from rl_service.envserver.read_ahead import RpcAbort, session_reading_ahead
 from rl_service.infra.external_env.address import MAX_SOCKET_PATH_BYTES, unix_target
 from rl_service.infra.external_env.codec import (
     ENV_SUBSETS_VERSION,
@@ -32,6 +39,7 @@ from rl_service.infra.external_env.codec import (
 )
 from rl_service.infra.external_env.env_batch import (
     BadEnvIds,
+    BatchStep,
     EnvBatch,
     ResetNeeded,
     check_env_ids,
@@ -42,22 +50,15 @@ from rl_service_proto.v1 import environment_pb2_grpc as pb_grpc
 
 ENVIRONMENT_SERVICE = pb.DESCRIPTOR.services_by_name["EnvironmentService"].full_name
 DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
-
-
-class RpcAbort(Exception):
-    """End the call with this status code and message."""
-
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
+AnyBatch = EnvBatch | ProcessBatch
 
 
 class ReferenceEnvironmentServicer(pb_grpc.EnvironmentServiceServicer):  # type: ignore[misc]
-    """Serves one EnvBatch to one client at a time; the unary calls and the Session stream share its state."""
+    """Serves one batch of envs to one client at a time; the unary calls and the Session stream share its state."""
 
-    def __init__(self, batch: EnvBatch, raw_observations: bool = False) -> None:
+    def __init__(self, batch: AnyBatch, raw_observations: bool = False) -> None:
         self.batch = batch
+        self._pool = batch if isinstance(batch, ProcessBatch) else None  # envs in worker processes: read ahead
         self._raw = raw_observations
         self._spec = spec_to_proto(batch.spec)
         self._spec.protocol_version = ENV_SUBSETS_VERSION  # Step takes env_ids
@@ -92,6 +93,9 @@ class ReferenceEnvironmentServicer(pb_grpc.EnvironmentServiceServicer):  # type:
     def Session(self, requests: Iterator[pb.SessionRequest], context: grpc.ServicerContext
                 ) -> Iterator[pb.SessionResponse]:
         self.calls["Session"] += 1
+        if self._pool is not None:
+            yield from session_reading_ahead(requests, context, self._start_session_request, self._pool.wake)
+            return
         for request in requests:
             kind = request.WhichOneof("request")
             try:
@@ -108,20 +112,52 @@ class ReferenceEnvironmentServicer(pb_grpc.EnvironmentServiceServicer):  # type:
 
     def reset(self, request: pb.ResetRequest) -> pb.ResetResponse:
         """Start new episodes in every env (env i seeded with seed + i)."""
-        seed = request.seed if request.HasField("seed") else None
-        if seed is not None and seed < 0:
-            raise RpcAbort(grpc.StatusCode.INVALID_ARGUMENT, f"seed: must be >= 0, got {seed}")
-        with self._lock:
-            try:
-                observations = self.batch.reset(seed)
-            except Exception as exc:
-                raise RpcAbort(grpc.StatusCode.INTERNAL, f"reset failed: {type(exc).__name__}: {exc}") from None
-            masks = self.batch.last_action_masks
-        return pb.ResetResponse(observations=self._encode(observations), action_masks=encode_action_masks(masks))
+        answer = self._start_reset(request)
+        assert answer is not None
+        return answer()
 
     def step(self, request: pb.StepRequest) -> pb.StepResponse:
         """Step every env (or those in env_ids, answered in that order); ended envs auto-reset and report their
         final observation."""
+        answer = self._start_step(request)
+        assert answer is not None
+        return answer()
+
+    def _start_reset(self, request: pb.ResetRequest, abandon: threading.Event | None = None
+                     ) -> Callable[[], pb.ResetResponse] | None:
+        """Check and start a Reset; a call that waits for its answer (None: `abandon` was set before it started)."""
+        seed = request.seed if request.HasField("seed") else None
+        if seed is not None and seed < 0:
+            raise RpcAbort(grpc.StatusCode.INVALID_ARGUMENT, f"seed: must be >= 0, got {seed}")
+        if self._pool is None:
+            with self._lock:
+                try:
+                    observations = self.batch.reset(seed)
+                except Exception as exc:
+                    raise RpcAbort(grpc.StatusCode.INTERNAL,
+                                   f"reset failed: {type(exc).__name__}: {exc}") from None
+                masks = self.batch.last_action_masks
+            response = self._reset_response(observations, masks)
+            return lambda: response
+        try:
+            pending = self._pool.start_reset(seed, abandon)
+        except WorkerGone as exc:
+            raise RpcAbort(grpc.StatusCode.INTERNAL, f"reset failed: {_failure_text(exc)}") from None
+        if pending is None:
+            return None
+
+        def answer() -> pb.ResetResponse:
+            try:
+                observations, masks = pending.result()
+            except Exception as exc:
+                raise RpcAbort(grpc.StatusCode.INTERNAL, f"reset failed: {_failure_text(exc)}") from None
+            return self._reset_response(observations, masks)
+
+        return answer
+
+    def _start_step(self, request: pb.StepRequest, abandon: threading.Event | None = None
+                    ) -> Callable[[], pb.StepResponse] | None:
+        """Check and start a Step; a call that waits for its answer (None: `abandon` was set before it started)."""
         batch = self.batch
         env_ids = list(request.env_ids)
         try:
@@ -135,15 +171,29 @@ class ReferenceEnvironmentServicer(pb_grpc.EnvironmentServiceServicer):  # type:
             message = f"env_ids: {len(env_ids)} envs named, and {exc}" if env_ids else str(exc)
             raise RpcAbort(grpc.StatusCode.INVALID_ARGUMENT, message) from None  # state unchanged
         _check_box_actions(actions, batch)
-        with self._lock:
-            try:
-                result = batch.step(actions, env_ids or None)
-            except ResetNeeded as exc:
-                raise RpcAbort(grpc.StatusCode.FAILED_PRECONDITION, str(exc)) from None
-            except Exception as exc:
-                raise RpcAbort(grpc.StatusCode.INTERNAL,
-                               f"step failed: {type(exc).__name__}: {exc}; Reset is required") from None
-            self.steps_served += 1
+        if self._pool is None:
+            with self._lock:
+                result = _stepping(lambda: self.batch.step(actions, env_ids or None))
+                self.steps_served += 1
+            response = self._step_response(result)
+            return lambda: response
+        pool = self._pool
+        pending = _stepping(lambda: pool.start_step(actions, env_ids or None, abandon))
+        if pending is None:
+            return None
+
+        def answer() -> pb.StepResponse:
+            result = _stepping(pending.result)
+            with self._lock:
+                self.steps_served += 1
+            return self._step_response(result)
+
+        return answer
+
+    def _reset_response(self, observations: np.ndarray, masks: np.ndarray | None) -> pb.ResetResponse:
+        return pb.ResetResponse(observations=self._encode(observations), action_masks=encode_action_masks(masks))
+
+    def _step_response(self, result: BatchStep) -> pb.StepResponse:
         return pb.StepResponse(
             observations=self._encode(result.observations),
             rewards=result.rewards.tolist(),
@@ -156,8 +206,35 @@ class ReferenceEnvironmentServicer(pb_grpc.EnvironmentServiceServicer):  # type:
     def _encode(self, observations: np.ndarray) -> pb.Tensor:
         return self._observations.encode(observations, raw=self._raw)
 
+    def _start_session_request(self, request: pb.SessionRequest, abandon: threading.Event
+                               ) -> Callable[[], pb.SessionResponse] | None:
+        """Check and start one message of the stream (RpcAbort if refused); a call that waits for its answer."""
+        kind = request.WhichOneof("request")
+        if kind == "reset":
+            reset = self._start_reset(request.reset, abandon)
+            return None if reset is None else (lambda: pb.SessionResponse(reset=reset()))
+        if kind == "step":
+            step = self._start_step(request.step, abandon)
+            return None if step is None else (lambda: pb.SessionResponse(step=step()))
+        raise RpcAbort(grpc.StatusCode.INVALID_ARGUMENT, "SessionRequest: set reset or step")
 
-def _check_box_actions(actions: np.ndarray, batch: EnvBatch) -> None:
+
+def _stepping(call: Callable[[], Any]) -> Any:
+    """call(), its failures turned into the status codes of a failed Step."""
+    try:
+        return call()
+    except ResetNeeded as exc:
+        raise RpcAbort(grpc.StatusCode.FAILED_PRECONDITION, str(exc)) from None
+    except Exception as exc:
+        raise RpcAbort(grpc.StatusCode.INTERNAL, f"step failed: {_failure_text(exc)}; Reset is required") from None
+
+
+def _failure_text(exc: Exception) -> str:
+    """"<ExceptionType>: <message>" of what failed; a worker's env failure already reads so."""
+    return str(exc) if isinstance(exc, StepFailed) else f"{type(exc).__name__}: {exc}"
+
+
+def _check_box_actions(actions: np.ndarray, batch: AnyBatch) -> None:
     """Box actions must lie within the bounds (the client clips them)."""
     space = batch.action_space
     low, high = getattr(space, "low", None), getattr(space, "high", None)
@@ -178,6 +255,7 @@ class EnvServerHandle:
     socket_path: str | None = None  # absolute
     socket_inode: int | None = None  # the socket file this server created (stop removes only that one)
     tls: bool = False  # serves TLS only (grpcs://)
+    closers: list[Callable[[], None]] = field(default_factory=list)  # called by stop(), after the server stops
 
     @property
     def address(self) -> str:
@@ -190,6 +268,8 @@ class EnvServerHandle:
     def stop(self, grace: float | None = 0) -> None:
         """Stop serving (in-flight calls are cancelled after `grace` seconds) and remove the socket file."""
         self.server.stop(grace).wait()
+        for close in self.closers:
+            close()
         if self.socket_path is not None and self.socket_inode is not None:
             try:
                 if os.lstat(self.socket_path).st_ino == self.socket_inode:
@@ -272,11 +352,20 @@ def _make_way_for_socket(path: str) -> None:
 
 def serve_gym(env_id: str, num_envs: int, host: str = "127.0.0.1", port: int = 0,
               raw_observations: bool = False, unix_socket: str | os.PathLike[str] | None = None,
-              tls: ServerTls | None = None) -> EnvServerHandle:
-    """Serve num_envs instances of a Gymnasium id (a reference server in one call, for tests and benchmarks)."""
-    batch = EnvBatch.from_gym_id(env_id, num_envs, version=server_version())
-    return start_env_server(ReferenceEnvironmentServicer(batch, raw_observations), host, port,
-                            unix_socket=unix_socket, tls=tls)
+              tls: ServerTls | None = None, processes: int = 1, modules: Sequence[str] = ()) -> EnvServerHandle:
+    """Serve num_envs instances of a Gymnasium id (a reference server in one call, for tests and benchmarks);
+    over `processes` worker processes when > 1 (each imports `modules` first); stop() ends them too."""
+    batch: AnyBatch = (EnvBatch.from_gym_id(env_id, num_envs, version=server_version()) if processes == 1 else
+                       ProcessBatch(env_id, num_envs, processes, modules=modules, version=server_version()))
+    try:
+        handle = start_env_server(ReferenceEnvironmentServicer(batch, raw_observations), host, port,
+                                  unix_socket=unix_socket, tls=tls)
+    except BaseException:
+        batch.close()
+        raise
+    if isinstance(batch, ProcessBatch):
+        handle.closers.append(batch.close)
+    return handle
 
 
 def server_version() -> str:

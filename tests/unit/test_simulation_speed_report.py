@@ -28,30 +28,48 @@ def results(rates: Mapping[str, Mapping[str, float]]) -> dict[str, dict[str, lis
 
 def test_report_ratios_goals_and_break_even() -> None:
     rates = {"0": {"dummy": 1000, "subproc": 700, "lockstep_tcp": 850, "lockstep_unix": 800, "groups_tcp": 600,
-                   "groups_unix": 600},
+                   "groups_unix": 600, "lockstep_tcp_2p": 800, "groups_tcp_2p": 550, "groups_unix_2p": 560},
              "100": {"dummy": 500, "subproc": 480, "lockstep_tcp": 400, "lockstep_unix": 410, "groups_tcp": 550,
-                     "groups_unix": 450},
+                     "groups_unix": 450, "lockstep_tcp_2p": 420, "groups_tcp_2p": 500, "groups_unix_2p": 520},
              "400": {"dummy": 200, "subproc": 260, "lockstep_tcp": 180, "lockstep_unix": 190, "groups_tcp": 240,
-                     "groups_unix": 250}}
+                     "groups_unix": 250, "lockstep_tcp_2p": 200, "groups_tcp_2p": 230, "groups_unix_2p": 246}}
     section = sim.report(results(rates), {"cost_us": 0, "steps_per_s": 800.0, "harness_steps_per_s": 850.0},
                          1000, 2, quick=False)
     summary = {row["goal"]: row for row in section.data["summary"]}
     lockstep = summary["C = 0: remote lockstep (TCP) >= 0.8x in-process DummyVecEnv"]
     assert lockstep["measured"] == "0.85x" and lockstep["met"] is True
-    at_100 = summary["C = 100 us: two groups (tcp) >= 1.0x DummyVecEnv and >= SubprocVecEnv"]
-    assert at_100["measured"] == "1.10x of dummy, 1.15x of subproc" and at_100["met"] is True
-    assert summary["C = 100 us: two groups (unix) >= 1.0x DummyVecEnv and >= SubprocVecEnv"]["met"] is False
-    assert summary["C = 400 us: two groups (tcp) >= 1.0x DummyVecEnv and >= SubprocVecEnv"]["met"] is False, \
-        "1.2x of dummy but below subproc"
+    at_100 = summary["C = 100 us: two groups (best variant) >= 1.0x DummyVecEnv and >= SubprocVecEnv"]
+    assert at_100["measured"] == "groups_tcp: 1.10x of dummy, 1.15x of subproc" and at_100["met"] is True
+    assert at_100["variant"] == "groups_tcp"
+    at_400 = summary["C = 400 us: two groups (best variant) >= 1.0x DummyVecEnv and >= SubprocVecEnv"]
+    assert at_400["variant"] == "groups_unix" and at_400["met"] is False, "1.25x of dummy but below subproc"
+    assert at_400["measured"] == "groups_unix: 1.25x of dummy, 0.96x of subproc"
+    assert len(section.data["summary"]) == 3, "one goal line per cost >= 100, for the best two-groups variant"
     notes = "\n".join(section.notes)
     # groups_tcp: 0.6x at 0 us, 1.1x at 100 us: 1.0x reached at 0 + 0.4 / 0.5 * 100 = 80 us
     assert "groups_tcp: about C = 80 us per env step" in notes
     assert "lockstep_tcp: not reached up to C = 400 us (0.90x there)" in notes
     assert "subproc: about C = 135 us" in notes  # 0.96x at 100 us, 1.3x at 400 us
+    assert "lockstep_tcp_2p: about C = 400 us" in notes  # 0.84x at 100 us, 1.0x at 400 us
     steps_table = section.tables[0]
     assert steps_table.header == ["variant", "C = 0 us", "C = 100 us", "C = 400 us"]
     assert steps_table.rows[0] == ["dummy", "1,000 (1.00x)", "500 (1.00x)", "200 (1.00x)"]
+    assert steps_table.rows[-1] == ["groups_unix_2p", "560 (0.56x)", "520 (1.04x)", "246 (1.23x)"]
     assert section.tables[-1].rows[-1] == ["service / harness", "0.94x"]
+
+
+def test_the_best_two_groups_variant_may_be_one_over_two_processes() -> None:
+    rates = {"100": {"dummy": 500, "subproc": 600, "lockstep_tcp": 400, "lockstep_unix": 410, "groups_tcp": 450,
+                     "groups_unix": 460, "lockstep_tcp_2p": 500, "groups_tcp_2p": 640, "groups_unix_2p": 620}}
+    row = sim.report(results(rates), {}, 1000, 1, quick=False).data["summary"][0]
+    assert row["variant"] == "groups_tcp_2p" and row["met"] is True
+    assert row["measured"] == "groups_tcp_2p: 1.28x of dummy, 1.07x of subproc"
+
+
+def test_variant_names_say_mode_transport_and_processes() -> None:
+    assert sim.variant_parts("groups_unix_2p") == ("groups", "unix", 2)
+    assert sim.variant_parts("lockstep_tcp") == ("lockstep", "tcp", 1)
+    assert sim.GROUPS_VARIANTS == ("groups_tcp", "groups_unix", "groups_tcp_2p", "groups_unix_2p")
 
 
 def test_report_without_env_groups_says_so_and_assesses_nothing_for_them() -> None:
@@ -60,9 +78,8 @@ def test_report_without_env_groups_says_so_and_assesses_nothing_for_them() -> No
     section = sim.report(results(rates), {}, 1000, 2, quick=False)
     rows = {row["goal"]: row for row in section.data["summary"]}
     assert rows["C = 0: remote lockstep (TCP) >= 0.8x in-process DummyVecEnv"]["met"] is False
-    for transport in ("tcp", "unix"):
-        row = rows[f"C = 100 us: two groups ({transport}) >= 1.0x DummyVecEnv and >= SubprocVecEnv"]
-        assert row == {"goal": row["goal"], "measured": sim.NOT_AVAILABLE, "met": None}
+    row = rows["C = 100 us: two groups (best variant) >= 1.0x DummyVecEnv and >= SubprocVecEnv"]
+    assert row == {"goal": row["goal"], "measured": sim.NOT_AVAILABLE, "met": None}
     assert section.tables[0].rows[4] == ["groups_tcp", sim.NOT_AVAILABLE, sim.NOT_AVAILABLE]
     assert "Break-even, groups_unix: n/a (env_groups not available)." in section.notes
     assert all(row["met"] is None for row in sim.report(results(rates), {}, 1000, 1, quick=True).data["summary"])
