@@ -12,10 +12,16 @@ from typing import Any
 import grpc
 import numpy as np
 
-from rl_service.infra.external_env.codec import EnvSpec, MalformedData, decode_batch, decode_bools, decode_floats
+from rl_service.infra.external_env.codec import (
+    ENV_SUBSETS_VERSION,
+    EnvSpec,
+    MalformedData,
+    decode_batch,
+    decode_bools,
+    decode_floats,
+)
 from rl_service_proto.v1 import environment_pb2 as pb
 
-SUBSETS_VERSION = 2
 _SEED = 4242
 
 
@@ -51,7 +57,7 @@ class EnvSubsetChecks:
         """Skip unless the spec says protocol version 2 (and, when asked, it has `envs` envs and seeded resets
         that repeat)."""
         version = self.stub.GetSpec(pb.GetSpecRequest(), timeout=self.timeout).protocol_version
-        if version < SUBSETS_VERSION:
+        if version < ENV_SUBSETS_VERSION:
             self.skip(f"protocol_version {version or 1}: the simulation steps every env at once")
         if self.spec.num_envs < envs:
             self.skip(f"needs {envs} envs, the simulation has {self.spec.num_envs}")

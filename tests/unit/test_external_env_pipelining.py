@@ -9,6 +9,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import grpc
 import numpy as np
@@ -16,18 +17,14 @@ import pytest
 
 from rl_service.core.errors import EnvironmentProtocolError, EnvironmentUnavailable
 from rl_service.envserver.faults import FaultyEnvironmentServicer
-from rl_service.envserver.reference_server import (
-    EnvServerHandle,
-    ReferenceEnvironmentServicer,
-    serve_gym,
-    start_env_server,
-)
+from rl_service.envserver.reference_server import EnvServerHandle, serve_gym, start_env_server
 from rl_service.infra.external_env.address import parse_address
 from rl_service.infra.external_env.codec import BatchCodec, encode_action_masks, spec_to_proto
 from rl_service.infra.external_env.env_batch import EnvBatch
 from rl_service.infra.external_env.grpc_adapter import ConnectionOptions, GrpcExternalEnvAdapter
 from rl_service_proto.v1 import environment_pb2 as pb
 from rl_service_proto.v1 import environment_pb2_grpc as pb_grpc
+from tests.integration.test_env_groups_service import VersionOneServicer
 
 FAST = ConnectionOptions(step_timeout=0.5, connect_timeout=1.0, retries=3, backoff=0.05)
 N = 4
@@ -171,17 +168,8 @@ def test_bad_env_ids_are_refused_before_sending(servers: Callable[..., EnvServer
     adapter.close()
 
 
-class Version1Servicer(ReferenceEnvironmentServicer):
-    """The reference server announcing protocol version 1 (it steps whole batches only)."""
-
-    def GetSpec(self, request: pb.GetSpecRequest, context: grpc.ServicerContext) -> pb.EnvironmentSpec:
-        spec = super().GetSpec(request, context)
-        spec.protocol_version = 1
-        return spec
-
-
 def test_a_version_1_simulation_steps_no_subsets(servers: Callable[..., EnvServerHandle]) -> None:
-    handle = start_env_server(Version1Servicer(EnvBatch.from_gym_id("CartPole-v1", N)))
+    handle = start_env_server(VersionOneServicer(EnvBatch.from_gym_id("CartPole-v1", N)))
     try:
         adapter = adapter_for(handle)
         assert not adapter.supports_env_subsets and adapter.spec.protocol_version == 1
@@ -288,8 +276,11 @@ def test_a_hung_simulation_times_out_with_two_steps_in_flight(servers: Callable[
         adapter.close()
 
 
-@pytest.mark.parametrize("use_stream", [True, False], ids=["stream", "unary"])
-def test_a_reconnect_cuts_every_step_in_flight(servers: Callable[..., EnvServerHandle], use_stream: bool) -> None:
+@contextmanager
+def simulation_restarting(servers: Callable[..., EnvServerHandle], use_stream: bool
+                          ) -> Iterator[tuple[GrpcExternalEnvAdapter, np.ndarray]]:
+    """An adapter stepped once (its observations given), whose simulation is stopped and restarted on the same
+    port 0.15 s later, while the body runs: the body's first call finds the connection lost."""
     port = free_port()
     first = servers(SubsetServicer(), port=port)
     options = ConnectionOptions(step_timeout=2, connect_timeout=1, retries=5, backoff=0.1, use_stream=use_stream)
@@ -300,11 +291,17 @@ def test_a_reconnect_cuts_every_step_in_flight(servers: Callable[..., EnvServerH
     timer = threading.Timer(0.15, lambda: servers(SubsetServicer(), port=port))
     timer.start()
     try:
+        yield adapter, before
+    finally:
+        timer.join()
+
+
+@pytest.mark.parametrize("use_stream", [True, False], ids=["stream", "unary"])
+def test_a_reconnect_cuts_every_step_in_flight(servers: Callable[..., EnvServerHandle], use_stream: bool) -> None:
+    with simulation_restarting(servers, use_stream) as (adapter, before):
         adapter.send_step(np.zeros(2, dtype=np.int64), env_ids=[3, 1])
         adapter.send_step(np.zeros(2, dtype=np.int64), env_ids=[0, 2])
         results = [adapter.receive_step(), adapter.receive_step()]
-    finally:
-        timer.join()
     assert adapter.reconnects == 1 and adapter.steps_in_flight == 0
     for result, ids in zip(results, ([3, 1], [0, 2]), strict=True):
         assert result.reconnected and result.truncated.all() and not result.terminated.any()
@@ -322,20 +319,9 @@ def test_a_reconnect_also_cuts_the_envs_of_the_group_not_in_flight(servers: Call
     # Two groups: envs 0 and 1 in flight when the connection is lost, 2 and 3 waiting for their actions. The
     # reconnect's Reset restarts all four, so the waiting group's next answer must end its episodes too, or the
     # trainer would pair its last observation with a new episode's step.
-    port = free_port()
-    first = servers(SubsetServicer(), port=port)
-    options = ConnectionOptions(step_timeout=2, connect_timeout=1, retries=5, backoff=0.1, use_stream=use_stream)
-    adapter = adapter_for(first, options)
-    adapter.reset(seed=3)
-    before = adapter.step(np.zeros(N, dtype=np.int64)).observations
-    first.stop()
-    timer = threading.Timer(0.15, lambda: servers(SubsetServicer(), port=port))
-    timer.start()
-    try:
+    with simulation_restarting(servers, use_stream) as (adapter, before):
         adapter.send_step(np.zeros(2, dtype=np.int64), env_ids=[0, 1])
         in_flight = adapter.receive_step()
-    finally:
-        timer.join()
     assert in_flight.reconnected and in_flight.truncated.all()
     waiting = adapter.step(np.ones(2, dtype=np.int64), env_ids=[3, 2])
     assert waiting.truncated.all() and not waiting.terminated.any() and not waiting.rewards.any()

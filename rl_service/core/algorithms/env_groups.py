@@ -37,7 +37,8 @@ from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
 from stable_baselines3.common.utils import obs_as_tensor
 from stable_baselines3.common.vec_env import VecEnv, VecEnvWrapper, VecNormalize
 
-MAX_ENV_GROUPS = 2  # the adapter keeps at most two steps in flight (MAX_STEPS_IN_FLIGHT)
+from rl_service.core.algorithms.schemas import MAX_ENV_GROUPS
+
 # Set on the model by use_env_groups; kept out of its saved files.
 _INSTANCE_ATTRIBUTES = ("collect_rollouts", "_excluded_save_params")
 

@@ -15,6 +15,7 @@ from rl_service.core.algorithms.normalize import OFF
 DEFAULT_BUFFER_SIZE = 50_000
 MAX_BUFFER_SIZE = 5_000_000
 MAX_EVAL_EPISODES = 100
+MAX_ENV_GROUPS = 2  # infra's adapters keep at most two steps in flight (MAX_STEPS_IN_FLIGHT)
 
 # Keys every algorithm accepts: how the environment is vectorised and the policy network's shape.
 COMMON = (
@@ -33,7 +34,7 @@ SERVICE = (
     Param("n_eval_episodes", "int", 5, 1, MAX_EVAL_EPISODES, help="deterministic episodes per evaluation"),
     Param("stop_at_reward", "float", None, optional=True,
           help="end the run SUCCEEDED once an evaluation's mean reward reaches this (none: never)"),
-    Param("env_groups", "int", 1, 1, 2,
+    Param("env_groups", "int", 1, 1, MAX_ENV_GROUPS,
           help="groups of envs in flight against a simulation: 1 lockstep, 2 double-buffered (on-policy only)"),
 )
 
