@@ -4,7 +4,10 @@ the compiled actor's own forward time in-process, and throughput with 1, 4 and 1
 The echo is a bare gRPC server in its own process, built with the service's server options (thread pool size,
 message size limits, no port reuse): a generic handler that takes the same request bytes and answers with the
 bytes of the service's real reply (captured once from the service), parsing neither; the client parses both
-replies. It is what gRPC and the transport cost on this machine with no work behind them. The forward time is the
+replies. It is what gRPC and the transport cost on this machine with no work behind them. The forward-only server
+is the same echo whose handler also parses the request and runs the run's compiled actor on its observations
+(ServedPolicy.act, what Act runs), with no validation, lookup or interceptor: the floor of any Act handler that
+serves the compiled actor from Python. The forward time is the
 run's CompiledActor (the module Act runs, rebuilt from the model file without unpickling) on the same
 observations, in-process, with one intra-op thread as the server uses.
 Goal: p50(Act) <= 1.15 x p50(echo), for 1 and 64 observations, measured side by side in one run.
@@ -16,7 +19,9 @@ import multiprocessing
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from concurrent import futures
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +43,7 @@ BENCHMARKS_DIR = Path(__file__).resolve().parent
 BATCH = 64
 OBS = [0.01, -0.02, 0.03, 0.04]
 ECHO_SERVICE = "bench.Echo"
+FORWARD_ONLY = "forward-only"
 HYPERPARAMETERS = {"n_steps": "128", "batch_size": "64", "n_epochs": "2"}
 
 
@@ -55,20 +61,29 @@ def _requests(run_id: str) -> tuple[Any, Any]:
             pb.ActBatchRequest(run_id=run_id, observations=OBS * BATCH, deterministic=True))
 
 
-def echo_main(act_reply: bytes, batch_reply: bytes) -> None:
+def echo_main(act_reply: bytes, batch_reply: bytes, model_path: str = "") -> None:
     """The echo server process: the service's server options, bytes in and bytes out; print the port, serve until
-    stdin closes."""
+    stdin closes. With a model path, the forward-only server: each call also runs the compiled actor."""
     import grpc
 
     from rl_service.infra.settings import Settings
 
     settings = Settings(_env_file=None)  # type: ignore[call-arg]
     replies = {"Act": act_reply, "ActBatch": batch_reply}
+    forward = _forward_handler(model_path) if model_path else None
 
     def handler(name: str) -> Any:
         reply = replies[name]
-        return grpc.unary_unary_rpc_method_handler(lambda request, context: reply,
-                                                   request_deserializer=None, response_serializer=None)
+        if forward is None:
+            return grpc.unary_unary_rpc_method_handler(lambda request, context: reply,
+                                                       request_deserializer=None, response_serializer=None)
+        parse = _request_parser(name)
+
+        def answer(request: bytes, context: Any) -> bytes:
+            forward(parse(request))
+            return reply
+
+        return grpc.unary_unary_rpc_method_handler(answer, request_deserializer=None, response_serializer=None)
 
     options = [("grpc.max_receive_message_length", settings.max_message_bytes),
                ("grpc.max_send_message_length", settings.max_message_bytes), ("grpc.so_reuseport", 0)]
@@ -80,7 +95,27 @@ def echo_main(act_reply: bytes, batch_reply: bytes) -> None:
     server.start()
     print(port, flush=True)
     sys.stdin.read()
-    server.stop(0)
+    server.stop(0).wait(5)
+
+
+def _request_parser(name: str) -> Callable[[bytes], Any]:
+    """Request bytes -> the flat observations of an Act or ActBatch request."""
+    from rl_service_proto.v1 import training_pb2 as pb
+
+    if name == "Act":
+        return lambda data: pb.ActRequest.FromString(data).observation
+    return lambda data: pb.ActBatchRequest.FromString(data).observations
+
+
+def _forward_handler(model_path: str) -> Callable[[Any], None]:
+    """Flat observations -> the compiled actor's deterministic actions (discarded), as Act runs it."""
+    import numpy as np
+    import torch
+
+    served = load_served(model_path)
+    torch.set_num_threads(1)  # as the server
+    width = len(OBS)
+    return lambda flat: served.act(np.asarray(flat, dtype=np.float32).reshape(-1, width), None, True)
 
 
 def _callers(address: str, echo: bool, run_id: str) -> dict[str, Any]:
@@ -131,11 +166,9 @@ def throughput(address: str, echo: bool, run_id: str, clients: int, duration: fl
     return float(total)
 
 
-def forward_times(model_path: str, calls: int) -> dict[str, list[float]]:
-    """In-process seconds of the run's CompiledActor for one observation and for a batch (what Act runs)."""
+def load_served(model_path: str) -> Any:
+    """The run's ServedPolicy (its CompiledActor), rebuilt from the model file as the service does."""
     import gymnasium as gym
-    import numpy as np
-    import torch
 
     from rl_service.core.algorithms.registry import get_algorithm
     from rl_service.core.models.policy_weights import PolicyBuild
@@ -145,7 +178,15 @@ def forward_times(model_path: str, calls: int) -> dict[str, list[float]]:
     env = gym.make("CartPole-v1")
     build = PolicyBuild(spec.cls, spec.constructor_kwargs(spec.schema.parse(HYPERPARAMETERS)), env.observation_space,
                         env.action_space)
-    served = load_served_policy(Path(model_path), build, require_stats=False)
+    return load_served_policy(Path(model_path), build, require_stats=False)
+
+
+def forward_times(model_path: str, calls: int) -> dict[str, list[float]]:
+    """In-process seconds of the run's CompiledActor for one observation and for a batch (what Act runs)."""
+    import numpy as np
+    import torch
+
+    served = load_served(model_path)
     torch.set_num_threads(1)  # as the server: Act runs small networks in RPC threads
     one = np.array([OBS], dtype=np.float32)
     many = np.tile(one, (BATCH, 1))
@@ -217,13 +258,11 @@ def run(server: ServerProcess, quick: bool, repeats: int, output: Path = BENCHMA
     stub = training_stub(server.address)
     run_id, model_path = train_model(stub, quick)
     replies = _replies(stub, run_id)
-    echo = subprocess.Popen([sys.executable, "-m", "benchmarks.act_latency", "echo", replies["Act"].hex(),
-                             replies["ActBatch"].hex()], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                            cwd=str(Path(__file__).resolve().parent.parent))
-    try:
-        assert echo.stdout is not None
-        echo_address = f"127.0.0.1:{int(echo.stdout.readline())}"
-        callers = {"service": _callers(server.address, False, run_id), "echo": _callers(echo_address, True, run_id)}
+    with ExitStack() as stack:
+        echo_address = stack.enter_context(_echo_process(replies))
+        forward_address = stack.enter_context(_echo_process(replies, model_path))
+        callers = {"service": _callers(server.address, False, run_id), "echo": _callers(echo_address, True, run_id),
+                   FORWARD_ONLY: _callers(forward_address, True, run_id)}
         calls = 20 if quick else 300
         lat: dict[str, dict[str, list[float]]] = {v: {"1": [], str(BATCH): []} for v in callers}
         for variant in callers:  # warm-up: the service compiles the run's policy on its first Act
@@ -245,10 +284,6 @@ def run(server: ServerProcess, quick: bool, repeats: int, output: Path = BENCHMA
         for clients in CLIENTS:
             for variant, address in (("service", server.address), ("echo", echo_address)):
                 tput[variant][clients] = throughput(address, variant == "echo", run_id, clients, duration)
-    finally:
-        if echo.stdin:
-            echo.stdin.close()
-        echo.wait(10)
     section.tables.append(_latency_table(lat, fwd, repeats, calls, quick, section))
     t2 = Table(f"Throughput, Act calls/s (one observation), {duration} s per measurement, client processes",
                ["clients", "service calls/s", "echo calls/s", "service / echo"])
@@ -269,24 +304,43 @@ def run(server: ServerProcess, quick: bool, repeats: int, output: Path = BENCHMA
     return section
 
 
+@contextmanager
+def _echo_process(replies: dict[str, bytes], model_path: str = "") -> Iterator[str]:
+    """The echo server (with a model path: the forward-only server) in its own process; its address."""
+    extra = [model_path] if model_path else []
+    process = subprocess.Popen([sys.executable, "-m", "benchmarks.act_latency", "echo", replies["Act"].hex(),
+                                replies["ActBatch"].hex(), *extra], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                               text=True, cwd=str(BENCHMARKS_DIR.parent))
+    try:
+        assert process.stdout is not None
+        yield f"127.0.0.1:{int(process.stdout.readline())}"
+    finally:
+        if process.stdin:
+            process.stdin.close()
+        process.wait(10)
+
+
 def _latency_table(lat: dict[str, dict[str, list[float]]], fwd: dict[str, list[float]], repeats: int, calls: int,
                    quick: bool, section: Section) -> Table:
     """p50/p99 of Act and the echo side by side, the forward time, the ratio against the goal."""
     table = Table(f"Latency, ms ({repeats} repeats x {calls} calls per variant, interleaved; forward: "
                   f"{len(fwd['1'])} in-process calls of the compiled actor)",
-                  ["observations", "Act p50", "Act p99", "echo p50", "echo p99", "forward p50", "Act p50 / echo p50",
-                   f"goal <= {GOAL}x"])
+                  ["observations", "Act p50", "Act p99", "echo p50", "echo p99", "forward p50", "forward-only p50",
+                   "forward-only / echo", "Act p50 / echo p50", f"goal <= {GOAL}x"])
     summary = []
     for key in ("1", str(BATCH)):
         a50, a99 = percentile(lat["service"][key], 50) * 1e3, percentile(lat["service"][key], 99) * 1e3
         e50, e99 = percentile(lat["echo"][key], 50) * 1e3, percentile(lat["echo"][key], 99) * 1e3
         f50 = median(fwd[key]) * 1e3
+        floor50 = percentile(lat[FORWARD_ONLY][key], 50) * 1e3
         r = ratio(a50, e50)
         met = None if quick else r <= GOAL
-        table.rows.append([key, fmt(a50), fmt(a99), fmt(e50), fmt(e99), fmt(f50), fmt_ratio(r),
+        table.rows.append([key, fmt(a50), fmt(a99), fmt(e50), fmt(e99), fmt(f50), fmt(floor50),
+                           fmt_ratio(ratio(floor50, e50)), fmt_ratio(r),
                            {None: "not assessed", True: "met", False: "**NOT met**"}[met]])
         summary.append({"goal": f"Act p50, {key} obs, <= {GOAL}x echo p50",
-                        "measured": f"{fmt_ratio(r)} ({fmt(a50)} ms vs {fmt(e50)} ms; forward {fmt(f50)} ms)",
+                        "measured": f"{fmt_ratio(r)} ({fmt(a50)} ms vs {fmt(e50)} ms; forward {fmt(f50)} ms; "
+                                    f"forward-only server {fmt_ratio(ratio(floor50, e50))})",
                         "met": met})
     section.data["summary"] = summary
     return table
@@ -294,4 +348,4 @@ def _latency_table(lat: dict[str, dict[str, list[float]]], fwd: dict[str, list[f
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["echo"]:
-        echo_main(bytes.fromhex(sys.argv[2]), bytes.fromhex(sys.argv[3]))
+        echo_main(bytes.fromhex(sys.argv[2]), bytes.fromhex(sys.argv[3]), *sys.argv[4:5])
