@@ -21,6 +21,12 @@ env-server, the final status's steps/s) shows the harness is representative. Col
 on_rollout_start to on_rollout_end) is reported apart from the rest (train()). The goal lines at C >= 100 take the
 best two-groups variant at that cost, and name it.
 
+The lockstep ceiling: an empty Step exchange on the Session stream with a bare gRPC echo server in its own process
+(benchmarks/transport_floor.py, driven as the adapter drives it) is timed in the same run. A lockstep vector step
+costs at least what it costs in-process plus one such round trip (the envs' work moves to the simulation but the
+trainer still waits for it), so lockstep can reach at most t / (t + echo) of DummyVecEnv, t being DummyVecEnv's
+seconds per vector step, train() included.
+
 Budget: 20,000 timesteps per run, down from 50,000 when the `--processes 2` variants came: nine variants, four costs
 and three repeats make 108 runs, estimated at about 25 minutes on two cores (6,000-step runs took about 3 s each
 at C = 100, SubprocVecEnv's start adding about 6 s). `--quick`: 256 timesteps, C = 0 only.
@@ -31,6 +37,7 @@ from __future__ import annotations
 import importlib
 import itertools
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -130,6 +137,22 @@ def in_process_env(cost_us: float, subproc: bool) -> Any:
 
     return sb3_make_vec_env(partial(make_costly, ENV_ID, cost_us), n_envs=N_ENVS, seed=SEED,
                             vec_env_cls=SubprocVecEnv if subproc else DummyVecEnv)
+
+
+def lockstep_ceiling(dummy_steps_per_s: float, echo_us: float, n_envs: int = N_ENVS) -> float:
+    """The most lockstep can reach of DummyVecEnv's steps/s when each vector step adds one bare echo round trip."""
+    per_vector_step = n_envs / dummy_steps_per_s
+    return per_vector_step / (per_vector_step + echo_us * 1e-6)
+
+
+def stream_echo_us(repeats: int, exchanges: int) -> list[float]:
+    """Median microseconds of an empty Step exchange on the Session stream to a bare echo server, per repeat."""
+    from benchmarks.transport_floor import grpc_echo_us
+
+    with socket.socket() as probe:  # a free loopback port for the echo server
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return [grpc_echo_us(f"127.0.0.1:{port}", exchanges)["stream"] for _ in range(repeats)]
 
 
 def train_once(model: Any, timesteps: int) -> dict[str, float]:
@@ -232,6 +255,8 @@ def run(quick: bool, repeats: int) -> Section:
     timesteps = QUICK_TIMESTEPS if quick else TIMESTEPS
     results: dict[str, dict[str, list[dict[str, float] | None]]] = {}
     service: dict[str, float] = {}
+    echo_us = median(stream_echo_us(repeats, 200 if quick else 2000))
+    print(f"  simulation_speed: Session-stream echo {echo_us:.0f} us", flush=True)
     with tempfile.TemporaryDirectory(prefix="bench-sim-") as tmp:
         sockets = Path(tmp) / "sockets"
         sockets.mkdir()
@@ -254,7 +279,7 @@ def run(quick: bool, repeats: int) -> Section:
                     service = {"cost_us": cost, "steps_per_s": through_service(tcp, timesteps, Path(tmp) / "srv"),
                                "harness_steps_per_s": median([s["steps_per_s"] for s in samples["lockstep_tcp"]
                                                               if s is not None])}
-    return report(results, service, timesteps, repeats, quick)
+    return report(results, service, timesteps, repeats, quick, echo_us)
 
 
 def _median_of(samples: list[dict[str, float] | None], key: str) -> float | None:
@@ -263,8 +288,8 @@ def _median_of(samples: list[dict[str, float] | None], key: str) -> float | None
 
 
 def report(results: dict[str, dict[str, list[dict[str, float] | None]]], service: dict[str, float],
-           timesteps: int, repeats: int, quick: bool) -> Section:
-    """Tables, goal lines and the break-even from the per-run figures."""
+           timesteps: int, repeats: int, quick: bool, echo_us: float | None = None) -> Section:
+    """Tables, goal lines and the break-even from the per-run figures (and the lockstep ceiling, given the echo)."""
     section = Section("simulation_speed", "13. Simulation speed: PPO through a costly simulation against in-process")
     section.intro = (__doc__ or "").split("\n\n", 1)[1].strip()
     costs = list(results)
@@ -297,10 +322,19 @@ def report(results: dict[str, dict[str, list[dict[str, float] | None]]], service
             [["service run, final status", fmt(service["steps_per_s"])],
              ["harness, lockstep_tcp (median)", fmt(service["harness_steps_per_s"])],
              ["service / harness", fmt_ratio(ratio(service["steps_per_s"], service["harness_steps_per_s"]))]]))
-    summary = _goals(medians, costs, quick)
+    ceilings = {c: lockstep_ceiling(base, echo_us) for c in costs
+                if echo_us is not None and (base := medians[c]["dummy"]["steps_per_s"]) is not None}
+    if ceilings:
+        section.tables.append(Table(
+            f"Lockstep against its ceiling: DummyVecEnv's time per vector step plus one bare Session-stream echo "
+            f"({echo_us:.0f} us, median of {repeats})", ["measure", *header[1:]],
+            [["ceiling (ratio to dummy)"] + [fmt_ratio(ceilings[c]) for c in costs],
+             ["lockstep_tcp (ratio to dummy)"] + [fmt_ratio(r) if (r := _ratio(medians, c, "lockstep_tcp"))
+                                                   is not None else "-" for c in costs]]))
+    summary = _goals(medians, costs, quick, ceilings)
     section.notes.extend(_break_even(medians, costs))
     section.data = {"summary": summary, "timesteps": timesteps, "repeats": repeats, "results": results,
-                    "medians": medians, "service": service}
+                    "medians": medians, "service": service, "stream_echo_us": echo_us, "lockstep_ceiling": ceilings}
     return section
 
 
@@ -309,12 +343,15 @@ def _ratio(medians: dict[str, Any], cost: str, variant: str, to: str = "dummy") 
     return None if value is None or base is None else ratio(value, base)
 
 
-def _goals(medians: dict[str, Any], costs: list[str], quick: bool) -> list[dict[str, Any]]:
+def _goals(medians: dict[str, Any], costs: list[str], quick: bool,
+           ceilings: dict[str, float] | None = None) -> list[dict[str, Any]]:
     summary: list[dict[str, Any]] = []
     if "0" in costs:
         r = _ratio(medians, "0", "lockstep_tcp")
+        ceiling = (ceilings or {}).get("0")
         summary.append({"goal": f"C = 0: remote lockstep (TCP) >= {LOCKSTEP_GOAL}x in-process DummyVecEnv",
-                        "measured": fmt_ratio(r if r is not None else float("nan")),
+                        "measured": fmt_ratio(r if r is not None else float("nan")) + (
+                            "" if ceiling is None else f" (ceiling over a bare stream echo {fmt_ratio(ceiling)})"),
                         "met": None if quick or r is None else r >= LOCKSTEP_GOAL})
     for cost in costs:
         if int(cost) < 100:

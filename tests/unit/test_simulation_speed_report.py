@@ -97,3 +97,22 @@ def test_the_harness_trains_through_a_simulation_and_times_collection_apart() ->
     assert figures["steps"] == 256 and handle.servicer.steps_served == 32, "one message per vector step"
     assert 0 < figures["collection_s"] < figures["total_s"]
     assert np.isclose(figures["collection_s"] + figures["train_s"], figures["total_s"])
+
+
+def test_lockstep_ceiling_adds_one_echo_per_vector_step() -> None:
+    # DummyVecEnv at 4,000 steps/s with 8 envs: 2 ms per vector step; one 500 us echo more: 2 / 2.5 = 0.8
+    assert sim.lockstep_ceiling(4000.0, 500.0) == pytest.approx(0.8)
+    assert sim.lockstep_ceiling(4000.0, 0.0) == pytest.approx(1.0)
+
+
+def test_report_names_the_ceiling_beside_the_lockstep_goal() -> None:
+    rates = {"0": dict.fromkeys(sim.VARIANTS, 1000.0) | {"lockstep_tcp": 700.0}}
+    section = sim.report(results(rates), {}, 1000, 2, quick=False, echo_us=2000.0)
+    # dummy's median is 1,000 steps/s (the repeats at 0.9x and 1.1x): 8 ms per vector step, 10 ms with the echo
+    assert section.data["lockstep_ceiling"] == {"0": pytest.approx(0.8)}
+    lockstep = section.data["summary"][0]
+    assert lockstep["measured"] == "0.70x (ceiling over a bare stream echo 0.80x)" and lockstep["met"] is False
+    table = next(t for t in section.tables if t.title.startswith("Lockstep against its ceiling"))
+    assert table.rows == [["ceiling (ratio to dummy)", "0.80x"], ["lockstep_tcp (ratio to dummy)", "0.70x"]]
+    without_echo = sim.report(results(rates), {}, 1000, 2, quick=False)
+    assert not any(t.title.startswith("Lockstep against") for t in without_echo.tables)
