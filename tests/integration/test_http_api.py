@@ -4,6 +4,7 @@ health and readiness, tokens and roles, TLS, and HTTP_PORT's start-up rules."""
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import re
@@ -236,6 +237,75 @@ def test_policies_list_get_batch_and_model_download(server: ServerHandle, http: 
     assert_problem(http.post("/v1/policies/http-pol/batches", json={**batch, "dones": [True]}),
                    400, "INVALID_ARGUMENT", "dones")
     assert_problem(http.get("/v1/policies/none-such"), 404, "NOT_FOUND")
+
+
+def test_create_set_weights_log_prob_checkpoints_and_delete_over_http(server: ServerHandle,
+                                                                      http: httpx.Client) -> None:
+    spec = {"observation_shape": [4], "discrete_n": 2, "seed": 3, "hyperparameters": {"net_arch": "16"}}
+    created = http.post("/v1/policies", json={"policy_id": "http-new", "spec": spec})
+    assert created.status_code == 201 and created.headers["location"] == "/v1/policies/http-new", created.text
+    info = created.json()
+    assert info["created"] is True and info["version"] == 0 and info["spec"]["discrete_n"] == 2
+    assert info["spec"]["hyperparameters"]["net_arch"] == "16" and info["spec"]["seed"] == 3
+    again = http.post("/v1/policies", json={"policy_id": "http-new", "spec": spec})
+    assert again.status_code == 200 and again.json()["created"] is False, "CreatePolicy is idempotent"
+    assert_problem(http.post("/v1/policies", json={"policy_id": "http-new", "spec": {**spec, "discrete_n": 3}}),
+                   409, "ALREADY_EXISTS")
+    box = http.post("/v1/policies", json={"policy_id": "http-box", "spec": {
+        "observation_shape": [3], "box": {"shape": [1], "low": [-2.0], "high": [2.0]}, "algorithm": "ppo"}})
+    assert box.status_code == 201 and box.json()["spec"]["box"]["shape"] == [1], box.text
+    assert_problem(http.post("/v1/policies", json={"policy_id": "http-both", "spec": {
+        **spec, "box": {"shape": [1]}}}), 400, "INVALID_ARGUMENT", "spec.box")
+    assert_problem(http.post("/v1/policies", json={"policy_id": "http-b64", "spec": spec,
+                                                   "initial_weights": "not base64!"}),
+                   400, "INVALID_ARGUMENT", "initial_weights")
+    assert http.get("/v1/policies/http-b64").status_code == 404, "a refused create leaves no policy"
+
+    # Weights downloaded from one policy and set on a twin: the twin then gives the same log-probabilities.
+    assert http.post("/v1/policies", json={"policy_id": "http-twin", "spec": {**spec, "seed": 4}}).status_code == 201
+    weights = http.get("/v1/policies/http-new/model", params={"format": "safetensors"}).content
+    states, actions = [0.1, -0.2, 0.3, 0.0, 0.5, 0.1, -0.1, 0.2], [0.0, 1.0]
+    before = http.post("/v1/policies/http-twin/log-prob", json={"states": states, "actions": actions}).json()
+    twin_weights = base64.b64encode(http.get("/v1/policies/http-twin/model", params={"format": "safetensors"})
+                                    .content).decode()
+    original = http.post("/v1/policies/http-new/log-prob", json={"states": states, "actions": actions}).json()
+    assert before["log_probs"] != original["log_probs"], "different seeds, different weights"
+    body = {"safetensors": base64.b64encode(weights).decode(), "expected_version": 0}
+    set_reply = http.put("/v1/policies/http-twin/weights", json=body)
+    assert set_reply.status_code == 200 and set_reply.json()["version"] == 1, set_reply.text
+    after = http.post("/v1/policies/http-twin/log-prob", json={"states": states, "actions": actions}).json()
+    assert after["version"] == 1 and after["log_probs"] == pytest.approx(original["log_probs"], abs=1e-6)
+    assert_problem(http.put("/v1/policies/http-twin/weights", json=body), 409, "ABORTED")  # now at version 1
+    assert_problem(http.put("/v1/policies/http-twin/weights", json={"safetensors": base64.b64encode(
+        b"not safetensors").decode()}), 400, "INVALID_ARGUMENT", "safetensors")
+    assert_problem(http.post("/v1/policies/http-twin/log-prob", json={
+        "states": states, "actions": actions, "version": 1, "checkpoint": "c1"}), 400, "INVALID_ARGUMENT",
+        "checkpoint")
+
+    saved = http.post("/v1/policies/http-twin/checkpoints", json={"name": "c1"})
+    assert saved.status_code == 201 and saved.json()["name"] == "c1" and saved.json()["version"] == 1, saved.text
+    assert [c["name"] for c in http.get("/v1/policies/http-twin/checkpoints").json()["checkpoints"]] == ["c1"]
+    at_c1 = http.post("/v1/policies/http-twin/log-prob", json={"states": states, "actions": actions,
+                                                               "checkpoint": "c1"}).json()
+    assert at_c1["log_probs"] == after["log_probs"]
+    restored = http.put("/v1/policies/http-twin/weights", json={"safetensors": twin_weights})
+    assert restored.status_code == 200 and restored.json()["version"] == 2
+    assert http.post("/v1/policies/http-twin/log-prob", json={"states": states, "actions": actions}).json()[
+        "log_probs"] == before["log_probs"]
+    loaded = http.post("/v1/policies/http-twin/checkpoints/c1/load")
+    assert loaded.status_code == 200 and loaded.json()["version"] == 1, "back to the checkpoint's version"
+    assert http.post("/v1/policies/http-twin/log-prob", json={"states": states, "actions": actions}).json()[
+        "log_probs"] == after["log_probs"], "the checkpoint's weights are back"
+    assert_problem(http.post("/v1/policies/http-twin/checkpoints/none-such/load"), 404, "NOT_FOUND")
+
+    stub = policy_pb2_grpc.PolicyServiceStub(server.channel)
+    assert stub.GetPolicy(policy_pb2.PolicyRequest(policy_id="http-twin"), timeout=30).version >= 1
+    deleted = http.delete("/v1/policies/http-twin")
+    assert deleted.status_code == 200 and deleted.json() == {}
+    assert_problem(http.get("/v1/policies/http-twin"), 404, "NOT_FOUND")
+    with pytest.raises(grpc.RpcError) as refused:
+        stub.GetPolicy(policy_pb2.PolicyRequest(policy_id="http-twin"), timeout=30)
+    assert refused.value.code() == grpc.StatusCode.NOT_FOUND
 
 
 def test_metrics_count_both_transports_and_show_runs_by_state(server: ServerHandle, http: httpx.Client,
