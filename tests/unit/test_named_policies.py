@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -10,9 +11,10 @@ import structlog
 import torch
 
 from rl_service.core.errors import InvalidRequest
+from rl_service.core.policies import spec as spec_module
 from rl_service.core.policies.manager import PolicyManager
 from rl_service.core.policies.records import PolicyConfig
-from rl_service.core.policies.spec import PolicySpecRequest, check_name
+from rl_service.core.policies.spec import PolicySpecRequest, build_spec, check_name
 
 
 class MemoryStore:
@@ -151,3 +153,25 @@ def test_the_owner_is_kept_on_disk_and_a_state_saved_before_owners_loads_as_owne
     assert second.owner("mine") == "alice" and second.get("mine").owner == "alice"
     assert second.owner("old") == "" and [s.owner for s in second.list_policies()] == ["alice", ""]
     assert second.get("mine").version == 1
+
+
+@pytest.mark.parametrize(("request_", "field"), [
+    (PolicySpecRequest((2**63 - 1,) * 100_000, discrete_actions=2), "spec.observation_shape"),  # seconds of math.prod
+    (PolicySpecRequest((1,) * 9, discrete_actions=2), "spec.observation_shape"),  # more than MAX_SHAPE_DIMS
+    (PolicySpecRequest((0, 4), discrete_actions=2), "spec.observation_shape"),
+    (PolicySpecRequest((4,), box_shape=(2**31 - 1,) * 100_000), "spec.box.shape"),
+    (PolicySpecRequest((4,), box_shape=(2**62, 4)), "spec.box.shape"),
+])
+def test_shapes_are_refused_at_once_with_a_short_message(request_: PolicySpecRequest, field: str,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    real_prod = math.prod
+
+    def bounded_prod(values: Any) -> Any:
+        # math.prod of 100,000 dimensions near 2**63 took about 13 s (a fuzz case): the count must be checked first.
+        assert len(values) <= spec_module.MAX_SHAPE_DIMS, "a product over more dimensions than allowed"
+        return real_prod(values)
+
+    monkeypatch.setattr(spec_module.math, "prod", bounded_prod)
+    with pytest.raises(InvalidRequest) as info:
+        build_spec(request_)
+    assert info.value.field == field and len(info.value.message) < 300

@@ -26,6 +26,7 @@ from rl_service.core.seeds import seed_or_random
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 MAX_OBSERVATION_SIZE = 1_000_000
 MAX_ACTION_SIZE = 10_000
+MAX_SHAPE_DIMS = 8  # dimensions of an observation or a box action (an image stack needs 4)
 
 NAMED_POLICY_SCHEMA = merge((
     Param("learning_rate", "float", 1e-3, 0.0, 1.0, low_exclusive=True, help="Adam step size"),
@@ -133,13 +134,25 @@ class PolicySpec:
                    int(data["seed"]), str(data.get("algorithm", DEFAULT_ALGORITHM)))
 
 
+def _shape_fits(shape: tuple[int, ...], max_size: int) -> bool:
+    """1 to MAX_SHAPE_DIMS positive dimensions of at most max_size values in all."""
+    # The count first: math.prod of 100,000 dimensions near 2**63 takes seconds (a fuzz case found it). Python
+    # ints, not numpy's int64 product, which wraps around ([2] * 64 would count as 0 values).
+    return 1 <= len(shape) <= MAX_SHAPE_DIMS and all(d >= 1 for d in shape) and math.prod(shape) <= max_size
+
+
+def _quoted_shape(shape: tuple[int, ...]) -> str:
+    """A shape for an error message: at most its first MAX_SHAPE_DIMS dimensions, each cut short."""
+    head = ", ".join(str(d)[:20] for d in shape[:MAX_SHAPE_DIMS])
+    return f"[{head}{', ...' if len(shape) > MAX_SHAPE_DIMS else ''}] ({len(shape)} dimensions)"
+
+
 def build_spec(request: PolicySpecRequest) -> PolicySpec:
     """Validate a client's spec; InvalidRequest names the field at fault."""
     obs_shape = tuple(int(d) for d in request.observation_shape)
-    # math.prod on Python ints: numpy's int64 product wraps around ([2] * 64 would count as 0 values).
-    if not obs_shape or any(d < 1 for d in obs_shape) or math.prod(obs_shape) > MAX_OBSERVATION_SIZE:
-        raise InvalidRequest(f"spec.observation_shape: {quoted(str(list(obs_shape)))} must be non-empty positive "
-                             f"dimensions of at most {MAX_OBSERVATION_SIZE} values in all",
+    if not _shape_fits(obs_shape, MAX_OBSERVATION_SIZE):
+        raise InvalidRequest(f"spec.observation_shape: {_quoted_shape(obs_shape)} must be 1 to {MAX_SHAPE_DIMS} "
+                             f"positive dimensions of at most {MAX_OBSERVATION_SIZE} values in all",
                              field="spec.observation_shape")
     if request.discrete_actions is not None:
         if not 2 <= request.discrete_actions <= MAX_ACTION_SIZE:
@@ -150,9 +163,10 @@ def build_spec(request: PolicySpecRequest) -> PolicySpec:
         high: tuple[float, ...] = ()
     else:
         action_shape = tuple(int(d) for d in request.box_shape)
-        if not action_shape or any(d < 1 for d in action_shape) or math.prod(action_shape) > MAX_ACTION_SIZE:
-            raise InvalidRequest("spec: give discrete_n, or box with a non-empty positive shape "
-                                 f"of at most {MAX_ACTION_SIZE} values", field="spec.box.shape")
+        if not _shape_fits(action_shape, MAX_ACTION_SIZE):
+            raise InvalidRequest(f"spec: give discrete_n, or box with a shape of 1 to {MAX_SHAPE_DIMS} positive "
+                                 f"dimensions of at most {MAX_ACTION_SIZE} values (got {_quoted_shape(action_shape)})",
+                                 field="spec.box.shape")
         size = math.prod(action_shape)
         low, high = tuple(float(v) for v in request.box_low), tuple(float(v) for v in request.box_high)
         for name, bound in (("low", low), ("high", high)):

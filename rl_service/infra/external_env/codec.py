@@ -129,8 +129,11 @@ def _shape(dims: Any, field: str, allow_scalar: bool) -> tuple[int, ...]:
     shape = tuple(int(d) for d in dims)
     if (not shape and not allow_scalar) or len(shape) > MAX_DIMS or any(d < 1 for d in shape):
         raise MalformedData(f"{field}: every dimension must be >= 1 and at most {MAX_DIMS} dimensions, got "
-                            f"{list(shape)}", field)
-    if int(np.prod(shape, dtype=np.int64)) > MAX_ELEMENTS:
+                            f"{len(shape)} dimensions starting [{', '.join(str(d)[:20] for d in shape[:MAX_DIMS])}]",
+                            field)
+    # math.prod on Python ints (at most MAX_DIMS of them): numpy's int64 product wraps around, and
+    # [2**62, 4] would count as 0 elements.
+    if math.prod(shape) > MAX_ELEMENTS:
         raise MalformedData(f"{field}: {list(shape)} has more than {MAX_ELEMENTS} elements", field)
     return shape
 
@@ -140,7 +143,7 @@ def _box_from_proto(box: pb.BoxSpace, field: str) -> gym.spaces.Box:
     dtype = box.dtype or "float32"
     if dtype not in BOX_DTYPES:
         raise MalformedData(f"{field}.dtype: {dtype!r} is not one of {', '.join(BOX_DTYPES)}", field)
-    size = int(np.prod(shape, dtype=np.int64))
+    size = math.prod(shape)
     bounds = []
     for name, values in (("low", box.low), ("high", box.high)):
         array = np.asarray(values, dtype=np.float64)
