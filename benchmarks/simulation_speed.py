@@ -37,7 +37,6 @@ from __future__ import annotations
 import importlib
 import itertools
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -147,12 +146,10 @@ def lockstep_ceiling(dummy_steps_per_s: float, echo_us: float, n_envs: int = N_E
 
 def stream_echo_us(repeats: int, exchanges: int) -> list[float]:
     """Median microseconds of an empty Step exchange on the Session stream to a bare echo server, per repeat."""
-    from benchmarks.transport_floor import grpc_echo_us
+    from benchmarks.transport_floor import free_port, grpc_echo_us
 
-    with socket.socket() as probe:  # a free loopback port for the echo server
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    return [grpc_echo_us(f"127.0.0.1:{port}", exchanges)["stream"] for _ in range(repeats)]
+    target = f"127.0.0.1:{free_port()}"
+    return [grpc_echo_us(target, exchanges)["stream"] for _ in range(repeats)]
 
 
 def train_once(model: Any, timesteps: int) -> dict[str, float]:

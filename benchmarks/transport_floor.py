@@ -190,7 +190,7 @@ def run(repeats: int, exchanges: int, timesteps: int, progress: Callable[[str], 
     with tempfile.TemporaryDirectory(prefix="rlsvc-floor-") as folder:
         for repeat in range(repeats):
             raw.setdefault("pingpong", []).append(pingpong_us(exchanges))
-            targets = {"tcp": f"127.0.0.1:{_free_port()}", "unix": f"unix:{folder}/echo-{repeat}.sock"}
+            targets = {"tcp": f"127.0.0.1:{free_port()}", "unix": f"unix:{folder}/echo-{repeat}.sock"}
             for name, target in targets.items():
                 for mode, value in grpc_echo_us(target, exchanges).items():
                     raw.setdefault(f"grpc_{mode}_{name}", []).append(value)
@@ -203,7 +203,8 @@ def run(repeats: int, exchanges: int, timesteps: int, progress: Callable[[str], 
                          for how, runs in blocking.items()}, "blocking_runs": blocking}
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A loopback TCP port that is free now (the echo server binds it next)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])

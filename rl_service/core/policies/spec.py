@@ -142,9 +142,8 @@ def _shape_fits(shape: tuple[int, ...], max_size: int) -> bool:
 
 
 def _quoted_shape(shape: tuple[int, ...]) -> str:
-    """A shape for an error message: at most its first MAX_SHAPE_DIMS dimensions, each cut short."""
-    head = ", ".join(str(d)[:20] for d in shape[:MAX_SHAPE_DIMS])
-    return f"[{head}{', ...' if len(shape) > MAX_SHAPE_DIMS else ''}] ({len(shape)} dimensions)"
+    """A shape for an error message: quoted() of its first dimensions (never the whole list), and their count."""
+    return f"{quoted(str(list(shape[:MAX_SHAPE_DIMS + 1])))} ({len(shape)} dimensions)"
 
 
 def build_spec(request: PolicySpecRequest) -> PolicySpec:
