@@ -14,22 +14,26 @@ same wrapper in-process and in the env-server). Variants:
 - lockstep_tcp_2p, groups_tcp_2p / groups_unix_2p: the same, against an env-server that spreads its envs over two
                worker processes (`--processes 2`: envs 0-3 and 4-7, one group each), so the simulation uses both
                cores as SubprocVecEnv does, and the two groups' steps run at the same time
+- *_pinned:    the trainer pinned to the first CPU this process may use and the env-server (`--cpus`) to the second,
+               the layout the service's WORKER_CPUS gives a run; dummy_pinned is in-process DummyVecEnv so pinned
 
 The harness builds each run as the service's worker does (rl_service.core.envs.make_vec_env, the algorithm's schema
 and constructor keywords, normalizing.wrap); one run through the service itself (StartTraining against the
 env-server, the final status's steps/s) shows the harness is representative. Collection time (SB3's
-on_rollout_start to on_rollout_end) is reported apart from the rest (train()). The goal lines at C >= 100 take the
-best two-groups variant at that cost, and name it.
+on_rollout_start to on_rollout_end) is reported apart from the rest (train()). The goal lines take the best lockstep
+(C = 0) or two-groups (C >= 100) variant at that cost, name it, and divide by the faster of dummy and dummy_pinned.
+With pinning on, the service run uses WORKER_CPUS and a pinned env-server, and is set beside lockstep_tcp_pinned.
 
 The lockstep ceiling: an empty Step exchange on the Session stream with a bare gRPC echo server in its own process
 (benchmarks/transport_floor.py, driven as the adapter drives it) is timed in the same run. A lockstep vector step
 costs at least what it costs in-process plus one such round trip (the envs' work moves to the simulation but the
 trainer still waits for it), so lockstep can reach at most t / (t + echo) of DummyVecEnv, t being DummyVecEnv's
-seconds per vector step, train() included.
+seconds per vector step, train() included. It is computed for each layout, unpinned and pinned, with an echo
+timed in that layout.
 
-Budget: 20,000 timesteps per run, down from 50,000 when the `--processes 2` variants came: nine variants, four costs
-and three repeats make 108 runs, estimated at about 25 minutes on two cores (6,000-step runs took about 3 s each
-at C = 100, SubprocVecEnv's start adding about 6 s). `--quick`: 256 timesteps, C = 0 only.
+Budget: 20,000 timesteps per run, down from 50,000 when the `--processes 2` variants came: thirteen variants, four
+costs and three repeats make 156 runs (the nine before the pinned ones took 18 minutes on two cores).
+`--quick`: 256 timesteps, C = 0 only.
 """
 
 from __future__ import annotations
@@ -42,10 +46,10 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from stable_baselines3.common.callbacks import BaseCallback
 
@@ -60,6 +64,7 @@ from benchmarks.common import (
     training_stub,
     wait_for_runs,
 )
+from rl_service.infra.cpu_placement import format_cpu_list, pin_this_process, usable_cpus
 
 ENV_ID = "CartPole-v1"
 N_ENVS = 8
@@ -69,12 +74,16 @@ ZOO_PPO = {"n_envs": "8", "n_steps": "32", "batch_size": "256", "gae_lambda": "0
 COSTS_US = (0, 25, 100, 400)
 QUICK_COSTS_US = (0,)
 VARIANTS = ("dummy", "subproc", "lockstep_tcp", "lockstep_unix", "groups_tcp", "groups_unix", "lockstep_tcp_2p",
-            "groups_tcp_2p", "groups_unix_2p")
+            "groups_tcp_2p", "groups_unix_2p", "dummy_pinned", "lockstep_tcp_pinned", "groups_tcp_pinned",
+            "groups_unix_pinned")
+IN_PROCESS = ("dummy", "dummy_pinned")  # the baselines the goals divide by (the faster of the two)
+LOCKSTEP_VARIANTS = ("lockstep_tcp", "lockstep_tcp_pinned")  # those the C = 0 goal takes the best of (TCP)
 GROUPS_VARIANTS = tuple(v for v in VARIANTS if v.startswith("groups"))
 TIMESTEPS = 20_000
 QUICK_TIMESTEPS = 256
 GROUPS_MODULE = "rl_service.core.algorithms.env_groups"  # provided by the env-groups work; absent until it lands
 NOT_AVAILABLE = "n/a (env_groups not available)"
+NO_PINNING = "n/a (fewer than two CPUs to pin to)"
 LOCKSTEP_GOAL = 0.8  # at C = 0
 GROUPS_GOAL = 1.0  # at C >= 100, and >= subproc
 SEED = 7
@@ -144,12 +153,45 @@ def lockstep_ceiling(dummy_steps_per_s: float, echo_us: float, n_envs: int = N_E
     return per_vector_step / (per_vector_step + echo_us * 1e-6)
 
 
-def stream_echo_us(repeats: int, exchanges: int) -> list[float]:
-    """Median microseconds of an empty Step exchange on the Session stream to a bare echo server, per repeat."""
+def stream_echo_us(repeats: int, exchanges: int, layout: PinLayout | None = None) -> list[float]:
+    """Median microseconds of an empty Step exchange on the Session stream to a bare echo server, per repeat; with
+    `layout`, the client on the trainer's CPU and the echo server on the simulation's."""
     from benchmarks.transport_floor import free_port, grpc_echo_us
 
     target = f"127.0.0.1:{free_port()}"
-    return [grpc_echo_us(target, exchanges)["stream"] for _ in range(repeats)]
+    with pinned_to(layout.trainer if layout else None):
+        return [grpc_echo_us(target, exchanges, layout.simulation if layout else None)["stream"]
+                for _ in range(repeats)]
+
+
+class PinLayout(NamedTuple):
+    """Where the pinned variants run: the trainer on one CPU, the simulation on another."""
+
+    trainer: frozenset[int]
+    simulation: frozenset[int]
+
+
+def pin_layout() -> PinLayout | None:
+    """The first two CPUs this process may use, trainer first; None where there are fewer or none can be pinned."""
+    usable = usable_cpus()
+    if usable is None or len(usable) < 2:
+        return None
+    first, second = sorted(usable)[:2]
+    return PinLayout(frozenset({first}), frozenset({second}))
+
+
+@contextmanager
+def pinned_to(cpus: frozenset[int] | None) -> Iterator[None]:
+    """Every thread of this process on `cpus` (as a pinned worker process is) until the block ends; None: as is."""
+    if cpus is None:
+        yield
+        return
+    before = frozenset(os.sched_getaffinity(0))
+    pin_this_process(cpus)
+    try:
+        yield
+    finally:
+        pin_this_process(before)
 
 
 def train_once(model: Any, timesteps: int) -> dict[str, float]:
@@ -167,21 +209,38 @@ def train_once(model: Any, timesteps: int) -> dict[str, float]:
             "collection_steps_per_s": steps / timer.collection if timer.collection > 0 else float("nan")}
 
 
-def variant_parts(variant: str) -> tuple[str, str, int]:
-    """mode (lockstep, groups), transport (tcp, unix) and env-server processes of a remote variant."""
-    mode, transport, *spread = variant.split("_")
-    return mode, transport, 2 if spread == ["2p"] else 1
+class Variant(NamedTuple):
+    """What a variant's name says: mode (dummy, subproc, lockstep, groups), transport (tcp, unix; '' in-process),
+    env-server processes, and whether the trainer and the simulation are pinned."""
+
+    mode: str
+    transport: str
+    processes: int
+    pinned: bool
+
+
+def variant_parts(variant: str) -> Variant:
+    """The parts of a variant's name."""
+    words = variant.split("_")
+    pinned = words[-1] == "pinned"
+    if pinned:
+        words.pop()
+    mode, transport, *spread = [*words, ""] if len(words) == 1 else words
+    return Variant(mode, transport, 2 if spread == ["2p"] else 1, pinned)
 
 
 @contextmanager
-def env_server(cost_us: float, unix_dir: Path | None, processes: int = 1) -> Iterator[str]:
-    """The reference env-server in a subprocess (8 envs over `processes`, cost_us per env step); its address."""
-    where = (["--unix", str(unix_dir / f"sim-{int(cost_us)}-{processes}p.sock")] if unix_dir is not None else
-             ["--port", "0"])
+def env_server(cost_us: float, unix_dir: Path | None, processes: int = 1,
+               cpus: frozenset[int] | None = None) -> Iterator[str]:
+    """The reference env-server in a subprocess (8 envs over `processes`, cost_us per env step, pinned to `cpus`
+    when given); its address."""
+    name = f"sim-{int(cost_us)}-{processes}p{'-pinned' if cpus else ''}.sock"
+    where = ["--unix", str(unix_dir / name)] if unix_dir is not None else ["--port", "0"]
+    pin = ["--cpus", format_cpu_list(cpus)] if cpus else []
     process = subprocess.Popen(
         [sys.executable, "-m", "rl_service.envserver", "--env", ENV_ID, "--num-envs", str(N_ENVS),
-         "--step-cost-us", str(cost_us), "--processes", str(processes), *where], stdout=subprocess.PIPE, text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"})
+         "--step-cost-us", str(cost_us), "--processes", str(processes), *where, *pin], stdout=subprocess.PIPE,
+        text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
         assert process.stdout is not None
         line = process.stdout.readline()
@@ -196,34 +255,41 @@ def env_server(cost_us: float, unix_dir: Path | None, processes: int = 1) -> Ite
 class Runner:
     """One run of each variant at one cost; the env-servers live as long as the runner."""
 
-    def __init__(self, cost_us: float, timesteps: int, addresses: dict[tuple[str, int], str], external: Any) -> None:
+    def __init__(self, cost_us: float, timesteps: int, addresses: dict[tuple[str, int, bool], str], external: Any,
+                 layout: PinLayout | None = None) -> None:
         self.cost_us = cost_us
         self.timesteps = timesteps
-        self.addresses = addresses  # (transport, env-server processes) -> address
+        self.addresses = addresses  # (transport, env-server processes, pinned) -> address
         self.external = external
         self.groups = use_env_groups()
+        self.layout = layout  # None: the pinned variants cannot run here
 
     def run(self, variant: str) -> dict[str, float] | None:
-        """The figures of one run; None for a two-groups variant while env_groups is not available."""
-        if variant in ("dummy", "subproc"):
-            model = build_model(ENV_ID, None, partial(in_process_env, self.cost_us, variant == "subproc"))
-            return train_once(model, self.timesteps)
-        mode, transport, processes = variant_parts(variant)
-        if mode == "groups" and self.groups is None:
+        """The figures of one run; None for a two-groups variant while env_groups is not available, or a pinned
+        one where nothing can be pinned."""
+        parts = variant_parts(variant)
+        if (parts.mode == "groups" and self.groups is None) or (parts.pinned and self.layout is None):
             return None
-        model = build_model(self.addresses[(transport, processes)], self.external)
-        if mode == "groups":
-            assert self.groups is not None
-            self.groups(model, 2)
-        return train_once(model, self.timesteps)
+        # The whole run on the trainer's CPU: the model, the channel and its threads are made inside the block.
+        with pinned_to(self.layout.trainer if parts.pinned and self.layout else None):
+            if parts.mode in ("dummy", "subproc"):
+                model = build_model(ENV_ID, None, partial(in_process_env, self.cost_us, parts.mode == "subproc"))
+                return train_once(model, self.timesteps)
+            model = build_model(self.addresses[(parts.transport, parts.processes, parts.pinned)], self.external)
+            if parts.mode == "groups":
+                assert self.groups is not None
+                self.groups(model, 2)
+            return train_once(model, self.timesteps)
 
 
-def through_service(address: str, timesteps: int, root: Path) -> float:
-    """A PPO run through the service (a server in a subprocess) against the env-server; its final steps/s."""
+def through_service(address: str, timesteps: int, root: Path, worker_cpus: frozenset[int] | None = None) -> float:
+    """A PPO run through the service (a server in a subprocess) against the env-server, its worker pinned to
+    `worker_cpus` (WORKER_CPUS) when given; the final steps/s."""
     from rl_service_proto.v1 import training_pb2 as pb
 
     # WORKER_TORCH_THREADS is 1 by default, as the harness sets it.
-    server = start_server_process(root, env={"EXTERNAL_ENV_ALLOWED_HOSTS": "127.0.0.1"})
+    pin = {"WORKER_CPUS": format_cpu_list(worker_cpus)} if worker_cpus else {}
+    server = start_server_process(root, env={"EXTERNAL_ENV_ALLOWED_HOSTS": "127.0.0.1", **pin})
     try:
         stub = training_stub(server.address)
         run_id = stub.StartTraining(pb.StartTrainingRequest(
@@ -240,6 +306,11 @@ def through_service(address: str, timesteps: int, root: Path) -> float:
 # ---------------------------------------------------------------------------------------------------- section
 
 
+# (transport, env-server processes, pinned) of each env-server a cost needs
+SERVERS = (("tcp", 1, False), ("unix", 1, False), ("tcp", 2, False), ("unix", 2, False), ("tcp", 1, True),
+           ("unix", 1, True))
+
+
 def run(quick: bool, repeats: int) -> Section:
     """Every variant at every cost, `repeats` times, interleaved per repeat; then the report."""
     import torch
@@ -251,18 +322,26 @@ def run(quick: bool, repeats: int) -> Section:
     costs = QUICK_COSTS_US if quick else COSTS_US
     timesteps = QUICK_TIMESTEPS if quick else TIMESTEPS
     results: dict[str, dict[str, list[dict[str, float] | None]]] = {}
-    service: dict[str, float] = {}
-    echo_us = median(stream_echo_us(repeats, 200 if quick else 2000))
-    print(f"  simulation_speed: Session-stream echo {echo_us:.0f} us", flush=True)
+    service: dict[str, Any] = {}
+    layout = pin_layout()
+    exchanges = 200 if quick else 2000
+    echo_us = {"unpinned": median(stream_echo_us(repeats, exchanges))}
+    if layout is not None:
+        echo_us["pinned"] = median(stream_echo_us(repeats, exchanges, layout))
+    print("  simulation_speed: Session-stream echo " + ", ".join(f"{k} {v:.0f} us" for k, v in echo_us.items()),
+          flush=True)
     with tempfile.TemporaryDirectory(prefix="bench-sim-") as tmp:
         sockets = Path(tmp) / "sockets"
         sockets.mkdir()
         external = GrpcExternalEnvironments(socket_dir=SocketDirectory(sockets))
         for cost in costs:
-            with (env_server(cost, None) as tcp, env_server(cost, sockets) as unix,
-                  env_server(cost, None, 2) as tcp2, env_server(cost, sockets, 2) as unix2):
-                addresses = {("tcp", 1): tcp, ("unix", 1): unix, ("tcp", 2): tcp2, ("unix", 2): unix2}
-                runner = Runner(cost, timesteps, addresses, external)
+            with ExitStack() as servers:
+                addresses = {
+                    (transport, processes, pinned): servers.enter_context(env_server(
+                        cost, sockets if transport == "unix" else None, processes,
+                        layout.simulation if pinned and layout else None))
+                    for transport, processes, pinned in SERVERS if layout is not None or not pinned}
+                runner = Runner(cost, timesteps, addresses, external, layout)
                 samples: dict[str, list[dict[str, float] | None]] = {v: [] for v in VARIANTS}
                 for repeat in range(repeats):
                     shift = repeat % len(VARIANTS)
@@ -270,11 +349,15 @@ def run(quick: bool, repeats: int) -> Section:
                         samples[variant].append(runner.run(variant))
                         done = samples[variant][-1]
                         print(f"  simulation_speed C={cost} us repeat {repeat + 1}/{repeats} {variant}: "
-                              f"{fmt(done['steps_per_s']) if done else NOT_AVAILABLE} steps/s", flush=True)
+                              f"{fmt(done['steps_per_s']) if done else 'n/a'} steps/s", flush=True)
                 results[str(cost)] = samples
                 if cost == costs[0]:
-                    service = {"cost_us": cost, "steps_per_s": through_service(tcp, timesteps, Path(tmp) / "srv"),
-                               "harness_steps_per_s": median([s["steps_per_s"] for s in samples["lockstep_tcp"]
+                    pinned = layout is not None
+                    harness = "lockstep_tcp_pinned" if pinned else "lockstep_tcp"
+                    steps = through_service(addresses[("tcp", 1, pinned)], timesteps, Path(tmp) / "srv",
+                                            layout.trainer if layout else None)
+                    service = {"cost_us": cost, "steps_per_s": steps, "harness": harness,
+                               "harness_steps_per_s": median([s["steps_per_s"] for s in samples[harness]
                                                               if s is not None])}
     return report(results, service, timesteps, repeats, quick, echo_us)
 
@@ -284,20 +367,21 @@ def _median_of(samples: list[dict[str, float] | None], key: str) -> float | None
     return median(values) if values else None
 
 
-def report(results: dict[str, dict[str, list[dict[str, float] | None]]], service: dict[str, float],
-           timesteps: int, repeats: int, quick: bool, echo_us: float | None = None) -> Section:
-    """Tables, goal lines and the break-even from the per-run figures (and the lockstep ceiling, given the echo)."""
+def report(results: dict[str, dict[str, list[dict[str, float] | None]]], service: dict[str, Any],
+           timesteps: int, repeats: int, quick: bool, echo_us: dict[str, float] | None = None) -> Section:
+    """Tables, goal lines and the break-even from the per-run figures (and the lockstep ceilings, given the echo
+    of each layout: "unpinned", "pinned")."""
     section = Section("simulation_speed", "13. Simulation speed: PPO through a costly simulation against in-process")
     section.intro = (__doc__ or "").split("\n\n", 1)[1].strip()
     costs = list(results)
-    medians = {c: {v: {k: _median_of(results[c][v], k) for k in ("steps_per_s", "collection_steps_per_s",
-                                                                  "collection_s", "train_s")}
+    medians = {c: {v: {k: _median_of(results[c].get(v, []), k)
+                       for k in ("steps_per_s", "collection_steps_per_s", "collection_s", "train_s")}
                    for v in VARIANTS} for c in costs}
 
     def cell(cost: str, variant: str, key: str) -> str:
         value, base = medians[cost][variant][key], medians[cost]["dummy"][key]
         if value is None:
-            return NOT_AVAILABLE
+            return NO_PINNING if variant_parts(variant).pinned else NOT_AVAILABLE
         return f"{fmt(value)} ({fmt_ratio(ratio(value, base or float('nan')))})"
 
     header = ["variant"] + [f"C = {c} us" for c in costs]
@@ -313,21 +397,29 @@ def report(results: dict[str, dict[str, list[dict[str, float] | None]]], service
                  f"{fmt(medians[c][v]['collection_s'])} / {fmt(medians[c][v]['train_s'])}") for c in costs]
          for v in VARIANTS]))
     if service:
+        harness = service.get("harness", "lockstep_tcp")
+        how = (" (WORKER_CPUS and env-server --cpus, the layout of lockstep_tcp_pinned)"
+               if harness.endswith("_pinned") else "")
         section.tables.append(Table(
-            f"Through the service at C = {service['cost_us']} us (StartTraining against the env-server over TCP)",
+            f"Through the service at C = {service['cost_us']} us: StartTraining against the env-server over TCP{how}",
             ["measure", "steps/s"],
             [["service run, final status", fmt(service["steps_per_s"])],
-             ["harness, lockstep_tcp (median)", fmt(service["harness_steps_per_s"])],
+             [f"harness, {harness} (median)", fmt(service["harness_steps_per_s"])],
              ["service / harness", fmt_ratio(ratio(service["steps_per_s"], service["harness_steps_per_s"]))]]))
-    ceilings = {c: lockstep_ceiling(base, echo_us) for c in costs
-                if echo_us is not None and (base := medians[c]["dummy"]["steps_per_s"]) is not None}
+    ceilings = _ceilings(medians, costs, echo_us or {})
     if ceilings:
+        rows = []
+        for layout, by_cost in ceilings.items():
+            lockstep = "lockstep_tcp_pinned" if layout == "pinned" else "lockstep_tcp"
+            base = "dummy_pinned" if layout == "pinned" else "dummy"
+            rows.append([f"ceiling, {layout} (echo {(echo_us or {})[layout]:.0f} us; ratio to {base})"]
+                        + [fmt_ratio(by_cost[c]) if c in by_cost else "-" for c in costs])
+            rows.append([f"{lockstep} (ratio to {base})"]
+                        + [fmt_ratio(r) if (r := _ratio(medians, c, lockstep, base)) is not None else "-"
+                           for c in costs])
         section.tables.append(Table(
-            f"Lockstep against its ceiling: DummyVecEnv's time per vector step plus one bare Session-stream echo "
-            f"({echo_us:.0f} us, median of {repeats})", ["measure", *header[1:]],
-            [["ceiling (ratio to dummy)"] + [fmt_ratio(ceilings[c]) for c in costs],
-             ["lockstep_tcp (ratio to dummy)"] + [fmt_ratio(r) if (r := _ratio(medians, c, "lockstep_tcp"))
-                                                   is not None else "-" for c in costs]]))
+            f"Lockstep against its ceiling: in-process time per vector step plus one bare Session-stream echo "
+            f"(median of {repeats}), per layout", ["measure", *header[1:]], rows))
     summary = _goals(medians, costs, quick, ceilings)
     section.notes.extend(_break_even(medians, costs))
     section.data = {"summary": summary, "timesteps": timesteps, "repeats": repeats, "results": results,
@@ -335,36 +427,60 @@ def report(results: dict[str, dict[str, list[dict[str, float] | None]]], service
     return section
 
 
+def _ceilings(medians: dict[str, Any], costs: list[str], echo_us: dict[str, float]) -> dict[str, dict[str, float]]:
+    """layout -> cost -> the most lockstep can reach of that layout's DummyVecEnv (see the module docstring)."""
+    ceilings: dict[str, dict[str, float]] = {}
+    for layout, echo in echo_us.items():
+        base = "dummy_pinned" if layout == "pinned" else "dummy"
+        by_cost = {c: lockstep_ceiling(steps, echo) for c in costs
+                   if (steps := medians[c][base]["steps_per_s"]) is not None}
+        if by_cost:
+            ceilings[layout] = by_cost
+    return ceilings
+
+
 def _ratio(medians: dict[str, Any], cost: str, variant: str, to: str = "dummy") -> float | None:
     value, base = medians[cost][variant]["steps_per_s"], medians[cost][to]["steps_per_s"]
     return None if value is None or base is None else ratio(value, base)
 
 
+def _fastest(medians: dict[str, Any], cost: str, variants: tuple[str, ...]) -> str | None:
+    """The variant with the most steps/s at `cost` among those measured (None: none was)."""
+    measured = [v for v in variants if medians[cost][v]["steps_per_s"] is not None]
+    return max(measured, key=lambda v: medians[cost][v]["steps_per_s"]) if measured else None
+
+
 def _goals(medians: dict[str, Any], costs: list[str], quick: bool,
-           ceilings: dict[str, float] | None = None) -> list[dict[str, Any]]:
+           ceilings: dict[str, dict[str, float]] | None = None) -> list[dict[str, Any]]:
     summary: list[dict[str, Any]] = []
     if "0" in costs:
-        r = _ratio(medians, "0", "lockstep_tcp")
-        ceiling = (ceilings or {}).get("0")
-        summary.append({"goal": f"C = 0: remote lockstep (TCP) >= {LOCKSTEP_GOAL}x in-process DummyVecEnv",
-                        "measured": fmt_ratio(r if r is not None else float("nan")) + (
-                            "" if ceiling is None else f" (ceiling over a bare stream echo {fmt_ratio(ceiling)})"),
-                        "met": None if quick or r is None else r >= LOCKSTEP_GOAL})
+        goal = (f"C = 0: remote lockstep over TCP (best variant) >= {LOCKSTEP_GOAL}x in-process DummyVecEnv "
+                "(the faster of dummy and dummy_pinned)")
+        best, base = _fastest(medians, "0", LOCKSTEP_VARIANTS), _fastest(medians, "0", IN_PROCESS)
+        if best is None or base is None:
+            summary.append({"goal": goal, "measured": "-", "met": None})
+        else:
+            r = _ratio(medians, "0", best, base)
+            assert r is not None
+            ceiling = (ceilings or {}).get("pinned" if variant_parts(best).pinned else "unpinned", {}).get("0")
+            summary.append({"goal": goal, "variant": best,
+                            "measured": f"{best}: {fmt_ratio(r)} of {base}" + (
+                                "" if ceiling is None else f" (ceiling over a bare stream echo {fmt_ratio(ceiling)})"),
+                            "met": None if quick else r >= LOCKSTEP_GOAL})
     for cost in costs:
         if int(cost) < 100:
             continue
-        goal = f"C = {cost} us: two groups (best variant) >= {GROUPS_GOAL}x DummyVecEnv and >= SubprocVecEnv"
-        measured = {v: r for v in GROUPS_VARIANTS if (r := _ratio(medians, cost, v)) is not None}
-        vs_subproc = None
-        if measured:
-            best = max(measured, key=lambda v: measured[v])
-            vs_subproc = _ratio(medians, cost, best, "subproc")
-        if not measured or vs_subproc is None:
+        goal = (f"C = {cost} us: two groups (best variant) >= {GROUPS_GOAL}x DummyVecEnv (the faster of dummy and "
+                "dummy_pinned) and >= SubprocVecEnv")
+        best, base = _fastest(medians, cost, GROUPS_VARIANTS), _fastest(medians, cost, IN_PROCESS)
+        vs_subproc = None if best is None else _ratio(medians, cost, best, "subproc")
+        if best is None or base is None or vs_subproc is None:
             summary.append({"goal": goal, "measured": NOT_AVAILABLE, "met": None})
             continue
-        r = measured[best]
+        r = _ratio(medians, cost, best, base)
+        assert r is not None
         summary.append({"goal": goal, "variant": best,
-                        "measured": f"{best}: {fmt_ratio(r)} of dummy, {fmt_ratio(vs_subproc)} of subproc",
+                        "measured": f"{best}: {fmt_ratio(r)} of {base}, {fmt_ratio(vs_subproc)} of subproc",
                         "met": None if quick else (r >= GROUPS_GOAL and vs_subproc >= 1.0)})
     return summary
 
@@ -372,7 +488,7 @@ def _goals(medians: dict[str, Any], costs: list[str], quick: bool,
 def _break_even(medians: dict[str, Any], costs: list[str]) -> list[str]:
     """Where each remote variant first reaches the in-process DummyVecEnv, by linear interpolation between costs."""
     notes = []
-    for variant in VARIANTS[1:]:
+    for variant in (v for v in VARIANTS if v not in IN_PROCESS):
         points = [(int(c), r) for c in costs if (r := _ratio(medians, c, variant)) is not None]
         if not points:
             notes.append(f"Break-even, {variant}: {NOT_AVAILABLE}.")

@@ -33,6 +33,7 @@ import grpc
 
 # benchmarks.external_env (torch, stable-baselines3) is imported where needed: the echo server child stays light.
 from benchmarks.common import write_keeping_analysis
+from rl_service.infra.cpu_placement import format_cpu_list, parse_cpu_list, pin_this_process
 from rl_service.infra.external_env.grpc_adapter import SessionStream
 from rl_service_proto.v1 import environment_pb2 as pb
 from rl_service_proto.v1 import environment_pb2_grpc as pb_grpc
@@ -101,10 +102,11 @@ def pingpong_us(exchanges: int) -> float:
         peer.close()
 
 
-def grpc_echo_us(target: str, exchanges: int) -> dict[str, float]:
+def grpc_echo_us(target: str, exchanges: int, server_cpus: frozenset[int] | None = None) -> dict[str, float]:
     """Median microseconds of an empty Step exchange on the Session stream (driven as the adapter drives it) and
-    as a unary call."""
-    server = subprocess.Popen([sys.executable, "-m", "benchmarks.transport_floor", "--serve", target],
+    as a unary call; the echo server pinned to `server_cpus` when given."""
+    pin = [] if server_cpus is None else ["--serve-cpus", format_cpu_list(server_cpus)]
+    server = subprocess.Popen([sys.executable, "-m", "benchmarks.transport_floor", "--serve", target, *pin],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert server.stdout is not None
@@ -251,8 +253,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--timesteps", type=int, default=20_000)
     parser.add_argument("--output", type=Path, default=RESULTS / "transport_floor")
     parser.add_argument("--serve", metavar="TARGET", help=argparse.SUPPRESS)
+    parser.add_argument("--serve-cpus", default="", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve:
+        if args.serve_cpus:
+            pin_this_process(frozenset(parse_cpu_list(args.serve_cpus)))
         serve_echo(args.serve)
         return 0
     results = run(args.repeats, args.exchanges, args.timesteps, lambda line: print(line, flush=True))

@@ -4,8 +4,9 @@ The first line on stdout is "serving <env> (<n> envs) on <address>", the address
 parent process that asked for port 0 can read the port), grpcs://<host>:<port> with --tls-cert-file and
 --tls-key-file (TLS only), or, with --unix, unix:///<absolute path>. SIGTERM or SIGINT stops it (and removes the
 socket file). --processes P spreads the envs over P worker processes (env i in process i * P // num_envs), which
-end with the server, however it ends. --gym-packages (default: the GYM_PACKAGES variable, as the training service
-reads it) names modules imported first, so the Gymnasium environments they register can be served.
+end with the server, however it ends. --cpus pins the server and its workers to a list of CPUs. --gym-packages
+(default: the GYM_PACKAGES variable, as the training service reads it) names modules imported first, so the
+Gymnasium environments they register can be served.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from rl_service.envserver.reference_server import (
     start_env_server,
 )
 from rl_service.envserver.step_cost import MAX_STEP_COST_US, make_costly
+from rl_service.infra.cpu_placement import format_cpu_list, parse_cpu_list, pin_this_process, usable_cpus
 from rl_service.infra.external_env.codec import MAX_NUM_ENVS
 from rl_service.infra.external_env.env_batch import EnvBatch, action_masks_method
 from rl_service.infra.settings import split_modules
@@ -64,12 +66,33 @@ def build_parser() -> argparse.ArgumentParser:
                              "process): env i lives in process i * P // num_envs, contiguous blocks whose sizes "
                              "differ by at most one when P does not divide --num-envs; requests on different "
                              "processes run at the same time")
+    parser.add_argument("--cpus", default="", metavar="LIST",
+                        help="pin the server, and its worker processes, to these CPUs (a Linux CPU list such as "
+                             "1 or 2-3): keep them off the CPUs the trainer has (the service's WORKER_CPUS)")
     parser.add_argument("--max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES,
                         help="largest gRPC message sent or accepted")
     parser.add_argument("--gym-packages", default=os.environ.get("GYM_PACKAGES", ""), metavar="MODULES",
                         help="comma-separated modules to import first, for the environments they register "
                              "(default: $GYM_PACKAGES)")
     return parser
+
+
+def _cpus(parser: argparse.ArgumentParser, text: str) -> frozenset[int]:
+    """--cpus as a set of CPUs this process may use (empty: not pinned); a usage error otherwise."""
+    try:
+        cpus = parse_cpu_list(text)
+    except ValueError as exc:
+        parser.error(f"--cpus: {exc}")
+    if not cpus:
+        return frozenset()
+    usable = usable_cpus()
+    if usable is None:
+        parser.error("--cpus: this platform cannot pin processes to CPUs (no sched_setaffinity)")
+    missing = [cpu for cpu in cpus if cpu not in usable]
+    if missing:
+        parser.error(f"--cpus: CPU {missing[0]} is not one this process may run on (it may use "
+                     f"{format_cpu_list(usable)})")
+    return frozenset(cpus)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -88,6 +111,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--port must be in 0..65535")
     if args.unix is not None and args.tls_cert_file is not None:
         parser.error("--unix cannot be combined with --tls-cert-file (TLS is served on --host/--port)")
+    cpus = _cpus(parser, args.cpus)
+    if cpus:
+        pin_this_process(cpus)  # before any thread or worker process starts, so they all stay on these CPUs
     try:
         tls = load_server_tls(args.tls_cert_file, args.tls_key_file, names=_TLS_FLAGS)
     except TlsFileError as exc:

@@ -21,6 +21,7 @@ from typing import Any
 
 from rl_service.core.runs.events import WorkerEvent, event_from_dict, event_to_dict
 from rl_service.core.runs.jobs import RunJob
+from rl_service.infra.cpu_placement import CpuPlacement, pin_this_process
 from rl_service.infra.logging_setup import configure_logging, get_logger
 from rl_service.infra.process_lifeline import FORKSERVER_PRELOAD, SERVER_PID_ENV, arm_worker
 
@@ -33,7 +34,7 @@ class LocalProcessExecutor:
 
     def __init__(self, target: WorkerTarget, services: Any, start_method: str = "forkserver",
                  preload: Sequence[str] = (), log_level: str = "INFO", log_format: str = "json",
-                 lock_fd: int | None = None) -> None:
+                 lock_fd: int | None = None, cpus: Sequence[int] = (), cpus_per_worker: int = 1) -> None:
         self._ctx: Any = multiprocessing.get_context(start_method)
         if start_method == "forkserver":
             # The fork server imports torch and stable-baselines3 once; each worker then starts in milliseconds.
@@ -50,6 +51,7 @@ class LocalProcessExecutor:
         self._preload = tuple(preload)  # imported again by each worker: a no-op under forkserver, needed by spawn
         self._logging = (log_level, log_format)
         self._lock_fd = lock_fd  # every worker holds it open while it lives (the data-directory lock)
+        self._placement = CpuPlacement(cpus, cpus_per_worker)  # WORKER_CPUS; empty: workers are not pinned
         self._events: Any = self._ctx.Queue()
         self._lock = threading.Lock()
         self._processes: dict[str, Any] = {}
@@ -58,11 +60,21 @@ class LocalProcessExecutor:
     def launch(self, run_id: str, job: RunJob) -> None:
         """Start a process training `job`."""
         stop = self._ctx.Event()
+        with self._lock:  # ended processes free their CPUs now, even if reap() has not seen them yet
+            ended = [key for key, process in self._processes.items() if not process.is_alive()]
+        for key in ended:
+            self._placement.release(key)
+        # A resumed run's earlier process has ended (launch is only called then), so its CPUs are free again.
+        cpus = self._placement.take(run_id)
         process = self._ctx.Process(
             target=_bootstrap, name=f"rl-run-{run_id}", daemon=True,
             args=(self._target, self._services, self._preload, self._logging, job.to_dict(), self._events, stop,
-                  None if self._lock_fd is None else _PassedFd(self._lock_fd)))
-        process.start()
+                  None if self._lock_fd is None else _PassedFd(self._lock_fd), cpus))
+        try:
+            process.start()
+        except BaseException:
+            self._placement.release(run_id)
+            raise
         with self._lock:
             previous = self._processes.get(run_id)
             if previous is not None and not previous.is_alive():
@@ -107,6 +119,7 @@ class LocalProcessExecutor:
                     ended.append((run_id, process.exitcode if process.exitcode is not None else -1))
                     del self._processes[run_id]
                     self._stops.pop(run_id, None)
+                    self._placement.release(run_id)
         return ended
 
     def active(self) -> set[str]:
@@ -143,8 +156,12 @@ def _received_fd(dup: Any) -> int:
 
 
 def _bootstrap(target: WorkerTarget, services: Any, preload: Sequence[str], logging: tuple[str, str],
-               job: dict[str, Any], events: Any, stop: Any, lock_fd: int | None) -> None:
-    """Child-process entry: die with the server, logging like the server's, SIGINT left to the server, the job."""
+               job: dict[str, Any], events: Any, stop: Any, lock_fd: int | None,
+               cpus: frozenset[int] | None = None) -> None:
+    """Child-process entry: die with the server, on its CPUs, logging like the server's, SIGINT left to the
+    server, the job."""
+    if cpus is not None:
+        pin_this_process(cpus)  # one syscall, before any thread starts (the lifeline's, gRPC's), so all inherit it
     arm_worker()
     # lock_fd stays open, never closed, until this process ends: the server's data-directory lock stays held
     # while the worker lives, even once the server is gone.

@@ -16,6 +16,7 @@ from typing import Literal
 from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from rl_service.infra.cpu_placement import format_cpu_list, parse_cpu_list, usable_cpus
 from rl_service.infra.external_env.address import DEFAULT_ALLOWED_HOSTS, MAX_SOCKET_PATH_BYTES, HostAllowList
 
 _MODULE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
@@ -44,6 +45,9 @@ class Settings(BaseSettings):
     default_checkpoint_interval: int = Field(10_000, ge=100, description="timesteps between checkpoints by default")
     progress_interval_seconds: float = Field(1.0, gt=0, le=3600, description="progress report (and Watch) period")
     worker_torch_threads: int = Field(1, ge=1, le=256, description="torch threads per training process")
+    worker_cpus: str = Field(
+        "", description="CPUs training processes are pinned to, as a list such as 0-3,6: each gets the "
+                        "WORKER_TORCH_THREADS least-used of them (unset: not pinned; EXECUTOR=local only)")
     worker_start_method: Literal["forkserver", "spawn"] = Field(
         "forkserver", description="how worker processes start (forkserver pre-imports torch once)")
     stop_timeout_seconds: float = Field(30.0, gt=0, description="StopTraining waits this long, then kills")
@@ -133,6 +137,21 @@ class Settings(BaseSettings):
                 raise ValueError(f"module {name!r} is not installed")
         return value
 
+    @field_validator("worker_cpus")
+    @classmethod
+    def _check_worker_cpus(cls, value: str) -> str:
+        cpus = parse_cpu_list(value)  # ValueError names the bad entry
+        if not cpus:
+            return value
+        usable = usable_cpus()
+        if usable is None:
+            raise ValueError("is set, but this platform cannot pin processes to CPUs (no sched_setaffinity)")
+        missing = [cpu for cpu in cpus if cpu not in usable]
+        if missing:
+            raise ValueError(f"CPU {missing[0]} is not one this server may run on "
+                             f"(it may use {format_cpu_list(usable)})")
+        return value
+
     @field_validator("external_env_allowed_hosts")
     @classmethod
     def _check_allowed_hosts(cls, value: str) -> str:
@@ -206,6 +225,9 @@ class Settings(BaseSettings):
         if self.max_watch_streams >= self.grpc_max_workers:
             raise ValueError(f"MAX_WATCH_STREAMS ({self.max_watch_streams}) must be below GRPC_MAX_WORKERS "
                              f"({self.grpc_max_workers}), or Watch streams could take every RPC thread")
+        if self.worker_cpus.strip() and self.executor == "ray":
+            raise ValueError("WORKER_CPUS pins the local executor's processes; with EXECUTOR=ray, Ray places "
+                             "each run (RAY_CPUS_PER_RUN): unset WORKER_CPUS")
         if self.worker_start_method not in multiprocessing.get_all_start_methods():
             raise ValueError(f"WORKER_START_METHOD {self.worker_start_method} is not available on this platform")
         return self
@@ -227,6 +249,11 @@ class Settings(BaseSettings):
         """POLICIES_DIR, filled in."""
         assert self.policies_dir is not None
         return self.policies_dir
+
+    @property
+    def worker_cpu_list(self) -> tuple[int, ...]:
+        """WORKER_CPUS as CPU numbers; () when workers are not pinned."""
+        return parse_cpu_list(self.worker_cpus)
 
     @property
     def gym_modules(self) -> tuple[str, ...]:

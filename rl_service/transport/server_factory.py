@@ -145,7 +145,7 @@ def _build_started(settings: Settings, lock: DataDirLock, config: OrchestratorCo
     executor = RayExecutor(settings) if settings.executor == "ray" else LocalProcessExecutor(
         run_worker, WorkerServices(store, config.external_envs), settings.worker_start_method,
         (*WORKER_PRELOAD, *settings.gym_modules), log_level=settings.log_level, log_format=settings.log_format,
-        lock_fd=lock.fd)
+        lock_fd=lock.fd, cpus=settings.worker_cpu_list, cpus_per_worker=settings.worker_torch_threads)
     orchestrator = Orchestrator(config, registry, store, executor, log)
     policies = PolicyManager(FilePolicyStore(settings.policies_root),
                              PolicyConfig(versions_kept=settings.policy_versions_kept,

@@ -1,10 +1,12 @@
 """env-server --processes: a server whose envs live in worker processes answers every request exactly as a
 one-process server (unary and pipelined on the Session, subsets in any order, masks, refusals, env failures),
-passes the compliance suite, runs pipelined group steps on different workers at the same time, and its workers
-end with it (SIGKILL included)."""
+passes the compliance suite, runs pipelined group steps on different workers at the same time, its workers
+end with it (SIGKILL included), and --cpus keeps all of it on the CPUs named."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 import subprocess
 import sys
@@ -310,3 +312,40 @@ def test_sigterm_stops_the_server_and_its_workers(tmp_path: Path) -> None:
         assert server.wait(timeout=30) == 0
         survivors, _ = wait_all_dead(family, timeout=20)
         assert not survivors and not path.exists()
+
+
+def thread_cpus(pid: int) -> set[str]:
+    """The distinct CPU lists of every thread of process `pid` (Cpus_allowed_list in /proc)."""
+    lists = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            for line in (task / "status").read_text().splitlines():
+                if line.startswith("Cpus_allowed_list:"):
+                    lists.add(line.split(":", 1)[1].strip())
+    return lists
+
+
+@linux_only
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs: one to pin to, one left out")
+def test_cpus_pins_the_server_and_its_workers_and_a_bad_list_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    last = max(os.sched_getaffinity(0))
+    server, address = start_cli_server("--port", "0", "--cpus", str(last))
+    family = descendants(server.pid)
+    with reaped(family | {server.pid}):
+        assert len(family) >= 2, f"two workers: {family}"
+        for pid in family | {server.pid}:
+            assert thread_cpus(pid) == {str(last)}, f"process {pid}'s threads are not all on CPU {last}"
+        channel = grpc.insecure_channel(address.replace("grpc://", ""))
+        try:  # it still serves
+            spec = pb_grpc.EnvironmentServiceStub(channel).GetSpec(pb.GetSpecRequest(), timeout=30)
+        finally:
+            channel.close()
+        assert spec.num_envs == 4
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=30) == 0
+    for bad, message in (("4000", "--cpus: CPU 4000 is not one this process may run on"),
+                         ("1-0", "--cpus: '1-0': a range runs from the lower CPU to the higher")):
+        with pytest.raises(SystemExit) as info:
+            cli.main(["--env", "CartPole-v1", "--port", "0", "--cpus", bad])
+        assert info.value.code == 2
+        assert message in capsys.readouterr().err
