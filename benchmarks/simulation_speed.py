@@ -16,6 +16,10 @@ same wrapper in-process and in the env-server). Variants:
                cores as SubprocVecEnv does, and the two groups' steps run at the same time
 - *_pinned:    the trainer pinned to the first CPU this process may use and the env-server (`--cpus`) to the second,
                the layout the service's WORKER_CPUS gives a run; dummy_pinned is in-process DummyVecEnv so pinned
+- *_node_pinned: the same layout against examples/node-simulation (CartPole in Node.js, `--step-cost-us C`), a
+               simulation that is not Python: what the trainer's side costs when the simulation's side is cheap.
+               Its CartPole step is cheaper than Gymnasium's (no wrappers), an edge of a few us per env step.
+               Reported beside the goals, not counted in them (they are the reference server's)
 
 The harness builds each run as the service's worker does (rl_service.core.envs.make_vec_env, the algorithm's schema
 and constructor keywords, normalizing.wrap); one run through the service itself (StartTraining against the
@@ -41,6 +45,7 @@ from __future__ import annotations
 import importlib
 import itertools
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -54,6 +59,7 @@ from typing import Any, NamedTuple
 from stable_baselines3.common.callbacks import BaseCallback
 
 from benchmarks.common import (
+    REPO,
     Section,
     Table,
     fmt,
@@ -75,15 +81,18 @@ COSTS_US = (0, 25, 100, 400)
 QUICK_COSTS_US = (0,)
 VARIANTS = ("dummy", "subproc", "lockstep_tcp", "lockstep_unix", "groups_tcp", "groups_unix", "lockstep_tcp_2p",
             "groups_tcp_2p", "groups_unix_2p", "dummy_pinned", "lockstep_tcp_pinned", "groups_tcp_pinned",
-            "groups_unix_pinned")
+            "groups_unix_pinned", "lockstep_tcp_node_pinned", "groups_unix_node_pinned")
 IN_PROCESS = ("dummy", "dummy_pinned")  # the baselines the goals divide by (the faster of the two)
 LOCKSTEP_VARIANTS = ("lockstep_tcp", "lockstep_tcp_pinned")  # those the C = 0 goal takes the best of (TCP)
-GROUPS_VARIANTS = tuple(v for v in VARIANTS if v.startswith("groups"))
+# The goals are the reference server's (the issue's); the Node.js simulation's variants are reported beside them.
+GROUPS_VARIANTS = tuple(v for v in VARIANTS if v.startswith("groups") and "_node" not in v)
 TIMESTEPS = 20_000
 QUICK_TIMESTEPS = 256
 GROUPS_MODULE = "rl_service.core.algorithms.env_groups"  # provided by the env-groups work; absent until it lands
 NOT_AVAILABLE = "n/a (env_groups not available)"
 NO_PINNING = "n/a (fewer than two CPUs to pin to)"
+NO_NODE = "n/a (node or examples/node-simulation/node_modules missing)"
+NODE_SIMULATION = REPO / "examples" / "node-simulation"
 LOCKSTEP_GOAL = 0.8  # at C = 0
 GROUPS_GOAL = 1.0  # at C >= 100, and >= subproc
 SEED = 7
@@ -211,12 +220,14 @@ def train_once(model: Any, timesteps: int) -> dict[str, float]:
 
 class Variant(NamedTuple):
     """What a variant's name says: mode (dummy, subproc, lockstep, groups), transport (tcp, unix; '' in-process),
-    env-server processes, and whether the trainer and the simulation are pinned."""
+    env-server processes, whether the trainer and the simulation are pinned, and the simulation (python: the
+    reference env-server, node: examples/node-simulation)."""
 
     mode: str
     transport: str
     processes: int
     pinned: bool
+    server: str = "python"
 
 
 def variant_parts(variant: str) -> Variant:
@@ -225,8 +236,24 @@ def variant_parts(variant: str) -> Variant:
     pinned = words[-1] == "pinned"
     if pinned:
         words.pop()
+    server = "node" if words[-1] == "node" else "python"
+    if server == "node":
+        words.pop()
     mode, transport, *spread = [*words, ""] if len(words) == 1 else words
-    return Variant(mode, transport, 2 if spread == ["2p"] else 1, pinned)
+    return Variant(mode, transport, 2 if spread == ["2p"] else 1, pinned, server)
+
+
+def unavailable(variant: str) -> str:
+    """Why a variant has no figures."""
+    parts = variant_parts(variant)
+    if parts.server == "node":
+        return NO_NODE
+    return NO_PINNING if parts.pinned else NOT_AVAILABLE
+
+
+def node_available() -> bool:
+    """Whether examples/node-simulation can run here (node on PATH, its dependencies installed)."""
+    return shutil.which("node") is not None and (NODE_SIMULATION / "node_modules").is_dir()
 
 
 @contextmanager
@@ -252,14 +279,39 @@ def env_server(cost_us: float, unix_dir: Path | None, processes: int = 1,
         process.wait(30)
 
 
+# exec a command with this process's CPUs set first (what `taskset` does, without needing it installed)
+_PIN_AND_EXEC = "import os, sys; os.sched_setaffinity(0, {int(c) for c in sys.argv[1].split(',')}); " \
+                "os.execvp(sys.argv[2], sys.argv[2:])"
+
+
+@contextmanager
+def node_env_server(cost_us: float, unix_dir: Path | None, cpus: frozenset[int]) -> Iterator[str]:
+    """examples/node-simulation in a subprocess (8 envs, cost_us per env step, on `cpus`); its address."""
+    node = shutil.which("node")
+    assert node is not None
+    where = (["--unix", str(unix_dir / f"node-{int(cost_us)}.sock")] if unix_dir is not None else ["--port", "0"])
+    process = subprocess.Popen(
+        [sys.executable, "-c", _PIN_AND_EXEC, ",".join(map(str, sorted(cpus))), node, "server.js", "--num-envs",
+         str(N_ENVS), "--step-cost-us", str(cost_us), *where], cwd=NODE_SIMULATION, stdout=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout is not None
+        line = process.stdout.readline()
+        if not line.startswith("serving "):
+            raise RuntimeError(f"the Node.js simulation did not start (exit {process.poll()}): {line!r}")
+        yield line.rsplit(" ", 1)[1].strip()
+    finally:
+        process.terminate()
+        process.wait(30)
+
+
 class Runner:
     """One run of each variant at one cost; the env-servers live as long as the runner."""
 
-    def __init__(self, cost_us: float, timesteps: int, addresses: dict[tuple[str, int, bool], str], external: Any,
-                 layout: PinLayout | None = None) -> None:
+    def __init__(self, cost_us: float, timesteps: int, addresses: dict[tuple[str, int, bool, str], str],
+                 external: Any, layout: PinLayout | None = None) -> None:
         self.cost_us = cost_us
         self.timesteps = timesteps
-        self.addresses = addresses  # (transport, env-server processes, pinned) -> address
+        self.addresses = addresses  # (transport, env-server processes, pinned, server) -> address
         self.external = external
         self.groups = use_env_groups()
         self.layout = layout  # None: the pinned variants cannot run here
@@ -268,14 +320,17 @@ class Runner:
         """The figures of one run; None for a two-groups variant while env_groups is not available, or a pinned
         one where nothing can be pinned."""
         parts = variant_parts(variant)
-        if (parts.mode == "groups" and self.groups is None) or (parts.pinned and self.layout is None):
+        remote = parts.mode not in ("dummy", "subproc")
+        key = (parts.transport, parts.processes, parts.pinned, parts.server)
+        if ((parts.mode == "groups" and self.groups is None) or (parts.pinned and self.layout is None)
+                or (remote and key not in self.addresses)):  # no env_groups, nothing to pin, no node here
             return None
         # The whole run on the trainer's CPU: the model, the channel and its threads are made inside the block.
         with pinned_to(self.layout.trainer if parts.pinned and self.layout else None):
             if parts.mode in ("dummy", "subproc"):
                 model = build_model(ENV_ID, None, partial(in_process_env, self.cost_us, parts.mode == "subproc"))
                 return train_once(model, self.timesteps)
-            model = build_model(self.addresses[(parts.transport, parts.processes, parts.pinned)], self.external)
+            model = build_model(self.addresses[key], self.external)
             if parts.mode == "groups":
                 assert self.groups is not None
                 self.groups(model, 2)
@@ -306,9 +361,10 @@ def through_service(address: str, timesteps: int, root: Path, worker_cpus: froze
 # ---------------------------------------------------------------------------------------------------- section
 
 
-# (transport, env-server processes, pinned) of each env-server a cost needs
-SERVERS = (("tcp", 1, False), ("unix", 1, False), ("tcp", 2, False), ("unix", 2, False), ("tcp", 1, True),
-           ("unix", 1, True))
+# (transport, env-server processes, pinned, simulation) of each simulation a cost needs
+SERVERS = (("tcp", 1, False, "python"), ("unix", 1, False, "python"), ("tcp", 2, False, "python"),
+           ("unix", 2, False, "python"), ("tcp", 1, True, "python"), ("unix", 1, True, "python"),
+           ("tcp", 1, True, "node"), ("unix", 1, True, "node"))
 
 
 def run(quick: bool, repeats: int) -> Section:
@@ -336,11 +392,15 @@ def run(quick: bool, repeats: int) -> Section:
         external = GrpcExternalEnvironments(socket_dir=SocketDirectory(sockets))
         for cost in costs:
             with ExitStack() as servers:
-                addresses = {
-                    (transport, processes, pinned): servers.enter_context(env_server(
-                        cost, sockets if transport == "unix" else None, processes,
-                        layout.simulation if pinned and layout else None))
-                    for transport, processes, pinned in SERVERS if layout is not None or not pinned}
+                addresses = {}
+                for transport, processes, pinned, server in SERVERS:
+                    if (pinned and layout is None) or (server == "node" and not node_available()):
+                        continue
+                    folder = sockets if transport == "unix" else None
+                    cpus = layout.simulation if pinned and layout else None
+                    addresses[(transport, processes, pinned, server)] = servers.enter_context(
+                        node_env_server(cost, folder, cpus or frozenset()) if server == "node" else
+                        env_server(cost, folder, processes, cpus))
                 runner = Runner(cost, timesteps, addresses, external, layout)
                 samples: dict[str, list[dict[str, float] | None]] = {v: [] for v in VARIANTS}
                 for repeat in range(repeats):
@@ -354,7 +414,7 @@ def run(quick: bool, repeats: int) -> Section:
                 if cost == costs[0]:
                     pinned = layout is not None
                     harness = "lockstep_tcp_pinned" if pinned else "lockstep_tcp"
-                    steps = through_service(addresses[("tcp", 1, pinned)], timesteps, Path(tmp) / "srv",
+                    steps = through_service(addresses[("tcp", 1, pinned, "python")], timesteps, Path(tmp) / "srv",
                                             layout.trainer if layout else None)
                     service = {"cost_us": cost, "steps_per_s": steps, "harness": harness,
                                "harness_steps_per_s": median([s["steps_per_s"] for s in samples[harness]
@@ -381,7 +441,7 @@ def report(results: dict[str, dict[str, list[dict[str, float] | None]]], service
     def cell(cost: str, variant: str, key: str) -> str:
         value, base = medians[cost][variant][key], medians[cost]["dummy"][key]
         if value is None:
-            return NO_PINNING if variant_parts(variant).pinned else NOT_AVAILABLE
+            return unavailable(variant)
         return f"{fmt(value)} ({fmt_ratio(ratio(value, base or float('nan')))})"
 
     header = ["variant"] + [f"C = {c} us" for c in costs]
@@ -491,7 +551,7 @@ def _break_even(medians: dict[str, Any], costs: list[str]) -> list[str]:
     for variant in (v for v in VARIANTS if v not in IN_PROCESS):
         points = [(int(c), r) for c in costs if (r := _ratio(medians, c, variant)) is not None]
         if not points:
-            notes.append(f"Break-even, {variant}: {NOT_AVAILABLE}.")
+            notes.append(f"Break-even, {variant}: {unavailable(variant)}.")
             continue
         where = None
         for (c0, r0), (c1, r1) in itertools.pairwise(points):

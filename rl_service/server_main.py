@@ -55,7 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from rl_service.infra.logging_setup import configure_logging, get_logger
 
     configure_logging(settings.log_level, settings.log_format)
-    from rl_service.transport.server_factory import build_server, install_signal_handlers
+    from rl_service.transport.server_factory import build_server, install_signal_handlers, log_started
 
     try:
         # On the main thread, which lives as long as the process: the fork server dies when the thread that
@@ -70,6 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         get_logger("server").error("cannot start", error=str(exc))
         return 1
     done = install_signal_handlers(running)
+    log_started(running)  # only now: a SIGTERM sent on seeing this line finds its handler installed
     # Everything built so far (torch, grpc, the modules) lives as long as the process: keep it out of the cyclic
     # collector's scans, which otherwise cost every RPC that allocates enough to trigger one.
     gc.freeze()

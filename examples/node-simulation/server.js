@@ -1,7 +1,7 @@
 #!/usr/bin/env node
 // A CartPole simulation served over rl_service.v1.EnvironmentService (docs/environment-protocol.md), in Node.js.
 //
-//   node server.js [--host H] [--port P | --unix PATH] [--num-envs N] [--raw-observations]
+//   node server.js [--host H] [--port P | --unix PATH] [--num-envs N] [--raw-observations] [--step-cost-us US]
 //
 // Hosts N CartPole envs that step together. First stdout line: "serving NAME (N envs) on ADDRESS", where ADDRESS
 // is what the training service's env_id takes (grpc://HOST:PORT or unix:///ABS/PATH).
@@ -150,8 +150,18 @@ const invalid = (message) => new ProtocolError(grpc.status.INVALID_ARGUMENT, mes
 
 // The one set of envs this process serves, shared by the unary calls and every Session stream. Node runs each
 // handler to completion on one thread, so a Reset or Step is never interleaved with another.
+// Busy work standing in for an expensive simulator (benchmarks): spins, as a game engine computes, for `ns`
+// nanoseconds. The reference server's --step-cost-us (rl_service/envserver/step_cost.py) does the same.
+function spin(ns) {
+  const deadline = process.hrtime.bigint() + ns;
+  while (process.hrtime.bigint() < deadline) {
+    // busy
+  }
+}
+
 class Simulation {
-  constructor(numEnvs, rawObservations) {
+  constructor(numEnvs, rawObservations, stepCostUs = 0) {
+    this.stepCostNs = BigInt(Math.round(stepCostUs * 1000));
     this.numEnvs = numEnvs;
     this.raw = rawObservations;
     this.envs = Array.from({ length: numEnvs }, () => new CartPole());
@@ -266,6 +276,7 @@ class Simulation {
     try {
       for (let row = 0; row < n; row++) {
         const env = this.envs[ids[row]];
+        if (this.stepCostNs > 0n) spin(this.stepCostNs);
         const [reward, term, trunc] = env.step(actions[row]);
         rewards[row] = reward;
         terminated[row] = term;
@@ -351,17 +362,20 @@ function usage(message) {
   if (message) console.error(`error: ${message}`);
   console.error(
     'usage: node server.js [--host HOST] [--port PORT | --unix PATH] [--num-envs N] [--raw-observations]\n' +
+      '                      [--step-cost-us US]\n' +
       '  --host HOST         address to listen on (default 127.0.0.1)\n' +
       '  --port PORT         TCP port (default 50061); 0 picks a free one\n' +
       '  --unix PATH         listen on this unix domain socket instead (not with --host/--port)\n' +
       '  --num-envs N        envs stepped together, 1..1024 (default 8)\n' +
-      '  --raw-observations  send observations as little-endian float32 bytes',
+      '  --raw-observations  send observations as little-endian float32 bytes\n' +
+      '  --step-cost-us US   busy work per env step, in microseconds, standing in for an expensive simulator\n' +
+      '                      (benchmarks; 0..1000000, default 0)',
   );
   process.exit(message ? 2 : 0);
 }
 
 function parseArgs(argv) {
-  const opts = { host: null, port: null, unix: null, numEnvs: 8, raw: false };
+  const opts = { host: null, port: null, unix: null, numEnvs: 8, raw: false, stepCostUs: 0 };
   for (let i = 0; i < argv.length; i++) {
     let arg = argv[i];
     let value = null;
@@ -400,6 +414,13 @@ function parseArgs(argv) {
       case '--raw-observations':
         opts.raw = true;
         break;
+      case '--step-cost-us': {
+        const text = take();
+        const us = Number(text);
+        if (!/^\d+(\.\d+)?$/.test(text) || us > 1000000) usage(`${arg}: expected a number in 0..1000000, got '${text}'`);
+        opts.stepCostUs = us;
+        break;
+      }
       default:
         usage(`unknown argument '${argv[i]}'`);
     }
@@ -446,7 +467,7 @@ async function main() {
     oneofs: true, // request.request / tensor.payload name the member that is set
   });
   const proto = grpc.loadPackageDefinition(definition).rl_service.v1;
-  const sim = new Simulation(opts.numEnvs, opts.raw);
+  const sim = new Simulation(opts.numEnvs, opts.raw, opts.stepCostUs);
   const server = new grpc.Server();
   server.addService(proto.EnvironmentService.service, makeService(sim));
 

@@ -225,6 +225,11 @@ class Settings(BaseSettings):
         if self.max_watch_streams >= self.grpc_max_workers:
             raise ValueError(f"MAX_WATCH_STREAMS ({self.max_watch_streams}) must be below GRPC_MAX_WORKERS "
                              f"({self.grpc_max_workers}), or Watch streams could take every RPC thread")
+        pinned = len(parse_cpu_list(self.worker_cpus))
+        if 0 < pinned < self.worker_torch_threads:
+            # torch's threads would share fewer CPUs than there are of them, and its OpenMP threads spin-wait.
+            raise ValueError(f"WORKER_CPUS lists {pinned} CPU(s), fewer than WORKER_TORCH_THREADS "
+                             f"({self.worker_torch_threads}): each worker gets that many CPUs of the list")
         if self.worker_cpus.strip() and self.executor == "ray":
             raise ValueError("WORKER_CPUS pins the local executor's processes; with EXECUTOR=ray, Ray places "
                              "each run (RAY_CPUS_PER_RUN): unset WORKER_CPUS")

@@ -62,6 +62,7 @@ class RunningServer:
     health_port: int | None = None
     http_server: HttpServer | None = None  # HTTP_PORT's HTTP/JSON API, /metrics and dashboard
     http_port: int | None = None
+    transport: str = "plaintext"  # how GRPC_PORT is served (PortSecurity.mode), for the start-up line
     _stopped: bool = False
 
     def stop(self, grace: float | None = None) -> None:
@@ -210,13 +211,19 @@ def _build_started(settings: Settings, lock: DataDirLock, config: OrchestratorCo
             raise
     for service in HEALTH_SERVICES:
         health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
-    log.info("server started", address=f"{settings.grpc_host}:{port}", transport=security.mode,
-             authentication="tokens" if settings.auth_tokens_file is not None else "off (every call acts as admin)",
-             models_dir=str(settings.models_root),
-             checkpoint_dir=str(settings.checkpoint_root), max_concurrent_runs=settings.max_concurrent_runs,
-             http=_http_address(settings, http_server))
     return RunningServer(server, port, orchestrator, policies, health_servicer, settings, lock, health_server,
-                         health_port, http_server, http_server.port if http_server else None)
+                         health_port, http_server, http_server.port if http_server else None, transport=security.mode)
+
+
+def log_started(running: RunningServer) -> None:
+    """The "server started" line that supervisors, scripts and tests wait for: logged once SIGTERM and SIGINT are
+    handled (install_signal_handlers), so a signal sent on seeing it always stops the server gracefully."""
+    settings = running.settings
+    get_logger("server").info(
+        "server started", address=f"{settings.grpc_host}:{running.port}", transport=running.transport,
+        authentication="tokens" if settings.auth_tokens_file is not None else "off (every call acts as admin)",
+        models_dir=str(settings.models_root), checkpoint_dir=str(settings.checkpoint_root),
+        max_concurrent_runs=settings.max_concurrent_runs, http=_http_address(settings, running.http_server))
 
 
 def _http_address(settings: Settings, http_server: HttpServer | None) -> str:

@@ -14,6 +14,8 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import gymnasium as gym
+import numpy as np
 import pytest
 
 from rl_service.envserver.compliance import EnvironmentServiceCompliance
@@ -23,6 +25,7 @@ from tests.conftest import FAST_PPO, ServerHandle
 ROOT = Path(__file__).resolve().parents[2]
 SIM_DIR = ROOT / "examples" / "node-simulation"
 NUM_ENVS = 4
+ACTION_SPACE = gym.spaces.Discrete(2)
 
 
 def _missing() -> str | None:
@@ -43,10 +46,10 @@ def _needs_node() -> None:
 class NodeSimulation:
     """`node server.js --port 0`, its address read from its first stdout line."""
 
-    def __init__(self, num_envs: int = NUM_ENVS) -> None:
+    def __init__(self, num_envs: int = NUM_ENVS, *extra: str) -> None:
         node = shutil.which("node")
         assert node is not None
-        self.process = subprocess.Popen([node, "server.js", "--port", "0", "--num-envs", str(num_envs)],
+        self.process = subprocess.Popen([node, "server.js", "--port", "0", "--num-envs", str(num_envs), *extra],
                                         cwd=SIM_DIR, stdout=subprocess.PIPE, text=True)
         try:
             assert self.process.stdout is not None
@@ -128,3 +131,47 @@ def test_ppo_trains_through_the_node_simulation(node_sim: NodeSimulation,
     assert final.timesteps_done >= 2048 and final.metrics.episodes_completed > 0
     assert final.metrics.mean_episode_length > 0 and Path(final.model_path).is_file()
     assert time.monotonic() - started < 60
+
+
+def test_step_cost_spends_at_least_the_cost_per_env_and_leaves_the_answers_as_they_were() -> None:
+    import grpc
+
+    from rl_service.infra.external_env.codec import encode_batch
+    from rl_service_proto.v1 import environment_pb2 as env_pb
+    from rl_service_proto.v1 import environment_pb2_grpc as env_grpc
+
+    def steps(sim: NodeSimulation) -> tuple[list[env_pb.StepResponse], list[float]]:
+        channel = grpc.insecure_channel(sim.address.replace("grpc://", ""))
+        try:
+            stub = env_grpc.EnvironmentServiceStub(channel)
+            stub.Reset(env_pb.ResetRequest(seed=5), timeout=10)
+            answers, seconds = [], []
+            for _ in range(3):
+                request = env_pb.StepRequest(actions=encode_batch(np.ones(NUM_ENVS, dtype=np.int64), ACTION_SPACE))
+                started = time.perf_counter()
+                answers.append(stub.Step(request, timeout=10))
+                seconds.append(time.perf_counter() - started)
+            return answers, seconds
+        finally:
+            channel.close()
+
+    plain, costly = NodeSimulation(), NodeSimulation(NUM_ENVS, "--step-cost-us", "2000")
+    try:
+        expected, _ = steps(plain)
+        got, seconds = steps(costly)
+    finally:
+        plain.stop()
+        costly.stop()
+    assert got == expected
+    # A lower bound: busy waiting cannot finish early (2 ms for each of the 4 envs).
+    assert min(seconds) >= 0.008, seconds
+
+
+@pytest.mark.parametrize("value", ["x", "-1", "1000001"])
+def test_a_bad_step_cost_is_refused_with_its_usage(value: str) -> None:
+    node = shutil.which("node")
+    assert node is not None
+    done = subprocess.run([node, "server.js", "--step-cost-us", value], cwd=SIM_DIR, capture_output=True,
+                          text=True, timeout=30)
+    assert done.returncode == 2
+    assert f"--step-cost-us: expected a number in 0..1000000, got '{value}'" in done.stderr

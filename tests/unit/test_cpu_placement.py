@@ -113,6 +113,11 @@ def test_the_setting_refuses_a_malformed_list(monkeypatch: pytest.MonkeyPatch) -
     assert "WORKER_CPUS: " in _error(monkeypatch, WORKER_CPUS="0-")
 
 
+def test_the_setting_needs_a_cpu_per_torch_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    text = _error(monkeypatch, WORKER_CPUS=str(CPUS[0]), WORKER_TORCH_THREADS="2")
+    assert "WORKER_CPUS lists 1 CPU(s), fewer than WORKER_TORCH_THREADS (2)" in text
+
+
 def test_the_setting_is_for_the_local_executor_only(monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("ray")
     text = _error(monkeypatch, WORKER_CPUS=str(CPUS[0]), EXECUTOR="ray")
@@ -149,7 +154,7 @@ def test_worker_processes_run_on_the_cpus_they_were_given(start_method: str) -> 
         reports = {event.run_id: event.error for event in events_until(executor, 2)
                    if isinstance(event, Failed)}
         assert reports == {"r1": f"True {CPUS[0]}", "r2": f"True {CPUS[1]}"}, "every thread on the worker's CPU"
-        executor.request_stop("r1")
+        # Killed while it sleeps: its report has arrived, so it holds no lock of the event queue.
         executor.kill("r1")
         assert [run for run, _ in executor.reap()] == ["r1"]
         executor.launch("r3", third)  # the CPU r1 gave back is the least used again

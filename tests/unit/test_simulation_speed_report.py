@@ -65,7 +65,8 @@ def test_report_ratios_goals_and_break_even() -> None:
     assert steps_table.header == ["variant", "C = 0 us", "C = 100 us", "C = 400 us"]
     assert steps_table.rows[0] == ["dummy", "1,000 (1.00x)", "500 (1.00x)", "200 (1.00x)"]
     assert steps_table.rows[8] == ["groups_unix_2p", "560 (0.56x)", "520 (1.04x)", "246 (1.23x)"]
-    assert steps_table.rows[-1] == ["groups_unix_pinned", *[sim.NO_PINNING] * 3], "no pinned figures given"
+    assert steps_table.rows[12] == ["groups_unix_pinned", *[sim.NO_PINNING] * 3], "no pinned figures given"
+    assert steps_table.rows[-1] == ["groups_unix_node_pinned", *[sim.NO_NODE] * 3]
     assert section.tables[-1].rows[-1] == ["service / harness", "0.94x"]
     assert section.tables[-1].rows[1][0] == "harness, lockstep_tcp (median)"
 
@@ -79,11 +80,12 @@ def test_the_best_two_groups_variant_may_be_one_over_two_processes() -> None:
 
 
 def test_variant_names_say_mode_transport_processes_and_pinning() -> None:
-    assert sim.variant_parts("groups_unix_2p") == ("groups", "unix", 2, False)
-    assert sim.variant_parts("lockstep_tcp") == ("lockstep", "tcp", 1, False)
-    assert sim.variant_parts("groups_unix_pinned") == ("groups", "unix", 1, True)
-    assert sim.variant_parts("dummy_pinned") == ("dummy", "", 1, True)
-    assert sim.variant_parts("subproc") == ("subproc", "", 1, False)
+    assert sim.variant_parts("groups_unix_2p") == ("groups", "unix", 2, False, "python")
+    assert sim.variant_parts("lockstep_tcp") == ("lockstep", "tcp", 1, False, "python")
+    assert sim.variant_parts("groups_unix_pinned") == ("groups", "unix", 1, True, "python")
+    assert sim.variant_parts("dummy_pinned") == ("dummy", "", 1, True, "python")
+    assert sim.variant_parts("subproc") == ("subproc", "", 1, False, "python")
+    assert sim.variant_parts("groups_unix_node_pinned") == ("groups", "unix", 1, True, "node")
     assert sim.GROUPS_VARIANTS == ("groups_tcp", "groups_unix", "groups_tcp_2p", "groups_unix_2p",
                                    "groups_tcp_pinned", "groups_unix_pinned")
 
