@@ -2,8 +2,8 @@
 
 Why pin: a worker talking to a simulation hands every Session-stream message between gRPC's threads and the
 training thread, and on a busy machine the kernel moves those threads between cores, so each hand-off also pays
-for a cross-core wake-up and the GIL's convoy. A worker kept on one CPU (and the simulation kept off it) paid
-about 30 % less per round trip in benchmarks/results (simulation_speed, transport measurements in the findings).
+for a cross-core wake-up and the GIL's convoy. A worker kept on one CPU, and the simulation kept off it, paid 28 %
+less per round trip (benchmarks/RESULTS.md, simulation speed: the bare echo, pinned and not).
 """
 
 from __future__ import annotations
