@@ -264,19 +264,11 @@ def env_server(cost_us: float, unix_dir: Path | None, processes: int = 1,
     name = f"sim-{int(cost_us)}-{processes}p{'-pinned' if cpus else ''}.sock"
     where = ["--unix", str(unix_dir / name)] if unix_dir is not None else ["--port", "0"]
     pin = ["--cpus", format_cpu_list(cpus)] if cpus else []
-    process = subprocess.Popen(
-        [sys.executable, "-m", "rl_service.envserver", "--env", ENV_ID, "--num-envs", str(N_ENVS),
-         "--step-cost-us", str(cost_us), "--processes", str(processes), *where, *pin], stdout=subprocess.PIPE,
-        text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    try:
-        assert process.stdout is not None
-        line = process.stdout.readline()
-        if not line.startswith("serving "):
-            raise RuntimeError(f"env-server did not start (exit {process.poll()}): {line!r}")
-        yield line.rsplit(" ", 1)[1].strip()
-    finally:
-        process.terminate()
-        process.wait(30)
+    with _serving(subprocess.Popen(
+            [sys.executable, "-m", "rl_service.envserver", "--env", ENV_ID, "--num-envs", str(N_ENVS),
+             "--step-cost-us", str(cost_us), "--processes", str(processes), *where, *pin], stdout=subprocess.PIPE,
+            text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}), "env-server") as address:
+        yield address
 
 
 # exec a command with this process's CPUs set first (what `taskset` does, without needing it installed)
@@ -285,19 +277,27 @@ _PIN_AND_EXEC = "import os, sys; os.sched_setaffinity(0, {int(c) for c in sys.ar
 
 
 @contextmanager
-def node_env_server(cost_us: float, unix_dir: Path | None, cpus: frozenset[int]) -> Iterator[str]:
-    """examples/node-simulation in a subprocess (8 envs, cost_us per env step, on `cpus`); its address."""
+def node_env_server(cost_us: float, unix_dir: Path | None, cpus: frozenset[int] | None = None) -> Iterator[str]:
+    """examples/node-simulation in a subprocess (8 envs, cost_us per env step, on `cpus` when given); its
+    address."""
     node = shutil.which("node")
     assert node is not None
-    where = (["--unix", str(unix_dir / f"node-{int(cost_us)}.sock")] if unix_dir is not None else ["--port", "0"])
-    process = subprocess.Popen(
-        [sys.executable, "-c", _PIN_AND_EXEC, ",".join(map(str, sorted(cpus))), node, "server.js", "--num-envs",
-         str(N_ENVS), "--step-cost-us", str(cost_us), *where], cwd=NODE_SIMULATION, stdout=subprocess.PIPE, text=True)
+    where = ["--unix", str(unix_dir / f"node-{int(cost_us)}.sock")] if unix_dir is not None else ["--port", "0"]
+    pin = [sys.executable, "-c", _PIN_AND_EXEC, ",".join(map(str, sorted(cpus)))] if cpus else []
+    with _serving(subprocess.Popen(
+            [*pin, node, "server.js", "--num-envs", str(N_ENVS), "--step-cost-us", str(cost_us), *where],
+            cwd=NODE_SIMULATION, stdout=subprocess.PIPE, text=True), "the Node.js simulation") as address:
+        yield address
+
+
+@contextmanager
+def _serving(process: subprocess.Popen[str], what: str) -> Iterator[str]:
+    """The address a simulation announces on its first line ("serving ... on ADDRESS"); terminated at the end."""
     try:
         assert process.stdout is not None
         line = process.stdout.readline()
         if not line.startswith("serving "):
-            raise RuntimeError(f"the Node.js simulation did not start (exit {process.poll()}): {line!r}")
+            raise RuntimeError(f"{what} did not start (exit {process.poll()}): {line!r}")
         yield line.rsplit(" ", 1)[1].strip()
     finally:
         process.terminate()
@@ -399,7 +399,7 @@ def run(quick: bool, repeats: int) -> Section:
                     folder = sockets if transport == "unix" else None
                     cpus = layout.simulation if pinned and layout else None
                     addresses[(transport, processes, pinned, server)] = servers.enter_context(
-                        node_env_server(cost, folder, cpus or frozenset()) if server == "node" else
+                        node_env_server(cost, folder, cpus) if server == "node" else
                         env_server(cost, folder, processes, cpus))
                 runner = Runner(cost, timesteps, addresses, external, layout)
                 samples: dict[str, list[dict[str, float] | None]] = {v: [] for v in VARIANTS}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Mapping
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -177,3 +178,19 @@ def test_pinned_runs_keep_every_thread_on_the_trainer_cpu_and_give_the_cpus_back
     finally:
         waiting.set()
         older.join()
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.skipif(not sim.node_available() or sim.pin_layout() is None,
+                    reason="needs node, examples/node-simulation/node_modules and two CPUs")
+def test_the_node_variants_train_through_the_node_simulation_on_its_own_cpu(tmp_path: Path) -> None:
+    from rl_service.infra.external_env.address import SocketDirectory
+
+    layout = sim.pin_layout()
+    assert layout is not None
+    with sim.node_env_server(25.0, tmp_path, layout.simulation) as unix:
+        runner = sim.Runner(25.0, 256, {("unix", 1, True, "node"): unix},
+                            GrpcExternalEnvironments(socket_dir=SocketDirectory(tmp_path)), layout)
+        figures = runner.run("groups_unix_node_pinned")
+        assert runner.run("lockstep_tcp_node_pinned") is None, "no TCP Node.js simulation was started"
+    assert figures is not None and figures["steps"] == 256 and figures["collection_s"] > 0
