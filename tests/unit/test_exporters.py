@@ -139,3 +139,24 @@ def test_checkpoint_names_round_trip() -> None:
     assert checkpoint_timesteps("/x/checkpoint_1024_steps.zip") == 1024
     assert checkpoint_timesteps(Path("/x/model.zip")) is None
     assert checkpoint_timesteps("/x/checkpoint_12_steps.zip.tmp") is None
+
+
+def test_an_onnx_export_compiles_no_torchscript(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Each TorchScript program stays in torch.jit's global compilation unit for good: a repeated export must not
+    # make one (it grew the server by about 1.8 MiB per ONNX export before fresh_actor built the eager actor only).
+    pytest.importorskip("onnxscript")
+    model, source = _saved_model(tmp_path, PPO, "CartPole-v1", {})
+    scripted: list[str] = []
+    real_script = torch.jit.script
+
+    def counting_script(obj: Any, *args: Any, **kwargs: Any) -> Any:
+        scripted.append(type(obj).__name__)
+        return real_script(obj, *args, **kwargs)
+
+    monkeypatch.setattr(torch.jit, "script", counting_script)
+    fresh = source.served.fresh_actor()
+    assert fresh is not source.served.actor and not isinstance(fresh, torch.jit.ScriptModule)
+    export_model(get_export_format("onnx"), source)
+    assert scripted == [], f"scripted during an ONNX export: {scripted}"
+    obs = torch.as_tensor(_observations(model.observation_space, 5), dtype=torch.float32)
+    np.testing.assert_array_equal(fresh(obs).numpy(), source.served.actor(obs).numpy())

@@ -13,7 +13,7 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-from rl_service.core.models.actor_cores import Sampler, actor_parts
+from rl_service.core.models.actor_cores import ActorParts, Sampler, actor_parts
 from rl_service.core.models.actor_program import check_inputs, script_actor
 from rl_service.core.models.compiled_actor import MASKABLE_KINDS, ActionHead, CompiledActor, ObservationNormalizer
 from rl_service.core.models.normalization import NormalizeStats, load_stats, stats_path
@@ -78,7 +78,9 @@ def load_served_policy(path: Path, build: PolicyBuild, require_stats: bool) -> S
         twin, _ = rebuild_policy(build)
         twin.load_state_dict(policy.state_dict())
         twin.requires_grad_(False)
-        return compile_policy(twin, build.observation_space, build.action_space, stats, epsilon).actor
+        # The eager actor only: scripting it again for each ONNX export kept every program's types in torch.jit's
+        # global compilation unit, about 1.8 MiB per export (benchmarks/results/findings/fuzz.md).
+        return build_actor(twin, build.action_space, stats, epsilon)[0]
 
     return compile_policy(policy, build.observation_space, build.action_space, stats, epsilon, fresh_actor)
 
@@ -87,9 +89,7 @@ def compile_policy(policy: Any, observation_space: gym.Space[Any], action_space:
                    stats: NormalizeStats | None, epsilon: float = 0.0,
                    fresh_actor: Callable[[], CompiledActor] | None = None) -> ServedPolicy:
     """The CompiledActor of a policy already holding its weights (tests build policies directly)."""
-    parts = actor_parts(policy, action_space, epsilon)
-    head = ActionHead(parts.kind, action_space, parts.squash_output, parts.split)
-    actor = CompiledActor(ObservationNormalizer(stats), parts.core, head).eval()
+    actor, parts = build_actor(policy, action_space, stats, epsilon)
     maskable = parts.kind in MASKABLE_KINDS
     program, error = None, ""
     try:
@@ -98,6 +98,14 @@ def compile_policy(policy: Any, observation_space: gym.Space[Any], action_space:
         error = (str(exc).strip().splitlines() or [""])[0][:300] or type(exc).__name__
     return ServedPolicy(actor, parts.sampler, observation_space, action_space, parts.trained_with_masks,
                         actor.normalizer.enabled, fresh_actor or (lambda: copy.deepcopy(actor)), program, error)
+
+
+def build_actor(policy: Any, action_space: gym.Space[Any], stats: NormalizeStats | None,
+                epsilon: float = 0.0) -> tuple[CompiledActor, ActorParts]:
+    """The eager CompiledActor of a policy holding its weights (not scripted), with the parts it was built from."""
+    parts = actor_parts(policy, action_space, epsilon)
+    head = ActionHead(parts.kind, action_space, parts.squash_output, parts.split)
+    return CompiledActor(ObservationNormalizer(stats), parts.core, head).eval(), parts
 
 
 def _stats_beside(path: Path, observation_space: gym.Space[Any], required: bool) -> NormalizeStats | None:
