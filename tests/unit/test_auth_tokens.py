@@ -131,3 +131,12 @@ def test_only_the_owner_or_an_admin_changes_a_run_or_policy() -> None:
     with pytest.raises(PermissionDenied, match=r"belongs to nobody \(it was created without authentication\)"):
         require_owner(alice, "", "policy 'p'")
     assert ANONYMOUS.owner == "" and alice.owner == "alice"
+
+
+def test_a_new_token_never_starts_with_a_dash(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A command line would read `--token -abc` as a missing value and another option.
+    import secrets
+
+    draws = iter(["-" + "a" * 42, "-" + "b" * 42, "c" * 43])
+    monkeypatch.setattr(secrets, "token_urlsafe", lambda nbytes: next(draws))
+    assert new_token() == "c" * 43
