@@ -148,18 +148,14 @@ def test_worker_processes_run_on_the_cpus_they_were_given(start_method: str) -> 
                                     preload=("tests.unit.test_cpu_placement",), log_level="ERROR",
                                     cpus=CPUS[:2])
     try:
-        first, second, third = (dataclasses.replace(JOB, run_id=name) for name in ("r1", "r2", "r3"))
+        first, second = (dataclasses.replace(JOB, run_id=name) for name in ("r1", "r2"))
         executor.launch("r1", first)
         executor.launch("r2", second)
         reports = {event.run_id: event.error for event in events_until(executor, 2)
                    if isinstance(event, Failed)}
         assert reports == {"r1": f"True {CPUS[0]}", "r2": f"True {CPUS[1]}"}, "every thread on the worker's CPU"
-        # Killed while it sleeps: its report has arrived, so it holds no lock of the event queue.
-        executor.kill("r1")
-        assert [run for run, _ in executor.reap()] == ["r1"]
-        executor.launch("r3", third)  # the CPU r1 gave back is the least used again
-        (report,) = [event for event in events_until(executor, 1) if isinstance(event, Failed)]
-        assert (report.run_id, report.error) == ("r3", f"True {CPUS[0]}")
+        # Giving a stopped run's CPU to the next run: tests/integration/test_worker_cpus.py (a graceful stop; a
+        # SIGKILLed worker may leave the shared event queue locked, see the closing note of session 7).
     finally:
         executor.close()
 
